@@ -1,0 +1,1 @@
+"""HTTP layer only: app factory, routes, schemas, error handlers."""

@@ -1,0 +1,199 @@
+"""Speed vs fidelity: which compression configs are worth serving.
+
+A config is only interesting if no other config is both faster and closer to the dense
+model; the plot shows every measured config, the Pareto front through the undominated
+ones, and the two target bars (2.0x at 80 % agreement, 2.2x at 85 %) as corners of the
+region a config must reach. Speed comes from a ``run_models_bench`` JSON (ratios from one
+run), fidelity from the store manifests the compress job wrote.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple, TypeVar
+
+from matplotlib.figure import Figure
+
+from app.bench.timing import dtype_name
+from app.store import ModelStore, StoreError
+from app.vit.builder import resolve_config
+
+log = logging.getLogger(__name__)
+
+# (speedup, top-1 agreement) a config must reach at least.
+TARGETS: tuple[tuple[float, float], ...] = ((2.0, 0.80), (2.2, 0.85))
+
+P = TypeVar("P", bound=Sequence[Any])
+
+
+class ParetoPoint(NamedTuple):
+    speedup: float
+    agreement: float  # top-1 agreement with dense, a fraction in [0, 1]
+    label: str
+
+
+def pareto_front(points: Iterable[P]) -> list[P]:
+    """The points no other point beats on both ``p[0]`` and ``p[1]`` (both maximised).
+
+    A point is dropped if another is at least as good on both and better on one; of exact
+    duplicates one is kept. Returned by ascending ``p[0]`` (so descending ``p[1]``), the
+    order a step line is drawn in.
+    """
+    front: list[P] = []
+    best_y = float("-inf")
+    for p in sorted(points, key=lambda p: (-p[0], -p[1])):
+        if p[1] > best_y:
+            front.append(p)
+            best_y = p[1]
+    return front[::-1]
+
+
+def collect_fidelity(store_root: Path | str, *, arch: str | None = None) -> dict[str, dict]:
+    """``{config text: {'agreement_top1', 'top1', 'model', 'architecture'}}`` from the
+    compressed entries whose manifest has ``metrics.fidelity``; ``arch`` filters by dense
+    architecture. Unreadable manifests are skipped with a warning, not fatal: one broken
+    entry should not hide the others. Of two entries with one config the first (by name)
+    is kept.
+    """
+    store = ModelStore(store_root)
+    out: dict[str, dict] = {}
+    for name in store.names():
+        try:
+            manifest = store.manifest(name)
+        except StoreError as exc:
+            log.warning("skipping %s: %s", name, exc)
+            continue
+        fidelity = manifest.metrics.get("fidelity")
+        if manifest.compression is None or not isinstance(fidelity, dict):
+            continue
+        if arch is not None and manifest.architecture != arch:
+            continue
+        if "agreement_top1" not in fidelity:
+            log.warning("skipping %s: metrics.fidelity has no agreement_top1", name)
+            continue
+        key = str(manifest.compression)
+        if key in out:
+            log.warning("%s repeats config %s of %s; keeping the first", name, key, out[key])
+            continue
+        out[key] = {
+            "agreement_top1": fidelity["agreement_top1"],
+            "top1": fidelity.get("student_top1_acc"),
+            "model": name,
+            "architecture": manifest.architecture,
+        }
+    return out
+
+
+def _load(speed_json: Path | Mapping[str, Any]) -> Mapping[str, Any]:
+    if isinstance(speed_json, Mapping):
+        return speed_json
+    return json.loads(Path(speed_json).read_text())
+
+
+def speed_points(
+    report: Mapping[str, Any],
+    fidelity: Mapping[str, Mapping[str, Any]],
+    *,
+    arch: str,
+    dtype: str,
+    batch: int,
+    compiled: bool,
+) -> tuple[list[ParetoPoint], list[str]]:
+    """Points of the configs with both a speed row and fidelity, plus the names that lack
+    fidelity. Dense is the point (1, 1): agreement with itself is total."""
+    by_config = {str(resolve_config(k)): v for k, v in fidelity.items()}
+    points = [ParetoPoint(1.0, 1.0, "dense")]
+    missing = []
+    for row in report["rows"]:
+        if (row["arch"], row["dtype"], row["batch"], row["compiled"]) != (
+            arch,
+            dtype_name(dtype),
+            batch,
+            compiled,
+        ):
+            continue
+        if row["config"] == "dense" or row["speedup"] is None:
+            continue
+        fid = by_config.get(row["config"])
+        if fid is None:
+            missing.append(row["name"])
+            continue
+        agreement = float(fid["agreement_top1"])
+        if not 0.0 <= agreement <= 1.0:
+            raise ValueError(f"{row['config']}: agreement_top1 {agreement} is not a fraction")
+        top1 = fid.get("top1")
+        label = row["name"] if top1 is None else f"{row['name']} (top-1 {100 * top1:.1f}%)"
+        points.append(ParetoPoint(float(row["speedup"]), agreement, label))
+    return points, missing
+
+
+def plot_pareto(
+    speed_json: Path | Mapping[str, Any],
+    fidelity: Mapping[str, Mapping[str, Any]],
+    out_png: Path,
+    *,
+    arch: str,
+    dtype: str,
+    batch: int,
+    compiled: bool,
+) -> Path:
+    """Scatter speedup (x) vs top-1 agreement (y, %) for one (arch, dtype, batch, compiled)
+    slice of a speed report, draw the Pareto front and the target corners; write a PNG."""
+    report = _load(speed_json)
+    points, missing = speed_points(
+        report, fidelity, arch=arch, dtype=dtype, batch=batch, compiled=compiled
+    )
+    if len(points) == 1:
+        raise ValueError(
+            f"no config has both a speed row ({arch}, {dtype}, batch {batch}, "
+            f"compiled={compiled}) and fidelity; fidelity lacks: {missing}"
+        )
+    front = pareto_front(points)
+
+    fig = Figure(figsize=(8, 6), layout="constrained")
+    ax = fig.add_subplot()
+    x_max = max(max(p.speedup for p in points), *(t[0] for t in TARGETS)) * 1.25  # room for labels
+    y_min = min(min(p.agreement for p in points), *(t[1] for t in TARGETS)) * 100 - 3
+    ax.set_xlim(min(0.9, min(p.speedup for p in points) - 0.1), x_max)
+    ax.set_ylim(y_min, 101)
+
+    for (speedup, agreement), color in zip(TARGETS, ("tab:orange", "tab:red"), strict=True):
+        ax.plot(
+            [speedup, speedup, x_max],
+            [101, 100 * agreement, 100 * agreement],
+            linestyle="--",
+            color=color,
+            label=f"target {speedup:.1f}x / {100 * agreement:.0f}%",
+        )
+    ax.scatter([p.speedup for p in points], [100 * p.agreement for p in points], color="tab:blue")
+    ax.step(
+        [p.speedup for p in front],
+        [100 * p.agreement for p in front],
+        where="pre",
+        color="tab:green",
+        label="Pareto front",
+    )
+    for p in points:
+        ax.annotate(
+            p.label,
+            (p.speedup, 100 * p.agreement),
+            textcoords="offset points",
+            xytext=(5, 4),
+            fontsize=8,
+        )
+    mode = "compiled" if compiled else "eager"
+    ax.set_title(f"{arch}, {dtype_name(dtype)}, batch {batch}, {mode} — {report['device']}")
+    ax.set_xlabel("throughput speedup vs dense (same run)")
+    ax.set_ylabel("top-1 agreement with dense (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower left")
+    if missing:
+        fig.text(0.01, 0.005, "no fidelity yet: " + ", ".join(missing), fontsize=7)
+
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=120)
+    return out_png

@@ -1,0 +1,62 @@
+"""Start a real ``vitserve serve`` process on a free loopback port (tests and benchmarks)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def running_server(env: dict[str, str], timeout_s: float = 300) -> Iterator[str]:
+    """Yield the base URL once /readyz answers 200; stop with SIGINT (graceful) after."""
+    port = free_port()
+    full_env = {**os.environ, **env, "VITSERVE_HOST": "127.0.0.1", "VITSERVE_PORT": str(port)}
+    full_env.setdefault("VITSERVE_LOG_LEVEL", "warning")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "app", "serve"],
+        cwd=REPO,
+        env=full_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if proc.poll() is not None:
+                output = proc.stdout.read().decode()
+                raise RuntimeError(f"server exited {proc.returncode}: {output}")
+            try:
+                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"server did not become ready in {timeout_s:.0f}s")
+            time.sleep(0.2)
+        yield base
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        proc.stdout.close()

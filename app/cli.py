@@ -1,0 +1,160 @@
+"""The ``vitserve`` command: serve, manage the model store, analyze, compress, bench."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from app.config import Settings
+
+
+def _store(args: argparse.Namespace):
+    from app.store import ModelStore
+
+    return ModelStore(args.store or Settings().store_dir)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    overrides = {
+        k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None
+    }
+    settings = Settings(**overrides)
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    from app.api.app import create_app
+
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=int(settings.request_timeout_s) + 5,
+    )
+    return 0
+
+
+def cmd_store_pull(args: argparse.Namespace) -> int:
+    from app.store.pull import pull
+
+    manifest = pull(_store(args), args.arch, name=args.name)
+    print(f"pulled {manifest.name}: sha256 {manifest.weights.sha256}")
+    return 0
+
+
+def cmd_store_import(args: argparse.Namespace) -> int:
+    from app.store.pull import import_checkpoint
+
+    manifest = import_checkpoint(_store(args), Path(args.file), args.arch, name=args.name)
+    print(f"imported {manifest.name}: sha256 {manifest.weights.sha256}")
+    return 0
+
+
+def cmd_store_list(args: argparse.Namespace) -> int:
+    from app.store import StoreError
+
+    store = _store(args)
+    rows = []
+    for name in store.names():
+        try:
+            m = store.manifest(name)
+            weights = "present" if store.has_weights(name) else "absent"
+            rows.append((name, m.variant, m.architecture, str(m.compression or "-"), weights))
+        except StoreError as exc:
+            rows.append((name, "?", "?", "?", f"invalid: {exc}"))
+    if args.json:
+        print(
+            json.dumps(
+                [
+                    dict(zip(("name", "variant", "arch", "compression", "weights"), r, strict=True))
+                    for r in rows
+                ],
+                indent=2,
+            )
+        )
+        return 0
+    widths = [
+        max(
+            len(str(r[i]))
+            for r in rows + [("name", "variant", "architecture", "compression", "weights")]
+        )
+        for i in range(5)
+    ]
+    for r in [("name", "variant", "architecture", "compression", "weights"), *rows]:
+        print("  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)))
+    return 0
+
+
+def cmd_store_verify(args: argparse.Namespace) -> int:
+    from app.store import StoreError
+
+    store = _store(args)
+    failed = 0
+    for name in args.names or store.names():
+        try:
+            store.load(name)
+            print(f"ok       {name}")
+        except StoreError as exc:
+            failed += 1
+            print(f"FAILED   {name}: {exc}")
+    return 1 if failed else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vitserve", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the HTTP service (uvicorn)")
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+    serve.add_argument("--store-dir", dest="store_dir", type=Path)
+    serve.add_argument("--default-model", dest="default_model")
+    serve.add_argument("--device", choices=["auto", "cuda", "cpu"])
+    serve.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
+    serve.add_argument("--max-batch-size", dest="max_batch_size", type=int)
+    serve.add_argument("--max-delay-ms", dest="max_delay_ms", type=float)
+    serve.add_argument("--compile", action="store_true", default=None)
+    serve.set_defaults(func=cmd_serve)
+
+    store = sub.add_parser("store", help="manage the model store").add_subparsers(
+        dest="store_command", required=True
+    )
+    for name, func, help_ in (
+        ("pull", cmd_store_pull, "create an entry from timm's pretrained weights (HF hub/cache)"),
+        ("import", cmd_store_import, "create an entry from a local .pth/.safetensors checkpoint"),
+        ("list", cmd_store_list, "list entries"),
+        ("verify", cmd_store_verify, "check manifests, checksums and tensor shapes"),
+    ):
+        p = store.add_parser(name, help=help_)
+        p.add_argument("--store", type=Path, help="store folder (default: VITSERVE_STORE_DIR)")
+        p.set_defaults(func=func)
+        if name == "pull":
+            p.add_argument("arch", help="timm model name, e.g. deit_tiny_patch16_224")
+            p.add_argument("--name", help="entry name (default: the timm name)")
+        elif name == "import":
+            p.add_argument("file", help="checkpoint (.safetensors, or .pth read weights-only)")
+            p.add_argument("--arch", required=True, help="timm model name of the checkpoint")
+            p.add_argument("--name", help="entry name (default: the timm name)")
+        elif name == "list":
+            p.add_argument("--json", action="store_true")
+        else:
+            p.add_argument("names", nargs="*", help="entries (default: all)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        sys.exit(args.func(args))
+    except Exception as exc:  # noqa: BLE001 - a CLI prints the reason, not a traceback
+        from app.store import StoreError
+
+        if isinstance(exc, StoreError | ValueError | FileNotFoundError):
+            print(f"error: {exc}", file=sys.stderr)
+            sys.exit(2)
+        raise

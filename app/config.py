@@ -1,0 +1,57 @@
+"""Service settings, read from the environment (prefix ``VITSERVE_``) or a ``.env`` file."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Every knob of the service. ``VITSERVE_MAX_BATCH_SIZE=64`` sets ``max_batch_size``."""
+
+    model_config = SettingsConfigDict(env_prefix="VITSERVE_", env_file=".env", extra="ignore")
+
+    # model store
+    store_dir: Path = Field(Path("model_store"), description="Folder holding one entry per model.")
+    default_model: str = Field("deit_tiny_patch16_224", description="Model used without ?model=.")
+    models: list[str] | None = Field(
+        None, description="Entries to load (JSON list); default: every entry whose weights exist."
+    )
+    auto_pull: bool = Field(
+        True, description="At start, pull the default model's missing weights via timm/HF hub."
+    )
+
+    # compute
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="auto: bfloat16 on CUDA, float32 on CPU."
+    )
+    compile: bool = Field(False, description="torch.compile each model at load.")
+    cpu_threads: int | None = Field(None, ge=1, description="torch intra-op threads on CPU.")
+
+    # batching
+    max_batch_size: int = Field(32, ge=1, le=4096)
+    max_delay_ms: float = Field(5.0, ge=0, description="Wait after the first request of a batch.")
+    queue_size: int = Field(512, ge=1, description="Images waiting per model; beyond: 429.")
+    request_timeout_s: float = Field(30.0, gt=0, description="Deadline; expired before run: 504.")
+    decode_workers: int = Field(4, ge=1, description="Threads decoding images off the event loop.")
+
+    # input limits
+    max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1024)
+    max_image_pixels: int = Field(40_000_000, ge=1, description="Width x height cap (bombs).")
+    max_images_per_request: int = Field(64, ge=1)
+    max_top_k: int = Field(20, ge=1, le=1000)
+
+    # HTTP
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    log_level: str = "info"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,1 @@
+"""The request path: decode → batch → predict → encode, plus metrics."""

@@ -1,0 +1,157 @@
+"""The models being served: loaded from the store in the background, each with its batcher.
+
+One entry that cannot load (missing or corrupt weights, a broken manifest, a forward pass
+that raises at warm-up) is marked failed with the reason; the others still serve.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from enum import StrEnum
+
+import torch
+
+from app.config import Settings
+from app.serving.batcher import DynamicBatcher
+from app.serving.labels import class_names
+from app.serving.metrics import Metrics
+from app.serving.preprocess import Preprocessor
+from app.serving.runner import ModelRunner, resolve_device, resolve_dtype
+from app.store import Manifest, ModelStore, StoreError
+from app.store.errors import UnknownModel, WeightsMissing
+from app.store.pull import pull
+
+log = logging.getLogger(__name__)
+
+
+class ModelState(StrEnum):
+    ABSENT = "absent"  # declared in the store, weights not present
+    LOADING = "loading"
+    READY = "ready"
+    FAILED = "failed"
+
+
+@dataclass
+class ServedModel:
+    name: str
+    state: ModelState
+    manifest: Manifest | None = None
+    reason: str | None = None
+    runner: ModelRunner | None = None
+    batcher: DynamicBatcher | None = None
+    preprocessor: Preprocessor | None = None
+    labels: tuple[str, ...] = ()
+
+
+class ModelPool:
+    def __init__(self, settings: Settings, store: ModelStore, metrics: Metrics) -> None:
+        self.settings, self.store, self.metrics = settings, store, metrics
+        self.device = resolve_device(settings.device)
+        self.dtype = resolve_dtype(settings.dtype, self.device)
+        self.models: dict[str, ServedModel] = {}
+        self._loader: asyncio.Task[None] | None = None
+
+    # ---- lifecycle ---------------------------------------------------------------------
+    async def start(self) -> None:
+        """Declare every selected entry, then load them in the background (default first)."""
+        if self.device.type == "cpu" and self.settings.cpu_threads:
+            torch.set_num_threads(self.settings.cpu_threads)
+        names = self.settings.models or self.store.names()
+        if self.settings.default_model not in names:
+            names = [self.settings.default_model, *names]
+        names.sort(key=lambda n: n != self.settings.default_model)
+        for name in names:
+            self.models[name] = ServedModel(name, ModelState.LOADING)
+        self._loader = asyncio.create_task(self._load_all(names), name="model-loader")
+
+    async def wait_loaded(self) -> None:
+        if self._loader:
+            await self._loader
+
+    async def stop(self) -> None:
+        """Finish every queued request, then release the models."""
+        if self._loader and not self._loader.done():
+            self._loader.cancel()
+        await asyncio.gather(*(m.batcher.stop() for m in self.models.values() if m.batcher))
+
+    # ---- queries -------------------------------------------------------------------------
+    def get(self, name: str) -> ServedModel:
+        try:
+            return self.models[name]
+        except KeyError:
+            raise UnknownModel(
+                f"unknown model {name!r}; available: {sorted(self.models)}"
+            ) from None
+
+    def readiness(self) -> tuple[bool, str]:
+        """Ready when the default model serves and no entry with weights is still loading."""
+        default = self.models.get(self.settings.default_model)
+        if default is None or default.state is not ModelState.READY:
+            state = default.state if default else "missing"
+            reason = f": {default.reason}" if default and default.reason else ""
+            return False, f"default model {self.settings.default_model!r} is {state}{reason}"
+        loading = [m.name for m in self.models.values() if m.state is ModelState.LOADING]
+        if loading:
+            return False, f"still loading: {loading}"
+        return True, "ready"
+
+    # ---- loading -------------------------------------------------------------------------
+    async def _load_all(self, names: list[str]) -> None:
+        for name in names:
+            await self._load(self.models[name])
+
+    async def _load(self, model: ServedModel) -> None:
+        try:
+            await asyncio.to_thread(self._prepare, model)
+        except WeightsMissing as exc:
+            model.state, model.reason = ModelState.ABSENT, str(exc)
+            log.warning("%s", exc)
+            return
+        except (StoreError, Exception) as exc:  # noqa: BLE001 - isolate any load failure
+            model.state, model.reason = ModelState.FAILED, f"{type(exc).__name__}: {exc}"
+            log.error("model %s failed to load: %s", model.name, model.reason)
+            return
+        s = self.settings
+        model.batcher = DynamicBatcher(
+            model.name,
+            model.runner.predict,
+            max_batch_size=s.max_batch_size,
+            max_delay_s=s.max_delay_ms / 1000,
+            queue_size=s.queue_size,
+            metrics=self.metrics,
+        )
+        model.batcher.start()
+        model.state = ModelState.READY
+        log.info("model %s ready on %s (%s)", model.name, self.device, self.dtype)
+
+    def _prepare(self, model: ServedModel) -> None:
+        """Blocking part of a load: (pull,) verify, build, move to device, warm up."""
+        name = model.name
+        if name not in self.store.names():
+            raise UnknownModel(f"model {name!r} is not in store {self.store.root}")
+        manifest = self.store.manifest(name)
+        model.manifest = manifest
+        if (
+            name == self.settings.default_model
+            and self.settings.auto_pull
+            and manifest.source.kind == "timm-pretrained"
+            and not self.store.has_weights(name)
+        ):
+            log.info("pulling weights of default model %s", name)
+            manifest = pull(self.store, manifest.architecture, name=name)
+        loaded = self.store.load(name)
+        model.manifest = loaded.manifest
+        model.runner = ModelRunner(
+            loaded.module,
+            device=self.device,
+            dtype=self.dtype,
+            input_size=loaded.manifest.preprocessing.input_size,
+            compile=self.settings.compile,
+        )
+        model.runner.warm_up((1, self.settings.max_batch_size))
+        model.preprocessor = Preprocessor(
+            loaded.manifest.preprocessing, self.settings.max_image_pixels
+        )
+        model.labels = class_names(loaded.manifest.labels)

@@ -1,0 +1,114 @@
+"""Decode stage: untrusted bytes → normalised tensor, exactly timm's eval transform.
+
+Everything here runs in worker threads (Pillow releases the GIL while decoding), so the
+event loop never blocks on an image.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from timm.data import create_transform
+
+from app.store.manifest import Preprocessing
+
+ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+
+
+class InputError(Exception):
+    """A client-side problem with one image; ``status`` is the HTTP status it maps to."""
+
+    status = 400
+    code = "bad_image"
+
+
+class EmptyImage(InputError):
+    code = "empty_image"
+
+
+class UnsupportedImage(InputError):
+    status = 415
+    code = "unsupported_media_type"
+
+
+class ImageTooLarge(InputError):
+    status = 413
+    code = "image_too_large"
+
+
+class CorruptImage(InputError):
+    code = "corrupt_image"
+
+
+@dataclass(frozen=True)
+class Preprocessor:
+    """Decode + timm eval transform for one model's data config, with safety limits."""
+
+    preprocessing: Preprocessing
+    max_pixels: int
+
+    def __post_init__(self) -> None:
+        transform = create_transform(**self.preprocessing.timm_data_config())
+        object.__setattr__(self, "_transform", transform)
+        resize = transform.transforms[0].size
+        # Decode JPEGs at a reduced DCT scale only while the result stays >= 2x what the
+        # resize needs, so the bicubic resize still sees plenty of pixels.
+        object.__setattr__(self, "_draft_size", 2 * int(np.max(resize)))
+
+    def __call__(self, data: bytes) -> torch.Tensor:
+        """bytes → float32 tensor [3, H, W]; raises an ``InputError`` subclass."""
+        return self._transform(self.decode(data))
+
+    def decode(self, data: bytes) -> Image.Image:
+        if not data:
+            raise EmptyImage("the image is empty (0 bytes)")
+        try:
+            # Image.open reads only the header: the pixel count is checked before any
+            # pixel is decoded, so a decompression bomb costs nothing.
+            image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+            width, height = image.size
+            if width * height > self.max_pixels:
+                raise ImageTooLarge(
+                    f"image is {width}x{height} = {width * height} pixels; "
+                    f"the limit is {self.max_pixels}"
+                )
+            if image.format == "JPEG":
+                image.draft("RGB", (self._draft_size, self._draft_size))
+            image.seek(0)  # animated GIF/WebP: first frame
+            image.load()
+        except InputError:
+            raise
+        except Image.DecompressionBombError as exc:
+            raise ImageTooLarge(f"image exceeds the pixel limit: {exc}") from exc
+        except UnidentifiedImageError as exc:
+            raise UnsupportedImage(
+                f"not a supported image ({', '.join(ALLOWED_FORMATS)}): {exc}"
+            ) from exc
+        except (OSError, SyntaxError, ValueError, EOFError) as exc:
+            raise CorruptImage(f"cannot decode the image (truncated or corrupt): {exc}") from exc
+        return to_rgb(image)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any Pillow mode → 8-bit RGB, upright per EXIF, transparency composited onto white."""
+    with contextlib.suppress(ValueError, TypeError, KeyError, OSError):
+        image = ImageOps.exif_transpose(image)  # a bogus EXIF block keeps the stored one
+    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        pixels = np.asarray(image, dtype=np.int64)
+        image = Image.fromarray((np.clip(pixels, 0, 65535) >> 8).astype(np.uint8), "L")
+    elif image.mode == "F":
+        pixels = np.asarray(image, dtype=np.float32)
+        image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "L")
+    has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
+        image.mode == "P" and "transparency" in image.info
+    )
+    if has_alpha:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")

@@ -1,0 +1,77 @@
+"""Predict stage: one model on one device, batch in → probabilities out.
+
+CUDA runs in bfloat16 by default, CPU in float32. A CUDA out-of-memory error splits the
+batch in halves and retries, so one oversized batch never takes the model down.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("VITSERVE_DEVICE=cuda but torch sees no CUDA device")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return DTYPES[name]
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or (
+        isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+    )
+
+
+class ModelRunner:
+    """Owns a module on its device; ``predict`` is called from one inference thread."""
+
+    def __init__(
+        self,
+        module: nn.Module,
+        *,
+        device: torch.device,
+        dtype: torch.dtype,
+        input_size: tuple[int, int, int],
+        compile: bool = False,
+    ) -> None:
+        self.device, self.dtype, self.input_size = device, dtype, input_size
+        module = module.eval().to(device=device, dtype=dtype)
+        self.forward: Callable[[torch.Tensor], torch.Tensor] = (
+            torch.compile(module) if compile else module
+        )
+
+    @torch.inference_mode()
+    def predict(self, images_B3HW: torch.Tensor) -> torch.Tensor:
+        """float32 images [B,3,H,W] (CPU) → float32 probabilities [B, classes] (CPU)."""
+        try:
+            x = images_B3HW.to(self.device, non_blocking=True).to(self.dtype)
+            logits = self.forward(x)
+            return logits.float().softmax(dim=-1).cpu()
+        except Exception as exc:
+            if not is_out_of_memory(exc) or images_B3HW.shape[0] == 1:
+                raise
+            half = images_B3HW.shape[0] // 2
+            log.warning("out of memory at batch %d: retrying as two halves", len(images_B3HW))
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            return torch.cat([self.predict(images_B3HW[:half]), self.predict(images_B3HW[half:])])
+
+    def warm_up(self, batch_sizes: tuple[int, ...] = (1,)) -> None:
+        """Run random inputs once per batch size: kernels selected, compile done, before traffic."""
+        for size in batch_sizes:
+            self.predict(torch.randn(size, *self.input_size))

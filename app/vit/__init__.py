@@ -1,0 +1,1 @@
+"""Model code: dense timm DeiT plus our compressed variants (DGSSA static attention, GLAD)."""

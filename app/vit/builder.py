@@ -1,0 +1,204 @@
+"""Build compressed ViTs (DGSSA static attention + GLAD token pyramid) from dense timm ones.
+
+``create_model(arch, compression)`` is what the model store calls to rebuild a network
+before loading its safetensors, so a ``CompressedViT``'s state-dict keys depend on the
+architecture and the config only: ``blocks.{i}.attn.{v,attn_matrix,proj}`` for static
+blocks, ``aggregation.{i}.weight`` for the stage before block ``i``, and timm's names for
+everything inherited from the dense model.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable
+from typing import Any
+
+import timm
+import torch
+from timm.layers import Attention
+from timm.models.vision_transformer import VisionTransformer, global_pool_nlc
+from torch import nn
+
+from app.vit.attention_maps import capture_attention
+from app.vit.config import CompressionConfig
+from app.vit.static_attention import StaticAttention
+from app.vit.token_pyramid import TokenAggregation, pyramid_grids
+
+# Named configs, timm-style: "dgssa-s<n>" = n static blocks, "glad-...-t<k>" = k token stages.
+PRESETS: dict[str, str] = {
+    "dense": "",
+    "dgssa-s2": "static=0-1",
+    "glad-t3": "tokens=99@2,50@5,26@8",
+    "glad-s2-t2": "static=0-1;tokens=99@4,50@8",
+    "glad-s3-t2": "static=0-2;tokens=50@3,26@6",
+    "glad-s3-t3": "static=0-2;tokens=99@3,50@6,26@9",
+}
+
+
+def resolve_config(text_or_preset: str) -> CompressionConfig:
+    """A preset name from ``PRESETS`` or the text form, e.g. ``static=0-2;tokens=99@3``."""
+    text = text_or_preset.strip()
+    return CompressionConfig.parse(PRESETS.get(text, text))
+
+
+class CompressedViT(nn.Module):
+    """A DeiT/ViT whose early blocks use static attention and whose later blocks see fewer
+    tokens. Every other weight is the dense model's; the forward mirrors timm's."""
+
+    def __init__(self, dense: VisionTransformer, compression: CompressionConfig) -> None:
+        """Copies ``dense`` (left untouched) and swaps in the compressed layers."""
+        super().__init__()
+        _check_supported(dense)
+        dense = copy.deepcopy(dense)
+        depth = len(dense.blocks)
+        num_tokens = dense.patch_embed.num_patches + 1  # patches + CLS
+        late = [i for i in compression.static_layers if i >= depth]
+        late += [s.layer for s in compression.token_schedule if s.layer >= depth]
+        if late:
+            raise ValueError(f"{compression}: blocks {late} do not exist (depth {depth})")
+        if compression.token_schedule and compression.token_schedule[0].tokens > num_tokens:
+            raise ValueError(f"{compression}: more tokens than the model's {num_tokens}")
+
+        self.compression = compression
+        self.tokens_per_block = compression.tokens_per_block(depth, num_tokens)
+        self.num_classes = dense.num_classes
+        self.num_features = self.embed_dim = dense.embed_dim
+        self.global_pool = dense.global_pool
+        self.num_prefix_tokens = 1
+        self.no_embed_class = dense.no_embed_class
+        self.pool_include_prefix = getattr(dense, "pool_include_prefix", False)
+        self.pretrained_cfg = getattr(dense, "pretrained_cfg", {})
+
+        self.patch_embed = dense.patch_embed
+        self.cls_token = dense.cls_token
+        self.pos_embed = dense.pos_embed
+        self.pos_drop = dense.pos_drop
+        self.norm_pre = dense.norm_pre
+        self.blocks = dense.blocks
+        self.norm = dense.norm
+        self.fc_norm = dense.fc_norm
+        self.head_drop = dense.head_drop
+        self.head = dense.head
+
+        for i in compression.static_layers:
+            block = self.blocks[i]
+            if not isinstance(block.attn, Attention):
+                raise TypeError(f"block {i}: {type(block.attn).__name__} is not timm Attention")
+            block.attn = StaticAttention.from_dense(block.attn, self.tokens_per_block[i])
+
+        # Aggregation before block i, keyed str(i); grids tracked stage to stage for the init.
+        schedule = compression.token_schedule
+        grid = tuple(dense.patch_embed.grid_size)
+        grids = pyramid_grids(grid, [s.tokens - 1 for s in schedule])
+        self.aggregation = nn.ModuleDict()
+        tokens_in, grid_in = num_tokens, grid
+        for stage, grid_out in zip(schedule, grids, strict=True):
+            self.aggregation[str(stage.layer)] = TokenAggregation(
+                tokens_in, stage.tokens, grid_in, grid_out
+            ).to(device=self.pos_embed.device, dtype=self.pos_embed.dtype)
+            tokens_in, grid_in = stage.tokens, grid_out
+
+    def static_attention(self) -> dict[int, StaticAttention]:
+        return {i: self.blocks[i].attn for i in self.compression.static_layers}
+
+    def aggregations(self) -> dict[int, TokenAggregation]:
+        """Keyed by the index of the block each one precedes."""
+        return {int(i): agg for i, agg in self.aggregation.items()}
+
+    def _pos_embed(self, x_BPC: torch.Tensor) -> torch.Tensor:
+        cls_B1C = self.cls_token.expand(x_BPC.shape[0], -1, -1)
+        if self.no_embed_class:  # DeiT-III: the position table covers patches only
+            x_BNC = torch.cat([cls_B1C, x_BPC + self.pos_embed], dim=1)
+        else:  # DeiT / original ViT: CLS has a position entry too
+            x_BNC = torch.cat([cls_B1C, x_BPC], dim=1) + self.pos_embed
+        return self.pos_drop(x_BNC)
+
+    def forward_features(self, x_B3HW: torch.Tensor) -> torch.Tensor:
+        """Images -> normed tokens ``[B, N_last, C]`` (N_last = ``tokens_per_block[-1]``)."""
+        x_BNC = self.norm_pre(self._pos_embed(self.patch_embed(x_B3HW)))
+        for i, block in enumerate(self.blocks):
+            if str(i) in self.aggregation:
+                x_BNC = self.aggregation[str(i)](x_BNC)
+            x_BNC = block(x_BNC)
+        return self.norm(x_BNC)
+
+    def forward_head(self, x_BNC: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Pool as timm does (``'token'``: CLS, ``'avg'``: mean of the other tokens), classify."""
+        x_BC = global_pool_nlc(
+            x_BNC,
+            pool_type=self.global_pool,
+            num_prefix_tokens=self.num_prefix_tokens,
+            reduce_include_prefix=self.pool_include_prefix,
+        )
+        x_BC = self.head_drop(self.fc_norm(x_BC))
+        return x_BC if pre_logits else self.head(x_BC)
+
+    def forward(self, x_B3HW: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x_B3HW))
+
+
+def _check_supported(dense: nn.Module) -> None:
+    """Fixed token count, exactly one CLS prefix token, plain pooling head."""
+    if not isinstance(dense, VisionTransformer):
+        raise TypeError(f"expected a timm VisionTransformer, got {type(dense).__name__}")
+    problems = []
+    if dense.cls_token is None or dense.num_prefix_tokens != 1:
+        problems.append("needs exactly one prefix token, the CLS token")
+    if dense.pos_embed is None:
+        problems.append("needs an absolute position embedding")
+    if dense.dynamic_img_size:
+        problems.append("dynamic image size changes the token count")
+    if not isinstance(dense.patch_drop, nn.Identity):
+        problems.append("patch dropout changes the token count")
+    if dense.attn_pool is not None:
+        problems.append(f"global_pool {dense.global_pool!r} (attention pooling) unsupported")
+    if problems:
+        raise ValueError("cannot compress this model: " + "; ".join(problems))
+
+
+def compress(dense: VisionTransformer, cfg: CompressionConfig) -> CompressedViT:
+    """A compressed copy of ``dense`` with every dense weight; static attention is uniform
+    until :func:`calibrate`, the token aggregations start as adaptive average pooling."""
+    return CompressedViT(dense, cfg)
+
+
+def create_model(
+    arch: str,
+    compression: CompressionConfig | None = None,
+    *,
+    num_classes: int = 1000,
+    pretrained: bool = False,
+    **timm_kwargs: Any,
+) -> nn.Module:
+    """``timm.create_model`` plus :func:`compress` when a config is given (the store's rebuild)."""
+    model = timm.create_model(arch, pretrained=pretrained, num_classes=num_classes, **timm_kwargs)
+    return model if compression is None else compress(model, compression)
+
+
+@torch.no_grad()
+def calibrate(
+    model: CompressedViT, teacher: VisionTransformer, batches: Iterable[torch.Tensor]
+) -> None:
+    """Set each static block's matrix to ``teacher``'s attention of that block, averaged over
+    every image of ``batches`` (``[B, 3, H, W]`` each; moved to the teacher's device)."""
+    static = model.static_attention()
+    if not static:
+        return
+    param = next(teacher.parameters())
+    sums_HNN: dict[int, torch.Tensor] = {}
+    count = 0
+    was_training = teacher.training
+    teacher.eval()
+    try:
+        for images in batches:
+            maps = capture_attention(teacher, images.to(param.device, param.dtype), static.keys())
+            for i, attn_BHNN in maps.items():
+                batch_sum_HNN = attn_BHNN.sum(dim=0, dtype=torch.float64)
+                sums_HNN[i] = sums_HNN[i] + batch_sum_HNN if i in sums_HNN else batch_sum_HNN
+            count += images.shape[0]
+    finally:
+        teacher.train(was_training)
+    if count == 0:
+        raise ValueError("calibrate needs at least one image")
+    for i, attn in static.items():
+        attn.set_attention(sums_HNN[i] / count)

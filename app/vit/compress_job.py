@@ -1,0 +1,138 @@
+"""One command from a dense store entry to a verified compressed one.
+
+Teacher from the store -> compress -> calibrate the static matrices on the training
+photos -> distil -> measure fidelity on held-out photos -> measure the speed of the same
+config on ``speed_arch`` -> write a new store entry whose manifest records all of it.
+Every random choice derives from ``opts.seed``, so the same command gives the same model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import timm.data
+import torch
+from torch.utils.data import DataLoader
+
+from app.bench.timing import throughput_ratio
+from app.store.manifest import Manifest, Source
+from app.store.store import ModelStore
+from app.vit.builder import calibrate, compress, create_model
+from app.vit.config import CompressionConfig
+from app.vit.data import EvalImages, eval_transform, list_images, read_labels
+from app.vit.distill import DistillOptions, distill, launched_rank, training_device
+from app.vit.evaluate import evaluate
+
+BATCH = 64  # calibration and evaluation: inference only, any size gives the same numbers
+# Speed is measured as served: bf16, a large batch and compiled on CUDA; on CPU fp32 and
+# a batch small enough to time in seconds.
+CUDA_SPEED = {"batch_size": 256, "dtype": torch.bfloat16, "compiled": True}
+CPU_SPEED = {"batch_size": 8, "dtype": torch.float32, "compiled": False}
+
+
+def train_pool(train_dir: Path, extra_train_dirs: Sequence[Path]) -> list[Path]:
+    """All distillation photos: the main folder first, then the extra ones, each sorted."""
+    return [p for d in (train_dir, *extra_train_dirs) for p in list_images(d)]
+
+
+def measure_speed(arch: str, cfg: CompressionConfig, *, device: str, seed: int) -> dict[str, Any]:
+    """Throughput of ``cfg`` applied to ``arch`` vs dense ``arch``, both with random weights
+    (speed does not depend on the values; DeiT-S/B have no offline weights here)."""
+    torch.manual_seed(seed)
+    dense = create_model(arch)
+    compressed = compress(dense, cfg)
+    dev = torch.device(device)
+    settings = CUDA_SPEED if dev.type == "cuda" else CPU_SPEED
+    input_shape = timm.data.resolve_model_data_config(dense)["input_size"]
+    ratio = throughput_ratio(dense, compressed, device=device, input_shape=input_shape, **settings)
+    return {"arch": arch, "weights": "random (speed only)", **ratio}
+
+
+def _eval_batches(images: Sequence[Path], data_config: dict[str, Any]) -> Iterator[torch.Tensor]:
+    """Eval-transformed images ``[B, 3, H, W]``: calibration sees photos as served."""
+    for x_B3HW, _ in DataLoader(EvalImages(images, eval_transform(data_config)), BATCH):
+        yield x_B3HW
+
+
+def run_compress(
+    store: ModelStore,
+    teacher_name: str,
+    cfg: CompressionConfig,
+    train_dir: Path,
+    eval_dir: Path | None,
+    out_name: str,
+    opts: DistillOptions,
+    *,
+    extra_train_dirs: Sequence[Path] = (),
+    speed_arch: str = "deit_small_patch16_224",
+) -> Manifest | None:
+    """Build, distil, evaluate and store ``out_name``; returns its manifest.
+
+    Under torchrun every rank distils its share; only rank 0 evaluates, measures and
+    writes, and the other ranks return None. ``eval_dir`` must not share photos with the
+    training folders (fidelity on trained-on photos would flatter the student).
+    """
+    train_images = train_pool(Path(train_dir), [Path(d) for d in extra_train_dirs])
+    eval_images = list_images(eval_dir) if eval_dir else []
+    overlap = {p.resolve() for p in train_images} & {p.resolve() for p in eval_images}
+    if overlap:
+        raise ValueError(
+            f"{len(overlap)} eval images are also training images, e.g. {min(overlap)}"
+        )
+    loaded = store.load(teacher_name)
+    teacher, teacher_manifest = loaded.module, loaded.manifest
+    data_config = teacher_manifest.preprocessing.timm_data_config()
+
+    device = training_device(opts.device)
+    torch.manual_seed(opts.seed)
+    teacher.to(device)
+    student = compress(teacher, cfg)
+    calibrate(student, teacher, _eval_batches(list_images(train_dir), data_config))
+    result = distill(teacher, student, train_images, opts, data_config=data_config)
+    if launched_rank() != 0:
+        return None
+
+    metrics: dict[str, Any] = {}
+    if eval_images:
+        fidelity = evaluate(
+            teacher,
+            student,
+            eval_images,
+            read_labels(eval_dir),
+            data_config,
+            batch_size=BATCH,
+            device=str(device),
+            dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
+        )
+        metrics["fidelity"] = {"eval_dir": str(eval_dir), **fidelity.model_dump()}
+    metrics["speed"] = measure_speed(speed_arch, cfg, device=str(device), seed=opts.seed)
+
+    manifest = Manifest(
+        name=out_name,
+        architecture=teacher_manifest.architecture,
+        architecture_kwargs=teacher_manifest.architecture_kwargs,
+        variant="compressed",
+        compression=cfg,
+        num_classes=teacher_manifest.num_classes,
+        preprocessing=teacher_manifest.preprocessing,
+        source=Source(
+            kind="compress",
+            ref=teacher_name,
+            details={
+                "recipe": opts.model_dump(mode="json"),
+                "seed": opts.seed,
+                "steps": result.steps_done,
+                "stopped": result.stopped,
+                "final_loss": result.final_loss,
+                "train_dirs": [str(train_dir), *map(str, extra_train_dirs)],
+                "train_images": len(train_images),
+                "calibration": f"teacher attention averaged over {train_dir} (eval transform)",
+            },
+        ),
+        description=f"{teacher_name} compressed ({cfg}), distilled {result.steps_done} steps",
+        metrics=metrics,
+    )
+    store.write_entry(manifest, student.cpu().state_dict())
+    return store.manifest(out_name)

@@ -1,0 +1,158 @@
+"""The dynamic batcher: real batching, bounded queue, deadlines, and failure isolation."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+import torch
+
+from app.serving.batcher import DeadlineExceeded, DynamicBatcher, QueueFull
+from app.serving.metrics import Metrics
+from app.serving.runner import ModelRunner
+
+
+class RecordingModel:
+    """Stands in for a runner: records batch sizes, returns each image's mean as its 'probs'."""
+
+    def __init__(self, delay_s: float = 0.0, fail_when=lambda batch: False) -> None:
+        self.batches: list[int] = []
+        self.delay_s, self.fail_when = delay_s, fail_when
+        self.computed: list[float] = []
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        time.sleep(self.delay_s)
+        if self.fail_when(images):
+            raise RuntimeError("forward failed")
+        self.batches.append(len(images))
+        self.computed.extend(images.flatten(1).mean(1).tolist())
+        return images.flatten(1).mean(1, keepdim=True)
+
+
+def make(model, **kw) -> DynamicBatcher:
+    opts = dict(max_batch_size=16, max_delay_s=0.02, queue_size=256, metrics=Metrics())
+    opts.update(kw)
+    return DynamicBatcher("m", model, **opts)
+
+
+def image(value: float) -> torch.Tensor:
+    return torch.full((3, 4, 4), float(value))
+
+
+def far() -> float:
+    return time.monotonic() + 60
+
+
+async def test_concurrent_requests_are_batched_and_each_gets_its_own_row():
+    model = RecordingModel(delay_s=0.01)
+    batcher = make(model)
+    batcher.start()
+    results = await asyncio.gather(*(batcher.submit(image(i), far()) for i in range(64)))
+    await batcher.stop()
+    assert [r.probs.item() for r in results] == [float(i) for i in range(64)]
+    assert sum(model.batches) == 64
+    assert max(model.batches) == 16 and len(model.batches) <= 8
+    assert all(r.batch_size >= 1 for r in results)
+
+
+async def test_a_lone_request_waits_at_most_the_delay():
+    batcher = make(RecordingModel(), max_delay_s=0.05)
+    batcher.start()
+    started = time.monotonic()
+    result = await batcher.submit(image(1), far())
+    await batcher.stop()
+    assert result.batch_size == 1
+    assert time.monotonic() - started < 1.0
+
+
+async def test_full_queue_rejects_with_a_retry_hint():
+    gate = threading.Event()
+    model = RecordingModel()
+    batcher = make(lambda x: (gate.wait(5), model(x))[1], max_batch_size=1, queue_size=2)
+    batcher.start()
+    first = asyncio.create_task(batcher.submit(image(0), far()))
+    await asyncio.sleep(0.05)  # the worker holds image 0; the queue is empty again
+    queued = [asyncio.create_task(batcher.submit(image(i), far())) for i in (1, 2)]
+    await asyncio.sleep(0.01)
+    with pytest.raises(QueueFull) as info:
+        await batcher.submit(image(3), far())
+    assert info.value.retry_after_s >= 1
+    gate.set()
+    assert [(await t).probs.item() for t in (first, *queued)] == [0.0, 1.0, 2.0]
+    await batcher.stop()
+
+
+async def test_expired_requests_are_not_computed():
+    gate = threading.Event()
+    model = RecordingModel()
+    batcher = make(lambda x: (gate.wait(5), model(x))[1], max_batch_size=1)
+    batcher.start()
+    blocker = asyncio.create_task(batcher.submit(image(0), far()))
+    await asyncio.sleep(0.05)
+    late = asyncio.create_task(batcher.submit(image(7), time.monotonic() + 0.05))
+    await asyncio.sleep(0.2)
+    gate.set()
+    await blocker
+    with pytest.raises(DeadlineExceeded):
+        await late
+    await batcher.stop()
+    assert 7.0 not in model.computed
+
+
+async def test_a_failing_batch_fails_only_its_own_requests():
+    model = RecordingModel(fail_when=lambda x: bool((x == 13).any()))
+    batcher = make(model, max_batch_size=4, max_delay_s=0.05)
+    batcher.start()
+    bad = await asyncio.gather(
+        *(batcher.submit(image(v), far()) for v in (13, 1)), return_exceptions=True
+    )
+    assert all(isinstance(r, RuntimeError) for r in bad)
+    good = await asyncio.gather(*(batcher.submit(image(v), far()) for v in (2, 3)))
+    assert [r.probs.item() for r in good] == [2.0, 3.0]
+    await batcher.stop()
+
+
+async def test_stop_finishes_everything_already_queued():
+    batcher = make(RecordingModel(delay_s=0.01), max_batch_size=2)
+    batcher.start()
+    tasks = [asyncio.create_task(batcher.submit(image(i), far())) for i in range(10)]
+    await asyncio.sleep(0)
+    await batcher.stop()
+    assert [t.result().probs.item() for t in tasks] == [float(i) for i in range(10)]
+
+
+def test_out_of_memory_splits_the_batch_and_retries():
+    """Inject CUDA OOM for batches over 2: the runner halves until the batch fits."""
+    module = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 5))
+    runner = ModelRunner(
+        module, device=torch.device("cpu"), dtype=torch.float32, input_size=(3, 4, 4)
+    )
+    real, sizes = runner.forward, []
+
+    def forward(x):
+        sizes.append(len(x))
+        if len(x) > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
+        return real(x)
+
+    runner.forward = forward
+    x = torch.randn(7, 3, 4, 4)
+    probs = runner.predict(x)
+    expected = module(x).softmax(-1)
+    assert torch.allclose(probs, expected, atol=1e-6)
+    assert max(s for s in sizes if s <= 2) == 2 and sizes[0] == 7
+
+
+def test_out_of_memory_at_batch_one_is_raised():
+    runner = ModelRunner(
+        torch.nn.Flatten(), device=torch.device("cpu"), dtype=torch.float32, input_size=(3, 4, 4)
+    )
+
+    def forward(x):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
+
+    runner.forward = forward
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        runner.predict(torch.randn(1, 3, 4, 4))

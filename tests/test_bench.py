@@ -1,0 +1,282 @@
+"""Benchmark plumbing on CPU with a tiny ViT: timing, same-run ratios, the sweep's JSON,
+the Pareto front and plot. GPU timing (CUDA events, compiled rows) is not exercised here."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+from app.bench.models import _parse_args, resolve_configs, run_models_bench
+from app.bench.pareto import collect_fidelity, pareto_front, plot_pareto
+from app.bench.timing import (
+    BenchError,
+    Timing,
+    environment,
+    resolve_device,
+    throughput_ratio,
+    time_forward,
+    time_interleaved,
+)
+from app.store import ModelStore
+from app.vit.config import CompressionConfig
+from tests.helpers import tiny_manifest
+
+TINY = {"img_size": 32, "patch_size": 8, "embed_dim": 64, "depth": 4, "num_heads": 4}
+SHAPE = (3, 32, 32)
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: with two, a busy second core makes OpenMP barriers stall for
+    tens of milliseconds and turns timing tests into noise."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_vit(depth: int = 4) -> VisionTransformer:
+    torch.manual_seed(0)
+    return VisionTransformer(**{**TINY, "depth": depth}).eval()
+
+
+class Broken(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("no kernel for this op")
+
+
+class Recorder(nn.Module):
+    """Logs (name, first input value) per call, to check call order and input rotation."""
+
+    def __init__(self, name: str, log: list[tuple[str, float]]) -> None:
+        super().__init__()
+        self.name, self.log = name, log
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.log.append((self.name, float(x.flatten()[0])))
+        return x
+
+
+def test_time_forward_gives_positive_ordered_statistics():
+    t = time_forward(tiny_vit(), batch_size=2, device="cpu", warmup=1, repeats=5, input_shape=SHAPE)
+    assert 0 < t.p10_ms <= t.median_ms <= t.p90_ms
+    assert t.img_s == pytest.approx(2 * 1e3 / t.median_ms)
+
+
+def test_models_are_interleaved_and_inputs_rotate():
+    log: list[tuple[str, float]] = []
+    models = {"a": Recorder("a", log), "b": Recorder("b", log)}
+    results = time_interleaved(
+        models, batch_size=1, device=CPU, dtype="float32", warmup=0, repeats=6, input_shape=(4,)
+    )
+    assert all(isinstance(r, Timing) for r in results.values())
+    timed = log[2:]  # after one solo call each
+    assert [name for name, _ in timed] == ["a", "b"] * 6
+    a_inputs = [v for name, v in timed if name == "a"]
+    b_inputs = [v for name, v in timed if name == "b"]
+    assert a_inputs == b_inputs  # every round feeds both models the same batch
+    assert len(set(a_inputs)) == 3 and a_inputs[0] != a_inputs[1]
+
+
+def test_ratio_of_a_model_against_itself_is_near_one():
+    model = tiny_vit()
+    r = throughput_ratio(
+        model,
+        copy.deepcopy(model),
+        batch_size=8,
+        device="cpu",
+        warmup=2,
+        repeats=15,
+        input_shape=SHAPE,
+    )
+    assert r["error"] is None
+    assert 0.5 < r["speedup"] < 2.0
+    assert r["batch_size"] == 8 and r["dtype"] == "float32" and r["compiled"] is False
+
+
+def test_ratio_against_four_times_the_work_is_clearly_below_one():
+    r = throughput_ratio(
+        tiny_vit(depth=2),
+        tiny_vit(depth=8),
+        batch_size=8,
+        device="cpu",
+        warmup=2,
+        repeats=10,
+        input_shape=SHAPE,
+    )
+    assert r["speedup"] < 0.6
+    assert r["compressed_img_s"] < r["dense_img_s"]
+
+
+def test_failing_model_is_reported_not_raised():
+    r = throughput_ratio(
+        tiny_vit(), Broken(), batch_size=2, device="cpu", warmup=1, repeats=3, input_shape=SHAPE
+    )
+    assert r["speedup"] is None and r["compressed_img_s"] is None
+    assert r["dense_img_s"] > 0
+    assert "no kernel for this op" in r["error"]
+    with pytest.raises(BenchError, match="no kernel"):
+        time_forward(Broken(), batch_size=1, device="cpu", warmup=0, repeats=2, input_shape=SHAPE)
+
+
+def test_environment_names_the_versions():
+    env = environment("cpu")
+    assert env["device_type"] == "cpu" and env["cuda_version"] is None
+    assert env["torch_version"] == torch.__version__ and env["threads"] == 1
+    assert resolve_device("auto").type in ("cpu", "cuda")
+    with pytest.raises(ValueError):
+        resolve_device("meta")
+
+
+def test_resolve_configs_keeps_preset_names_and_drops_dense():
+    assert resolve_configs(["dense", "dgssa-s2", "static=0-1", "tokens=9@2"]) == {
+        "static=0,1": "dgssa-s2",
+        "tokens=9@2": "tokens=9@2",
+    }
+
+
+def test_run_models_bench_writes_json(tmp_path: Path):
+    configs = ["static=0;tokens=9@2,5@3", "dgssa-s2"]
+    report = run_models_bench(
+        configs,
+        archs=["vit_tiny_patch16_224"],
+        arch_kwargs=TINY,
+        device="cpu",
+        threads=1,
+        batches=(1, 4),
+        warmup=1,
+        repeats=3,
+        out_dir=tmp_path,
+        progress=False,
+    )
+    path = Path(report["path"])
+    assert path.parent == tmp_path and path.name.startswith("models-cpu-")
+    data = json.loads(path.read_text())
+    for key in ("device", "torch_version", "date", "rows", "per_layer"):
+        assert key in data
+    assert data["weights"] == "random (speed only)" and data["complete"] is True
+
+    rows = data["rows"]
+    assert len(rows) == 2 * 3  # batches x (dense + 2 configs)
+    for row in rows:
+        for key in ("arch", "config", "dtype", "batch", "compiled", "img_s", "median_ms"):
+            assert row[key] is not None
+        assert row["error"] is None and row["img_s"] > 0 and row["speedup"] > 0
+        assert row["dtype"] == "float32" and row["compiled"] is False
+    assert {r["batch"] for r in rows} == {1, 4}
+    assert all(r["speedup"] == 1.0 for r in rows if r["config"] == "dense")
+    assert {r["name"] for r in rows} == {"dense", "dgssa-s2", "static=0;tokens=9@2,5@3"}
+
+    (section,) = data["per_layer"]
+    assert section["batch"] == 4 and section["tokens"] == 17
+    assert section["static_layer_speedup"] > 0 and not section["errors"]
+    predictions = {c["name"]: c for c in section["configs"]}
+    glad = predictions["static=0;tokens=9@2,5@3"]
+    assert glad["tokens_per_block"] == [17, 17, 9, 5]
+    assert sum(glad["cost_share"]) == pytest.approx(1 / glad["predicted_speedup_blocks"])
+
+
+def test_cli_defaults_cover_every_compressed_preset():
+    args = _parse_args(["--compile", "on", "--compiled-batches", "256"])
+    assert "dense" not in args.configs and "glad-s3-t3" in args.configs
+    assert args.compile == "on" and args.compiled_batches == [256]
+
+
+def test_pareto_front_keeps_only_undominated_points():
+    points = [
+        (1.0, 1.0, "dense"),
+        (2.0, 0.90, "a"),
+        (1.5, 0.85, "slower and worse than a"),
+        (2.5, 0.70, "b"),
+        (2.5, 0.60, "as fast as b, worse"),
+        (2.0, 0.90, "duplicate of a"),
+        (3.0, 0.50, "c"),
+    ]
+    assert [p[2] for p in pareto_front(points)] == ["dense", "a", "b", "c"]
+    assert pareto_front([]) == []
+
+
+def _speed_report() -> dict:
+    def row(config: str, name: str, speedup: float | None) -> dict:
+        return {
+            "arch": "deit_small_patch16_224",
+            "config": config,
+            "name": name,
+            "dtype": "bfloat16",
+            "batch": 256,
+            "compiled": False,
+            "speedup": speedup,
+        }
+
+    return {
+        "device": "test",
+        "rows": [
+            row("dense", "dense", 1.0),
+            row("static=0,1,2;tokens=99@3,50@6,26@9", "glad-s3-t3", 2.3),
+            row("tokens=99@2,50@5,26@8", "glad-t3", 2.1),
+            row("static=0,1", "dgssa-s2", 1.1),
+        ],
+    }
+
+
+def test_plot_pareto_writes_png(tmp_path: Path):
+    fidelity = {  # keys in any accepted spelling: text with ranges, preset name
+        "static=0-2;tokens=99@3,50@6,26@9": {"agreement_top1": 0.86, "top1": 0.74},
+        "glad-t3": {"agreement_top1": 0.82, "top1": None},
+    }
+    out = plot_pareto(
+        _speed_report(),
+        fidelity,
+        tmp_path / "plots" / "pareto.png",
+        arch="deit_small_patch16_224",
+        dtype="bfloat16",
+        batch=256,
+        compiled=False,
+    )
+    data = out.read_bytes()
+    assert data.startswith(b"\x89PNG") and len(data) > 5000
+    with pytest.raises(ValueError, match="no config has both"):
+        plot_pareto(
+            _speed_report(),
+            {},
+            tmp_path / "x.png",
+            arch="deit_small_patch16_224",
+            dtype="bfloat16",
+            batch=256,
+            compiled=False,
+        )
+
+
+def test_collect_fidelity_reads_compressed_manifests(tmp_path: Path):
+    store = ModelStore(tmp_path)
+    store.write_manifest(tiny_manifest("dense-one"))
+    cfg = CompressionConfig.parse("static=0;tokens=9@1")
+    fidelity = {"agreement_top1": 0.9, "student_top1_acc": 0.7, "n_images": 10}
+    store.write_manifest(
+        tiny_manifest(
+            "comp-one", variant="compressed", compression=cfg, metrics={"fidelity": fidelity}
+        )
+    )
+    store.write_manifest(
+        tiny_manifest("comp-unmeasured", variant="compressed", compression=cfg.model_copy())
+    )
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "manifest.json").write_text("{not json")
+
+    found = collect_fidelity(tmp_path)
+    assert found == {
+        str(cfg): {
+            "agreement_top1": 0.9,
+            "top1": 0.7,
+            "model": "comp-one",
+            "architecture": "vit_tiny_patch16_224",
+        }
+    }
+    assert collect_fidelity(tmp_path, arch="deit_small_patch16_224") == {}
