@@ -105,6 +105,60 @@ def cmd_store_verify(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from app.vit.analysis import analyze
+    from app.vit.data import list_images
+
+    loaded = _store(args).load(args.model)
+    report = analyze(
+        loaded.module,
+        list_images(args.images),
+        args.out,
+        loaded.manifest.preprocessing.timm_data_config(),
+        max_images=args.max_images,
+        device=args.device,
+    )
+    print(f"proposed config: {report.proposed}")
+    print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_compress(args: argparse.Namespace) -> int:
+    from app.vit.builder import resolve_config
+    from app.vit.compress_job import run_compress
+    from app.vit.distill import DistillOptions
+
+    options = json.loads(args.options) if args.options else {}
+    for key in ("steps", "batch_size", "lr", "seed", "time_budget_s", "device"):
+        if getattr(args, key) is not None:
+            options[key] = getattr(args, key)
+    if args.checkpoint_dir:
+        options.update(checkpoint_dir=args.checkpoint_dir, resume=args.resume)
+    cfg = resolve_config(args.config)
+    manifest = run_compress(
+        _store(args),
+        args.teacher,
+        cfg,
+        args.images,
+        args.eval_images,
+        args.out or f"{args.teacher}-{args.config}".replace("=", "").replace(";", "-"),
+        DistillOptions(**options),
+        extra_train_dirs=args.extra_images,
+        speed_arch=args.speed_arch,
+    )
+    if manifest is not None:
+        print(json.dumps(manifest.metrics, indent=2))
+        print(f"wrote store entry {manifest.name}")
+    return 0
+
+
+def cmd_bench_models(args: argparse.Namespace) -> int:
+    from app.bench.models import main as bench_main
+
+    bench_main(args.extra)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vitserve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -144,11 +198,53 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--json", action="store_true")
         else:
             p.add_argument("names", nargs="*", help="entries (default: all)")
+    analyze = sub.add_parser("analyze", help="attention similarity and rank per layer; a config")
+    analyze.add_argument("--model", required=True, help="dense store entry")
+    analyze.add_argument("--images", type=Path, required=True, help="folder of images")
+    analyze.add_argument("--out", type=Path, default=Path("runs/analysis"))
+    analyze.add_argument("--max-images", dest="max_images", type=int, default=64)
+    analyze.add_argument("--device", default="cpu")
+    analyze.add_argument("--store", type=Path)
+    analyze.set_defaults(func=cmd_analyze)
+
+    compress = sub.add_parser(
+        "compress", help="calibrate + distil a compressed variant into a new store entry"
+    )
+    compress.add_argument("--teacher", required=True, help="dense store entry")
+    compress.add_argument("--config", required=True, help="preset name or config text")
+    compress.add_argument("--images", type=Path, required=True, help="training images")
+    compress.add_argument("--extra-images", dest="extra_images", type=Path, nargs="*", default=[])
+    compress.add_argument("--eval-images", dest="eval_images", type=Path, help="held-out folder")
+    compress.add_argument("--out", help="new entry name")
+    compress.add_argument("--steps", type=int)
+    compress.add_argument("--batch-size", dest="batch_size", type=int)
+    compress.add_argument("--lr", type=float)
+    compress.add_argument("--seed", type=int)
+    compress.add_argument("--time-budget", dest="time_budget_s", type=float, help="seconds")
+    compress.add_argument("--device")
+    compress.add_argument("--checkpoint-dir", dest="checkpoint_dir", type=Path)
+    compress.add_argument("--resume", action="store_true")
+    compress.add_argument("--options", help="JSON of further DistillOptions fields")
+    compress.add_argument("--speed-arch", dest="speed_arch", default="deit_small_patch16_224")
+    compress.add_argument("--store", type=Path)
+    compress.set_defaults(func=cmd_compress)
+
+    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(
+        dest="bench_command", required=True
+    )
+    models = bench.add_parser(
+        "models", help="dense vs compressed throughput (-h lists its flags)", add_help=False
+    )
+    models.set_defaults(func=cmd_bench_models, passes_through=True)
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "passes_through", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.extra = extra
     try:
         sys.exit(args.func(args))
     except Exception as exc:  # noqa: BLE001 - a CLI prints the reason, not a traceback

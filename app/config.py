@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -46,10 +47,58 @@ class Settings(BaseSettings):
     max_images_per_request: int = Field(64, ge=1)
     max_top_k: int = Field(20, ge=1, le=1000)
 
+    # experiments: compare, A/B routing, shadow traffic
+    max_compare_models: int = Field(4, ge=2, description="Most variants in one /compare.")
+    ab_weights: dict[str, float] | None = Field(
+        None,
+        description="Traffic weights by model for /classify without ?model= (JSON object); "
+        "unset: the default model serves.",
+    )
+    ab_sticky_header: str | None = Field(
+        None,
+        description="Request header whose value's hash pins a client to one A/B variant.",
+    )
+    shadow: dict[str, str] = Field(
+        default_factory=dict,
+        description="Primary model -> shadow model (JSON object): what the primary serves on "
+        "/classify is also run, off the response path, on the shadow, and the two compared.",
+    )
+    shadow_queue_fraction: float = Field(
+        0.5,
+        gt=0,
+        le=1,
+        description="A shadow copy is dropped once the shadow model's queue holds this "
+        "fraction of VITSERVE_QUEUE_SIZE, so shadow traffic never crowds out its own.",
+    )
+    shadow_max_pending: int = Field(
+        64, ge=1, description="Shadow requests in flight at once; beyond: dropped."
+    )
+
     # HTTP
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     log_level: str = "info"
+
+    @field_validator("ab_weights")
+    @classmethod
+    def _weights_are_a_distribution(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        """Refused at start: a typo here would silently send all traffic to one variant."""
+        if v is None:
+            return v
+        bad = {name: w for name, w in v.items() if not math.isfinite(w) or w < 0}
+        if bad:
+            raise ValueError(f"A/B weights must be finite and >= 0; got {bad}")
+        if not any(v.values()):
+            raise ValueError(f"A/B weights are empty or all zero: {v}")
+        return v
+
+    @field_validator("shadow")
+    @classmethod
+    def _no_self_shadow(cls, v: dict[str, str]) -> dict[str, str]:
+        same = [name for name, shadow in v.items() if name == shadow]
+        if same:
+            raise ValueError(f"a model cannot shadow itself: {same}")
+        return v
 
 
 @lru_cache

@@ -84,7 +84,7 @@ def test_models_say_why_a_model_is_not_serving(server):
     assert models["tiny"]["default"] and models["tiny"]["state"] == "ready"
     assert models["tiny"]["dtype"] == "float32" and models["tiny"]["device"] == "cpu"
     assert "checksum mismatch" in models["broken"]["reason"]
-    assert "vitserve store pull" in models["absent"]["reason"]
+    assert "vitserve store import" in models["absent"]["reason"]
 
 
 def test_classify_a_raw_image_body(server):

@@ -18,10 +18,10 @@ from app.bench.timing import (
     BenchError,
     Timing,
     environment,
-    resolve_device,
     throughput_ratio,
     time_forward,
     time_interleaved,
+    timing_device,
 )
 from app.store import ModelStore
 from app.vit.config import CompressionConfig
@@ -130,9 +130,9 @@ def test_environment_names_the_versions():
     env = environment("cpu")
     assert env["device_type"] == "cpu" and env["cuda_version"] is None
     assert env["torch_version"] == torch.__version__ and env["threads"] == 1
-    assert resolve_device("auto").type in ("cpu", "cuda")
+    assert timing_device("auto").type in ("cpu", "cuda")
     with pytest.raises(ValueError):
-        resolve_device("meta")
+        timing_device("meta")
 
 
 def test_resolve_configs_keeps_preset_names_and_drops_dense():

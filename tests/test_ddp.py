@@ -1,6 +1,6 @@
-"""The torchrun path on CPU: two gloo processes split each global batch and end with the
-same student as one process taking whole batches (the phase switch, which re-wraps the
-student in DDP, included)."""
+"""The torchrun path on CPU: ranks take disjoint shares of each global batch, views do
+not depend on which process makes them, and two gloo processes end with the same student
+as one process taking whole batches (the phase switch, which re-wraps DDP, included)."""
 
 from __future__ import annotations
 
@@ -9,12 +9,13 @@ from pathlib import Path
 
 import torch
 import torch.multiprocessing as mp
+from torch.utils.data import DataLoader
 
 from app.bench.server import free_port
 from app.vit.builder import compress
-from app.vit.data import StepBatches
+from app.vit.data import DistillViews, StepBatches, ViewAugment
 from app.vit.distill import DistillOptions, distill
-from tests.test_distill import CFG
+from tests.test_distill import CFG, one_thread  # noqa: F401 - autouse fixture, applies here too
 from tests.test_evaluate import DATA_CONFIG, tiny_teacher, write_images
 
 WORLD = 2
@@ -47,9 +48,23 @@ def test_step_batches_split_the_global_batch() -> None:
         assert sum((shard[step] for shard in shards), []) == batch
 
 
+def test_views_do_not_depend_on_the_process(tmp_path: Path) -> None:
+    """Loader workers (which skip restoring RNG states) make the same views as the caller."""
+    views = DistillViews(write_images(tmp_path, 5), DATA_CONFIG, ViewAugment(), seed=7, views=2)
+    batches = StepBatches(2, 5, 6)
+    direct = [torch.stack([views[k] for k in idx]) for idx in batches]
+    loaded = list(DataLoader(views, batch_sampler=batches, num_workers=2))
+    assert len(loaded) == 3 and all(torch.equal(a, b) for a, b in zip(direct, loaded, strict=True))
+    assert not torch.equal(direct[0][0], direct[0][1])  # two views of one photo differ
+
+
 def test_two_processes_match_one(tmp_path: Path) -> None:
     photos = write_images(tmp_path / "photos", 6)
-    mp.spawn(_rank_main, args=(free_port(), photos, tmp_path), nprocs=WORLD, join=True)
+    # fork: the ranks inherit the imported modules (spawn re-imports torch and the app in
+    # each, ~10 s); each sets one thread first, as DataLoader workers do after a fork.
+    mp.start_processes(
+        _rank_main, args=(free_port(), photos, tmp_path), nprocs=WORLD, start_method="fork"
+    )
 
     teacher = tiny_teacher()
     single = compress(teacher, CFG)

@@ -5,6 +5,7 @@ checkpoints resume bit-for-bit, the time budget stops cleanly; the compress job 
 from __future__ import annotations
 
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,16 @@ from tests.helpers import DEV_IMAGES, HF_CACHE, add_tiny_entry, require_shared
 from tests.test_evaluate import DATA_CONFIG, tiny_teacher, write_images, write_labels
 
 CFG = CompressionConfig.parse("static=0;tokens=9@2,5@3")  # 17 -> 9 -> 5 tokens, 4 blocks
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    """Small models gain nothing from intra-op threads, and on a busy machine OpenMP's
+    spinning threads make every op many times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def quick_opts(**update) -> DistillOptions:
@@ -68,6 +79,14 @@ def test_phase1_trains_only_compression_weights(photos: list[Path]) -> None:
     distill(teacher, student, photos, quick_opts(steps=3), data_config=DATA_CONFIG)
     changed = {k for k, v in student.state_dict().items() if not torch.equal(v, start[k])}
     assert changed == {"blocks.0.attn.attn_matrix", "aggregation.2.weight", "aggregation.3.weight"}
+
+
+def test_merging_student_distils(photos: list[Path]) -> None:
+    """ToMe blocks change the token count per block: features fall back to CLS there."""
+    teacher = tiny_teacher()
+    student = compress(teacher, CompressionConfig.parse("static=0;merge=3@2-"))
+    result = distill(teacher, student, photos, quick_opts(steps=2), data_config=DATA_CONFIG)
+    assert result.steps_done == 2 and result.final_loss is not None
 
 
 def test_resume_continues_exactly(photos: list[Path], tmp_path: Path) -> None:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from app.store import ModelStore
+from app.store import ModelStore, Source
 from app.store.errors import (
     ManifestInvalid,
     StoreError,
@@ -48,10 +49,21 @@ def test_checksum_mismatch_is_refused(store):
         store.load("tiny")
 
 
-def test_missing_weights_say_how_to_fetch_them(store):
-    add_tiny_entry(store)
+@pytest.mark.parametrize(
+    "source,command",
+    [
+        (Source(kind="timm-pretrained", ref="timm/x"), "vitserve store pull vit_tiny_patch16_224"),
+        (Source(kind="import", ref="w.pth"), "vitserve store import"),
+        (
+            Source(kind="compress", ref="tiny", details={"command": "vitserve compress --x"}),
+            "vitserve compress --x",
+        ),
+    ],
+)
+def test_missing_weights_say_how_to_fetch_them(store, source, command):
+    add_tiny_entry(store, source=source)
     store.weights_path("tiny").unlink()
-    with pytest.raises(WeightsMissing, match="vitserve store pull"):
+    with pytest.raises(WeightsMissing, match=re.escape(command)):
         store.load("tiny")
 
 

@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from app import __version__
+from app.api.compare import router as compare_router
 from app.api.errors import install_error_handlers
 from app.api.limits import BodySizeLimit
 from app.api.observe import RequestMetrics
@@ -17,6 +18,8 @@ from app.config import Settings, get_settings
 from app.serving.metrics import Metrics
 from app.serving.pipeline import ClassifyPipeline
 from app.serving.pool import ModelPool
+from app.serving.routing import AbRouter, check_known
+from app.serving.shadow import ShadowTraffic
 from app.store import ModelStore
 
 log = logging.getLogger(__name__)
@@ -28,26 +31,33 @@ onto the GPU (CPU fallback). Errors are JSON: `{"error": {"code", "message", "de
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
+    """The app; ``uvicorn --factory app.api.app:create_app --workers N`` runs several."""
     settings = settings or get_settings()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        pool = ModelPool(settings, ModelStore(settings.store_dir), app.state.metrics)
+        metrics: Metrics = app.state.metrics
+        pool = ModelPool(settings, ModelStore(settings.store_dir), metrics)
+        app.state.ab_router = experiments(settings, pool.selected_names(), metrics)
         app.state.pool = pool
         app.state.pipeline = ClassifyPipeline(pool, settings.decode_workers)
+        app.state.shadow = ShadowTraffic(settings, app.state.pipeline, metrics)
         await pool.start()
         try:
             yield
         finally:
             log.info("shutting down: finishing queued requests")
+            await app.state.shadow.close()
             await pool.stop()
             app.state.pipeline.close()
+            metrics.process_exiting()
 
     app = FastAPI(title="vitserve", version=__version__, description=DESCRIPTION, lifespan=lifespan)
     app.state.settings = settings
     app.state.metrics = Metrics()
     install_error_handlers(app)
     app.include_router(router)
+    app.include_router(compare_router)
 
     def known_models() -> dict:
         pool = getattr(app.state, "pool", None)
@@ -56,3 +66,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(RequestMetrics, metrics=app.state.metrics, known_models=known_models)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes)
     return app
+
+
+def experiments(settings: Settings, served: list[str], metrics: Metrics) -> AbRouter | None:
+    """Check that A/B and shadow settings name served models (else refuse to start: a typo
+    would silently route nothing), and build the A/B router if weights are set."""
+    shadow = settings.shadow
+    check_known("VITSERVE_SHADOW", [*shadow, *shadow.values()], served)
+    if not settings.ab_weights:
+        return None
+    check_known("VITSERVE_AB_WEIGHTS", settings.ab_weights, served)
+    log.info("A/B routing %s (sticky header: %s)", settings.ab_weights, settings.ab_sticky_header)
+    return AbRouter(settings.ab_weights, settings.ab_sticky_header, metrics)

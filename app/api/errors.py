@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.serving.batcher import BatcherStopped, DeadlineExceeded, QueueFull
+from app.serving.metrics import Metrics
 from app.serving.pipeline import ModelUnavailable
 from app.serving.preprocess import InputError
 from app.store.errors import UnknownModel
@@ -51,6 +52,20 @@ def as_api_error(exc: Exception) -> ApiError:
         return ApiError(504, "deadline_exceeded", str(exc))
     log.error("unhandled error in request path", exc_info=exc)
     return ApiError(500, "internal_error", f"{type(exc).__name__}: {exc}")
+
+
+# Statuses counted here as rejections; the batcher counts queue_full and deadline itself.
+REJECTION_REASONS = {400: "bad_input", 413: "bad_input", 415: "bad_input", 503: "unavailable"}
+
+
+def rejected(exc: Exception, metrics: Metrics, models: list[str]) -> ApiError:
+    """Map ``exc`` to its HTTP error and count it against each (known) model it concerns."""
+    err = as_api_error(exc)
+    reason = REJECTION_REASONS.get(err.status)
+    if reason:
+        for model in dict.fromkeys(models):
+            metrics.rejected.labels(model, reason).inc()
+    return err
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -7,12 +7,8 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import JSONResponse
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from starlette.datastructures import UploadFile
-from starlette.formparsers import MultiPartException
 
-from app.api.errors import ApiError, as_api_error
-from app.api.limits import BodyTooLarge
+from app.api.errors import ApiError, rejected
 from app.api.schemas import (
     ClassifyResponse,
     ErrorResponse,
@@ -23,58 +19,15 @@ from app.api.schemas import (
     ModelsResponse,
     Readiness,
     RequestTimings,
+    RoutedBy,
 )
-from app.serving.pipeline import ImageInput, ImageResult
+from app.api.uploads import IMAGE_BODY, read_images
+from app.serving.pipeline import ImageResult
 from app.serving.pool import ModelState
 
 router = APIRouter()
 
 ERRORS = {s: {"model": ErrorResponse} for s in (400, 404, 413, 415, 422, 429, 503, 504)}
-IMAGE_BODY = {
-    "requestBody": {
-        "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "properties": {
-                        "file": {"type": "array", "items": {"type": "string", "format": "binary"}}
-                    },
-                    "required": ["file"],
-                }
-            },
-            "image/*": {"schema": {"type": "string", "format": "binary"}},
-            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
-        },
-        "required": True,
-    }
-}
-
-
-async def read_images(request: Request, max_images: int) -> list[ImageInput]:
-    """Multipart field ``file`` (one or more parts) or a raw image body."""
-    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    try:
-        if content_type == "multipart/form-data":
-            try:
-                form = await request.form(max_files=max_images, max_fields=max_images)
-            except MultiPartException as exc:
-                raise ApiError(400, "bad_multipart", f"malformed multipart body: {exc}") from exc
-            files = [f for f in form.getlist("file") if isinstance(f, UploadFile)]
-            if not files:
-                raise ApiError(400, "missing_file", "multipart body has no file part named 'file'")
-            return [ImageInput(f.filename, await f.read()) for f in files]
-        if content_type and not (
-            content_type.startswith("image/") or content_type == "application/octet-stream"
-        ):
-            raise ApiError(
-                415,
-                "unsupported_media_type",
-                f"content type {content_type!r}: send multipart/form-data with field 'file', "
-                "or the image bytes with an image/* or application/octet-stream content type",
-            )
-        return [ImageInput(None, await request.body())]
-    except BodyTooLarge as exc:
-        raise ApiError(413, "payload_too_large", str(exc)) from exc
 
 
 @router.post(
@@ -90,11 +43,12 @@ async def classify(
     top_k: Annotated[int, Query(ge=1, description="Predictions per image.")] = 5,
 ) -> ClassifyResponse:
     received = time.monotonic()
-    settings, pipeline = request.app.state.settings, request.app.state.pipeline
-    name = model or settings.default_model
-    request.state.model = name
+    state = request.app.state
+    settings, pipeline = state.settings, state.pipeline
     if top_k > settings.max_top_k:
         raise ApiError(422, "invalid_request", f"top_k must be <= {settings.max_top_k}")
+    name, routed_by = choose_model(request, model)
+    request.state.model = name
     try:
         served = pipeline.serving(name)
         images = await read_images(request, settings.max_images_per_request)
@@ -102,13 +56,12 @@ async def classify(
             name, images, top_k, deadline=received + settings.request_timeout_s
         )
     except Exception as exc:
-        err = as_api_error(exc)
-        if err.status in (400, 413, 415):
-            request.app.state.metrics.rejected.labels(name, "bad_input").inc()
-        raise err from exc
+        raise rejected(exc, state.metrics, [name]) from exc
+    state.shadow.mirror(served, images, results)
     return ClassifyResponse(
         model=name,
         variant=served.manifest.variant,
+        routed_by=routed_by,
         results=[image_classification(r) for r in results],
         timings=RequestTimings(
             queue_ms=1000 * max(r.queue_s for r in results),
@@ -116,6 +69,21 @@ async def classify(
             total_ms=1000 * (time.monotonic() - received),
         ),
     )
+
+
+def choose_model(request: Request, model: str | None) -> tuple[str, RoutedBy]:
+    """``?model=`` wins; else the A/B weights, if set and a weighted variant is ready."""
+    if model:
+        return model, "query"
+    state = request.app.state
+    router = state.ab_router
+    if router is not None:
+        sticky = request.headers.get(router.sticky_header, "") if router.sticky_header else ""
+        # no value, or an empty one (it would pin all such clients together): random draw
+        chosen = router.choose(sticky or None, state.pool.is_ready)
+        if chosen is not None:
+            return chosen, "ab"
+    return state.settings.default_model, "default"
 
 
 def image_classification(r: ImageResult) -> ImageClassification:
@@ -178,6 +146,5 @@ async def readyz(request: Request) -> JSONResponse:
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response)
 async def metrics(request: Request) -> Response:
-    return Response(
-        generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST
-    )
+    body, content_type = request.app.state.metrics.scrape()
+    return Response(body, media_type=content_type)

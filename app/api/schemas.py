@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
+
+RoutedBy = Literal["ab", "query", "default"]
 
 
 class LabelScore(BaseModel):
@@ -33,10 +35,73 @@ class RequestTimings(BaseModel):
 
 
 class ClassifyResponse(BaseModel):
-    model: str
+    model: str = Field(description="The model that served the request.")
     variant: str
+    routed_by: RoutedBy = Field(
+        description="How the model was chosen: ?model= (query), A/B weights (ab), or the "
+        "default model (default)."
+    )
     results: list[ImageClassification] = Field(description="One entry per image, in order.")
     timings: RequestTimings
+
+
+class VariantTimings(BaseModel):
+    queue_ms: float = Field(description="Longest queue wait among the images.")
+    inference_ms: float = Field(description="Longest batch forward among the images.")
+    latency_ms: float = Field(
+        description="From the variant's images entering its queue to its last result."
+    )
+
+
+class VariantResult(BaseModel):
+    model: str
+    variant: str = Field(description="dense | compressed")
+    compression: str | None = Field(None, description="Compression config, if compressed.")
+    results: list[ImageClassification] = Field(description="One entry per image, in order.")
+    timings: VariantTimings
+
+
+class ImageAgreement(BaseModel):
+    filename: str | None
+    top1_match: bool
+    top5_overlap: float = Field(
+        description="Share of the reference's top-5 classes in the candidate's top 5."
+    )
+    total_variation: float = Field(description="½·Σ|p − q|, in [0, 1].")
+    js_divergence: float = Field(description="Jensen-Shannon divergence in bits, in [0, 1].")
+    symmetric_kl: float = Field(description="KL(p‖q) + KL(q‖p) in nats (ε-smoothed).")
+
+
+class AgreementSummary(BaseModel):
+    images: int
+    top1_agreement: float = Field(description="Share of images whose top-1 classes match.")
+    top5_overlap: float = Field(description="Mean over images.")
+    total_variation: float = Field(description="Mean over images.")
+    js_divergence: float = Field(description="Mean over images.")
+    symmetric_kl: float = Field(description="Mean over images.")
+
+
+class PairAgreement(BaseModel):
+    reference: str = Field(description="The first model of ?models=.")
+    candidate: str
+    summary: AgreementSummary
+    images: list[ImageAgreement] = Field(description="One entry per image, in order.")
+
+
+class CompareTimings(BaseModel):
+    decodes_per_image: int = Field(
+        description="How often each image was decoded: once per distinct preprocessing."
+    )
+    total_ms: float = Field(description="Server time from request received to response built.")
+
+
+class CompareResponse(BaseModel):
+    reference: str
+    variants: list[VariantResult] = Field(description="One entry per ?models= name, in order.")
+    agreement: list[PairAgreement] = Field(
+        description="Each variant after the first against the first (the reference)."
+    )
+    timings: CompareTimings
 
 
 class ModelInfo(BaseModel):

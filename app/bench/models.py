@@ -4,11 +4,12 @@ A speedup is only meaningful when both sides share the machine state, so for eac
 (arch, dtype, batch, compiled) the dense model and every compressed config are timed
 interleaved in one loop (see :mod:`app.bench.timing`) and each ratio comes from that loop.
 Weights are random: speed does not depend on their values, only on their not being the
-zeros/constants of a fresh init (see :func:`_randomize_compressed_layers`).
+zeros/constants of a fresh init (see :func:`randomize_compressed_layers`).
 
-The per-layer section explains a whole-model speedup: one dense block vs the same block
-with static attention, the aggregation cost of each token stage, dense blocks at each
-reduced token count, and from those a per-config prediction along ``tokens_per_block``.
+The per-layer section (:mod:`app.bench.layers`) explains a whole-model speedup: one dense
+block vs the same block with static attention, the aggregation cost of each token stage,
+dense blocks at each reduced token count, and from those a per-config prediction along
+``tokens_per_block``.
 
 Rows run eager first (cheap, most wanted) and the JSON is rewritten after every group, so
 a run cut short by a time limit still leaves every finished row on disk.
@@ -21,17 +22,23 @@ import copy
 import json
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch._dynamo
-from timm.models.vision_transformer import VisionTransformer
-from torch import nn
 from tqdm import tqdm
 
+from app.bench.arch import (
+    DENSE,
+    ArchModels,
+    build_arch_models,
+    fmt,
+    release,
+)
+from app.bench.layers import format_per_layer, per_layer_bench
 from app.bench.timing import (
     COMPILE_MODES,
     Failure,
@@ -41,15 +48,11 @@ from app.bench.timing import (
     dtype_name,
     environment,
     prepare,
-    resolve_device,
     time_interleaved,
+    timing_device,
 )
-from app.vit.builder import PRESETS, CompressedViT, compress, create_model, resolve_config
-from app.vit.config import CompressionConfig
-from app.vit.static_attention import StaticAttention
-from app.vit.token_pyramid import TokenAggregation
+from app.vit.builder import PRESETS, resolve_config
 
-DENSE = "dense"
 WEIGHTS_LABEL = "random (speed only)"
 DEFAULT_ARCHS = ("deit_small_patch16_224",)
 CPU_THREADS = 2
@@ -72,25 +75,6 @@ class DeviceDefaults:
         return cls(("float32",), (1, 16), (False,), CPU_THREADS)
 
 
-@dataclass
-class ArchModels:
-    """CPU fp32 masters of one architecture; each timing group works on device copies."""
-
-    arch: str
-    dense: VisionTransformer
-    compressed: dict[str, CompressedViT]  # canonical config text -> model
-    input_shape: tuple[int, ...] = field(init=False)
-    num_tokens: int = field(init=False)
-
-    def __post_init__(self) -> None:
-        embed = self.dense.patch_embed
-        self.input_shape = (embed.proj.in_channels, *embed.img_size)
-        self.num_tokens = embed.num_patches + self.dense.num_prefix_tokens
-
-    def all(self) -> dict[str, nn.Module]:
-        return {DENSE: self.dense, **self.compressed}
-
-
 def resolve_configs(configs: Iterable[str]) -> dict[str, str]:
     """``{canonical config text: display name}``; preset names are kept as names, the
     dense config is dropped (dense is always the baseline), duplicates are merged."""
@@ -100,39 +84,6 @@ def resolve_configs(configs: Iterable[str]) -> dict[str, str]:
         if text != DENSE:
             out.setdefault(text, item if item in PRESETS else text)
     return out
-
-
-@torch.no_grad()
-def _randomize_compressed_layers(model: nn.Module, seed: int) -> None:
-    """Give static matrices and aggregation weights random row-stochastic values.
-
-    A fresh config holds a uniform matrix and a mostly-zero pooling matrix; zeros and
-    constants can run faster than trained values on a GPU, and calibrated attention or a
-    fine-tuned aggregation is a dense row-stochastic matrix like this one.
-    """
-    gen = torch.Generator().manual_seed(seed)
-    for module in model.modules():
-        if isinstance(module, StaticAttention):
-            param = module.attn_matrix
-        elif isinstance(module, TokenAggregation):
-            param = module.weight
-        else:
-            continue
-        param.copy_(torch.randn(param.shape, generator=gen).softmax(dim=-1))
-
-
-def build_arch_models(
-    arch: str, configs: Iterable[str], arch_kwargs: Mapping[str, Any] | None = None
-) -> ArchModels:
-    """Seeded random dense model of ``arch`` plus one compressed copy per config text."""
-    torch.manual_seed(0)
-    dense = create_model(arch, **dict(arch_kwargs or {})).eval()
-    compressed = {}
-    for i, text in enumerate(configs):
-        model = compress(dense, CompressionConfig.parse(text)).eval()
-        _randomize_compressed_layers(model, seed=i)
-        compressed[text] = model
-    return ArchModels(arch, dense, compressed)
 
 
 def _timing_rows(
@@ -161,123 +112,6 @@ def _timing_rows(
     return rows
 
 
-def _release(device: torch.device, compiled: bool) -> None:
-    """Drop compiled graphs and cached blocks so one group cannot weigh on the next."""
-    if compiled:
-        torch._dynamo.reset()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
-def _ms(result: Timing | Failure) -> float | None:
-    return result.median_ms if isinstance(result, Timing) else None
-
-
-def per_layer_bench(
-    models: ArchModels,
-    names: Mapping[str, str],
-    *,
-    device: torch.device,
-    dtype: str,
-    batch: int,
-    warmup: int,
-    repeats: int,
-) -> dict[str, Any]:
-    """Block-level timings (eager) and, per config, the blocks-only prediction.
-
-    Timed in groups of equal input shape, interleaved within each group: the dense block
-    and the static block at every token count they are needed, and every aggregation stage.
-    A config's prediction sums, along its ``tokens_per_block``, the dense or static block
-    time at that count plus the aggregation before it; ``cost_share`` is each block's
-    predicted time over the dense model's blocks total (patch embedding and head excluded).
-    """
-    depth = len(models.dense.blocks)
-    full = models.num_tokens
-    dense_counts, static_counts, stages = {full}, {full}, {}
-    for model in models.compressed.values():
-        for i, n in enumerate(model.tokens_per_block):
-            (static_counts if i in model.compression.static_layers else dense_counts).add(n)
-        for agg in model.aggregations().values():
-            stages[(agg.num_tokens_in, agg.num_tokens_out)] = agg
-
-    block = copy.deepcopy(models.dense.blocks[0])
-    timings: dict[str, float | None] = {}
-    errors: dict[str, str] = {}
-    for n in sorted(dense_counts | static_counts | {n_in for n_in, _ in stages}, reverse=True):
-        group: dict[str, nn.Module] = {}
-        if n in dense_counts:
-            group[f"dense_block@{n}"] = copy.deepcopy(block)
-        if n in static_counts:
-            static = copy.deepcopy(block)
-            static.attn = StaticAttention.from_dense(block.attn, n)
-            _randomize_compressed_layers(static, seed=n)
-            group[f"static_block@{n}"] = static
-        for (n_in, n_out), agg in stages.items():
-            if n_in == n:
-                group[f"aggregation@{n_in}->{n_out}"] = copy.deepcopy(agg)
-        prepared = {
-            k: prepare(m, device=device, dtype=dtype, compiled=False) for k, m in group.items()
-        }
-        results = time_interleaved(
-            prepared,
-            batch_size=batch,
-            device=device,
-            dtype=dtype,
-            warmup=warmup,
-            repeats=repeats,
-            input_shape=(n, models.dense.embed_dim),
-        )
-        for key, result in results.items():
-            timings[key] = _ms(result)
-            if isinstance(result, Failure):
-                errors[key] = result.error
-        _release(device, compiled=False)
-
-    dense_ms, static_ms = timings[f"dense_block@{full}"], timings[f"static_block@{full}"]
-    return {
-        "arch": models.arch,
-        "dtype": dtype,
-        "batch": batch,
-        "compiled": False,
-        "tokens": full,
-        "depth": depth,
-        "embed_dim": models.dense.embed_dim,
-        "timings_ms": timings,
-        "static_layer_speedup": dense_ms / static_ms if dense_ms and static_ms else None,
-        "configs": [
-            _predict(model, names[text], timings, full) for text, model in models.compressed.items()
-        ],
-        "errors": errors,
-    }
-
-
-def _predict(
-    model: CompressedViT, name: str, timings: Mapping[str, float | None], full: int
-) -> dict[str, Any]:
-    """Blocks-only cost of ``model`` predicted from the per-layer timings."""
-    static_layers = set(model.compression.static_layers)
-    aggregations = model.aggregations()
-    block_ms: list[float | None] = []
-    for i, n in enumerate(model.tokens_per_block):
-        ms = timings[f"{'static' if i in static_layers else 'dense'}_block@{n}"]
-        if i in aggregations and ms is not None:
-            agg = aggregations[i]
-            agg_ms = timings[f"aggregation@{agg.num_tokens_in}->{agg.num_tokens_out}"]
-            ms = None if agg_ms is None else ms + agg_ms
-        block_ms.append(ms)
-    dense_one = timings[f"dense_block@{full}"]
-    known = dense_one is not None and all(ms is not None for ms in block_ms)
-    dense_total = dense_one * len(block_ms) if known else None
-    return {
-        "config": str(model.compression),
-        "name": name,
-        "tokens_per_block": model.tokens_per_block,
-        "block_ms": block_ms,  # aggregation before a block included in that block
-        "cost_share": [ms / dense_total for ms in block_ms] if known else None,
-        "predicted_speedup_blocks": dense_total / sum(block_ms) if known else None,
-    }
-
-
 @contextmanager
 def _threads(count: int | None):
     """Set torch's intra-op threads for the sweep and restore them after."""
@@ -298,10 +132,6 @@ def _write_json(path: Path, report: Mapping[str, Any]) -> None:
     tmp.replace(path)
 
 
-def _fmt(value: float | None, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
-
-
 def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
     """Plain fixed-width table of sweep rows (no dependency for one printout)."""
     arch_w = max([4, *(len(r["arch"]) for r in rows)])
@@ -314,37 +144,10 @@ def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
     for r in rows:
         lines.append(
             f"{r['arch']:<{arch_w}} {r['name']:<{name_w}} {r['dtype']:<8} {r['batch']:>5} "
-            f"{'yes' if r['compiled'] else 'no':>4} {_fmt(r['img_s'], '.1f'):>9} "
-            f"{_fmt(r['median_ms'], '.3f'):>8} {_fmt(r['speedup'], '.3f'):>7}"
+            f"{'yes' if r['compiled'] else 'no':>4} {fmt(r['img_s'], '.1f'):>9} "
+            f"{fmt(r['median_ms'], '.3f'):>8} {fmt(r['speedup'], '.3f'):>7}"
             + (f"  ERROR {r['error'][:80]}" if r["error"] else "")
         )
-    return "\n".join(lines)
-
-
-def format_per_layer(
-    sections: Sequence[Mapping[str, Any]], rows: Sequence[Mapping[str, Any]]
-) -> str:
-    """Static layer speedup, aggregation costs, and each config's blocks-only prediction
-    beside the whole-model speedup measured at the same (arch, dtype, batch), eager."""
-    measured = {
-        (r["arch"], r["dtype"], r["batch"], r["config"]): r["speedup"]
-        for r in rows
-        if not r["compiled"]
-    }
-    lines = []
-    for s in sections:
-        lines.append(
-            f"{s['arch']} {s['dtype']} batch {s['batch']}: static block speedup at "
-            f"{s['tokens']} tokens {_fmt(s['static_layer_speedup'], '.3f')}x"
-        )
-        for key, ms in s["timings_ms"].items():
-            lines.append(f"  {key:<28} {_fmt(ms, '.4f')} ms")
-        for c in s["configs"]:
-            got = measured.get((s["arch"], s["dtype"], s["batch"], c["config"]))
-            lines.append(
-                f"  {c['name']:<28} predicted (blocks) "
-                f"{_fmt(c['predicted_speedup_blocks'], '.3f')}x, measured {_fmt(got, '.3f')}x"
-            )
     return "\n".join(lines)
 
 
@@ -397,7 +200,7 @@ def _sweep_group(
             )
     finally:
         prepared.clear()
-        _release(device, compiled)
+        release(device, compiled)
 
 
 def _plan(
@@ -446,9 +249,11 @@ def run_models_bench(
     Returns the report as written to ``out_dir/models-<device>-<YYYYMMDD-HHMMSS>.json``,
     plus ``"path"``, the file written.
     """
+    # Here, not at the top: app.bench.layers builds on this module's helpers.
+
     if compile_mode not in COMPILE_MODES:
         raise ValueError(f"compile_mode must be one of {COMPILE_MODES}, not {compile_mode!r}")
-    dev = resolve_device(device)
+    dev = timing_device(device)
     defaults = DeviceDefaults.for_device(dev)
     dtypes = [dtype_name(d) for d in (dtypes or defaults.dtypes)]
     batches = list(batches or defaults.batches)

@@ -33,8 +33,11 @@ import timm
 import torch
 from torch import nn
 
-COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from app.devices import resolve_device, resolve_dtype
+
+# "reduce-overhead" and "max-autotune" replay CUDA graphs: small-token blocks of a
+# compressed model are launch-bound otherwise, so graphs are how it is served at speed.
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")
 INPUT_SETS = 3
 IMAGE_SHAPE = (3, 224, 224)
 # Enough cache entries for every (batch size x model) a sweep compiles, see _strict_dynamo.
@@ -73,23 +76,12 @@ class Failure:
         return cls(text if len(text) <= ERROR_CHARS else text[:ERROR_CHARS] + " ...")
 
 
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``auto`` picks CUDA when present; only CPU and CUDA have a trustworthy timer here."""
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    resolved = torch.device(device)
+def timing_device(device: str | torch.device = "auto") -> torch.device:
+    """Only CPU and CUDA have a trustworthy timer here."""
+    resolved = resolve_device(device)
     if resolved.type not in ("cpu", "cuda"):
         raise ValueError(f"cannot time on {resolved.type!r}: use cpu or cuda")
     return resolved
-
-
-def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    try:
-        return DTYPES[dtype]
-    except KeyError:
-        raise ValueError(f"unknown dtype {dtype!r} (use one of {sorted(DTYPES)})") from None
 
 
 def dtype_name(dtype: str | torch.dtype) -> str:
@@ -250,7 +242,7 @@ def time_forward(
     compile_mode: str = "default",
 ) -> Timing:
     """Latency and throughput of one model; raises :class:`BenchError` if it cannot run."""
-    dev = resolve_device(device)
+    dev = timing_device(device)
     default_warmup, default_repeats = default_counts(dev)
     prepared = prepare(model, device=dev, dtype=dtype, compiled=compiled, compile_mode=compile_mode)
     result = time_interleaved(
@@ -285,7 +277,7 @@ def throughput_ratio(
     Never raises for a model that fails to compile or run: ``speedup`` is then None and
     ``error`` says why. Both models are cast and moved in place.
     """
-    dev = resolve_device(device)
+    dev = timing_device(device)
     default_warmup, default_repeats = default_counts(dev)
     models = {
         name: prepare(m, device=dev, dtype=dtype, compiled=compiled, compile_mode=compile_mode)
@@ -340,7 +332,7 @@ def device_slug(device: torch.device) -> str:
 
 def environment(device: str | torch.device = "auto") -> dict[str, Any]:
     """The facts a reader needs to judge or reproduce a number measured on ``device``."""
-    dev = resolve_device(device)
+    dev = timing_device(device)
     cuda = dev.type == "cuda"
     return {
         "device": device_name(dev),

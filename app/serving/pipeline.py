@@ -35,10 +35,18 @@ class Label:
 
 
 @dataclass(frozen=True)
+class Decoded:
+    image: ImageInput
+    tensor: torch.Tensor  # [3, H, W], normalised
+    decode_s: float
+
+
+@dataclass(frozen=True)
 class ImageResult:
     filename: str | None
     predictions: list[Label]
     probs: torch.Tensor  # [classes], kept for compare/agreement
+    input: torch.Tensor  # [3, H, W] as the model saw it: shadow mode reuses it
     decode_s: float
     queue_s: float
     inference_s: float
@@ -69,25 +77,36 @@ class ClassifyPipeline:
     async def _one(
         self, model: ServedModel, image: ImageInput, top_k: int, deadline: float
     ) -> ImageResult:
-        started = time.monotonic()
-        tensor = await self.decode(model, image.data)
-        decode_s = time.monotonic() - started
-        prediction = await model.batcher.submit(tensor, deadline)
-        return self.encode(model, image, prediction, top_k, decode_s)
+        decoded = await self.decode(model, image)
+        return await self.infer(model, decoded, top_k, deadline)
 
-    async def decode(self, model: ServedModel, data: bytes) -> torch.Tensor:
+    async def decode(self, model: ServedModel, image: ImageInput) -> Decoded:
+        """Decode with ``model``'s preprocessing (any model sharing it can use the result)."""
+        started = time.monotonic()
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._decoder, model.preprocessor, data)
+        tensor = await loop.run_in_executor(self._decoder, model.preprocessor, image.data)
+        return Decoded(image, tensor, time.monotonic() - started)
+
+    async def infer(
+        self, model: ServedModel, decoded: Decoded, top_k: int, deadline: float
+    ) -> ImageResult:
+        prediction = await model.batcher.submit(decoded.tensor, deadline)
+        return self.encode(model, decoded, prediction, top_k)
 
     @staticmethod
-    def encode(
-        model: ServedModel, image: ImageInput, p: Prediction, top_k: int, decode_s: float
-    ) -> ImageResult:
+    def encode(model: ServedModel, decoded: Decoded, p: Prediction, top_k: int) -> ImageResult:
         scores, indices = p.probs.topk(min(top_k, p.probs.numel()))
         labels = [
             Label(int(i), model.labels[int(i)], float(s))
             for s, i in zip(scores, indices, strict=True)
         ]
         return ImageResult(
-            image.filename, labels, p.probs, decode_s, p.queue_s, p.inference_s, p.batch_size
+            decoded.image.filename,
+            labels,
+            p.probs,
+            decoded.tensor,
+            decoded.decode_s,
+            p.queue_s,
+            p.inference_s,
+            p.batch_size,
         )

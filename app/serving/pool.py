@@ -8,17 +8,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 
 import torch
 
 from app.config import Settings
+from app.devices import resolve_device, resolve_dtype
 from app.serving.batcher import DynamicBatcher
 from app.serving.labels import class_names
 from app.serving.metrics import Metrics
 from app.serving.preprocess import Preprocessor
-from app.serving.runner import ModelRunner, resolve_device, resolve_dtype
+from app.serving.runner import ModelRunner
 from app.store import Manifest, ModelStore, StoreError
 from app.store.errors import UnknownModel, WeightsMissing
 from app.store.pull import pull
@@ -58,13 +60,19 @@ class ModelPool:
         """Declare every selected entry, then load them in the background (default first)."""
         if self.device.type == "cpu" and self.settings.cpu_threads:
             torch.set_num_threads(self.settings.cpu_threads)
-        names = self.settings.models or self.store.names()
+        names = self.selected_names()
+        for name in names:
+            self.models[name] = ServedModel(name, ModelState.LOADING)
+            self.metrics.declare_model(name)
+        self._loader = asyncio.create_task(self._load_all(names), name="model-loader")
+
+    def selected_names(self) -> list[str]:
+        """The entries this pool serves, default first (known before anything loads)."""
+        names = list(self.settings.models or self.store.names())
         if self.settings.default_model not in names:
             names = [self.settings.default_model, *names]
         names.sort(key=lambda n: n != self.settings.default_model)
-        for name in names:
-            self.models[name] = ServedModel(name, ModelState.LOADING)
-        self._loader = asyncio.create_task(self._load_all(names), name="model-loader")
+        return names
 
     async def wait_loaded(self) -> None:
         if self._loader:
@@ -84,6 +92,10 @@ class ModelPool:
             raise UnknownModel(
                 f"unknown model {name!r}; available: {sorted(self.models)}"
             ) from None
+
+    def is_ready(self, name: str) -> bool:
+        model = self.models.get(name)
+        return model is not None and model.state is ModelState.READY
 
     def readiness(self) -> tuple[bool, str]:
         """Ready when the default model serves and no entry with weights is still loading."""
@@ -116,7 +128,7 @@ class ModelPool:
         s = self.settings
         model.batcher = DynamicBatcher(
             model.name,
-            model.runner.predict,
+            self._predict_fn(model.runner),
             max_batch_size=s.max_batch_size,
             max_delay_s=s.max_delay_ms / 1000,
             queue_size=s.queue_size,
@@ -124,7 +136,24 @@ class ModelPool:
         )
         model.batcher.start()
         model.state = ModelState.READY
+        self.metrics.model_ready(model.name, model.manifest, self.device, self.dtype)
+        if self.device.type == "cuda":
+            self.metrics.sample_gpu_memory(self.device)  # weights + warm-up, before traffic
         log.info("model %s ready on %s (%s)", model.name, self.device, self.dtype)
+
+    def _predict_fn(self, runner: ModelRunner) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The batcher's forward; on CUDA it also samples torch's memory figures, on the
+        inference thread right after each batch (a cheap allocator query, no sync)."""
+        if self.device.type != "cuda":
+            return runner.predict
+
+        def predict(images: torch.Tensor) -> torch.Tensor:
+            try:
+                return runner.predict(images)
+            finally:
+                self.metrics.sample_gpu_memory(self.device)
+
+        return predict
 
     def _prepare(self, model: ServedModel) -> None:
         """Blocking part of a load: (pull,) verify, build, move to device, warm up."""

@@ -78,8 +78,7 @@ class ModelStore:
         path = self.entry_dir(name) / manifest.weights.file
         if not path.is_file():
             raise WeightsMissing(
-                f"{name}: weights file {path} is missing; run `vitserve store pull "
-                f"{manifest.architecture}` (or `vitserve store import`) to fetch them"
+                f"{name}: weights file {path} is missing; {how_to_fetch(manifest)}"
             )
         if manifest.weights.sha256 is None:
             raise WeightsCorrupt(f"{name}: manifest has no sha256 for {path}; re-pull or import")
@@ -122,6 +121,23 @@ class ModelStore:
         entry.mkdir(parents=True, exist_ok=True)
         text = json.dumps(manifest.model_dump(mode="json"), indent=2) + "\n"
         (entry / MANIFEST_FILE).write_text(text)
+
+
+def how_to_fetch(manifest: Manifest) -> str:
+    """The command that (re)creates an entry's weights, from where they came from."""
+    if manifest.source.kind == "timm-pretrained":
+        return f"run `vitserve store pull {manifest.architecture} --name {manifest.name}`"
+    if manifest.source.kind == "compress":
+        command = manifest.source.details.get("command")
+        return (
+            f"reproduce them with `{command}`"
+            if command
+            else (
+                f"re-run `vitserve compress --teacher {manifest.source.ref} "
+                f"--config '{manifest.compression}' --out {manifest.name}` (see README)"
+            )
+        )
+    return f"import them again: `vitserve store import <checkpoint> --arch {manifest.architecture}`"
 
 
 def build_module(manifest: Manifest) -> nn.Module:

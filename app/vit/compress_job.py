@@ -25,7 +25,7 @@ from app.vit.data import EvalImages, eval_transform, list_images, read_labels
 from app.vit.distill import DistillOptions, distill, launched_rank, training_device
 from app.vit.evaluate import evaluate
 
-BATCH = 64  # calibration and evaluation: inference only, any size gives the same numbers
+BATCH = 64  # calibration and evaluation: inference only, the size sets speed, not results
 # Speed is measured as served: bf16, a large batch and compiled on CUDA; on CPU fp32 and
 # a batch small enough to time in seconds.
 CUDA_SPEED = {"batch_size": 256, "dtype": torch.bfloat16, "compiled": True}
@@ -54,6 +54,25 @@ def _eval_batches(images: Sequence[Path], data_config: dict[str, Any]) -> Iterat
     """Eval-transformed images ``[B, 3, H, W]``: calibration sees photos as served."""
     for x_B3HW, _ in DataLoader(EvalImages(images, eval_transform(data_config)), BATCH):
         yield x_B3HW
+
+
+def reproduce_command(
+    teacher: str,
+    cfg: CompressionConfig,
+    train_dir: Path,
+    extra_train_dirs: Sequence[Path],
+    eval_dir: Path | None,
+    out_name: str,
+    opts: DistillOptions,
+) -> str:
+    """The one command that recreates this entry (seeded; GPU runs are not bit-exact)."""
+    parts = [
+        f"vitserve compress --teacher {teacher} --config '{cfg}' --images {train_dir}",
+        *([f"--extra-images {' '.join(map(str, extra_train_dirs))}"] if extra_train_dirs else []),
+        *([f"--eval-images {eval_dir}"] if eval_dir else []),
+        f"--out {out_name} --seed {opts.seed} --steps {opts.steps} --batch-size {opts.batch_size}",
+    ]
+    return " ".join(parts)
 
 
 def run_compress(
@@ -121,6 +140,9 @@ def run_compress(
             kind="compress",
             ref=teacher_name,
             details={
+                "command": reproduce_command(
+                    teacher_name, cfg, train_dir, extra_train_dirs, eval_dir, out_name, opts
+                ),
                 "recipe": opts.model_dump(mode="json"),
                 "seed": opts.seed,
                 "steps": result.steps_done,

@@ -18,6 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from app.devices import resolve_dtype
 from app.vit.data import EvalImages, eval_transform
 
 
@@ -79,17 +80,18 @@ def evaluate(
     *,
     batch_size: int = 64,
     device: str = "cpu",
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | str = torch.float32,
     num_workers: int = 0,
 ) -> Fidelity:
     """Run both models (put in eval mode on ``device``) on the eval transform of ``images``.
 
     ``labels`` maps file names to class indices (``read_labels``); images it lacks count
-    for agreement but not accuracy. A non-fp32 ``dtype`` runs under autocast.
+    for agreement but not accuracy. A non-fp32 ``dtype`` (or its name, e.g. ``"bfloat16"``)
+    runs under autocast.
     """
     if not images:
         raise ValueError("no images to evaluate on")
-    dev = torch.device(device)
+    dev, dtype = torch.device(device), resolve_dtype(dtype)
     teacher, student = teacher.eval().to(dev), student.eval().to(dev)
     label_of = dict(labels or {})
     label_N = torch.tensor([label_of.get(p.name, -1) for p in images])

@@ -1,0 +1,193 @@
+"""Token merging (ToMe, Bolya et al., ICLR 2023): fewer tokens without new parameters.
+
+Inside a block, after attention and before the MLP, the ``r`` patch tokens most similar to
+another token are averaged into it. Similarity is the cosine of the attention keys (mean
+over heads), which already summarise what each token contains. Matching is bipartite so it
+needs no iteration: tokens alternate into sets A (even positions) and B (odd), each A token
+picks its most similar B token, and the ``r`` A tokens with the best matches are merged.
+
+Every merged token remembers how many input patches it stands for (``size``): merges are
+size-weighted averages and later attention adds ``log(size)`` to its logits (proportional
+attention), so a token standing for k patches draws the attention those k patches would.
+
+``r`` is fixed per block, so every shape is known before the forward runs: batching, CUDA
+graphs and ``torch.compile(fullgraph=True)`` keep working. Matching is ``argsort`` +
+``gather``/``scatter_add`` on fixed-size index tensors; nothing reads a value on the host.
+The CLS token is never merged and stays at index 0.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from timm.layers import Attention
+from timm.models.vision_transformer import Block
+from torch import nn
+
+from app.vit.config import max_merge
+
+
+@dataclass(frozen=True)
+class Matching:
+    """Index tensors of one bipartite matching, ``[B, k, 1]`` each, into the A / B halves.
+
+    ``keep_A`` are the A tokens left alone (ascending, so CLS stays first), ``src_A`` the A
+    tokens merged away, ``dst_B`` the B token each of those is merged into.
+    """
+
+    keep_A: torch.Tensor
+    src_A: torch.Tensor
+    dst_B: torch.Tensor
+
+
+@torch.no_grad()
+def bipartite_soft_matching(keys_BNK: torch.Tensor, r: int) -> Matching:
+    """Match the ``r`` most similar A tokens (even positions) to B tokens (odd positions).
+
+    ``keys_BNK`` is the block's attention keys averaged over heads; index 0 is CLS, which
+    gets -inf similarity so it always ranks last and is kept. Discrete, so no gradient.
+    """
+    num_tokens = keys_BNK.shape[1]
+    if not 0 <= r <= max_merge(num_tokens):
+        raise ValueError(
+            f"cannot merge {r} of {num_tokens} tokens (at most {max_merge(num_tokens)})"
+        )
+    metric_BNK = F.normalize(keys_BNK, dim=-1)
+    scores_BAB = metric_BNK[:, ::2] @ metric_BNK[:, 1::2].transpose(-1, -2)
+    scores_BAB[:, 0] = -math.inf  # protect CLS
+    best_BA, match_BA = scores_BAB.max(dim=-1)
+    order_BA1 = best_BA.argsort(dim=-1, descending=True).unsqueeze(-1)
+    src_Br1 = order_BA1[:, :r]
+    # Ascending, as ToMe: CLS stays first, and the token order (which decides the next
+    # block's A/B split) is ToMe's, so its accuracy figures carry over.
+    keep_BK1 = order_BA1[:, r:].sort(dim=1).values
+    dst_Br1 = match_BA.unsqueeze(-1).gather(dim=1, index=src_Br1)
+    return Matching(keep_A=keep_BK1, src_A=src_Br1, dst_B=dst_Br1)
+
+
+def merge_sum(x_BNC: torch.Tensor, matching: Matching) -> torch.Tensor:
+    """``[B, N, C] -> [B, N - r, C]``: kept A tokens, then B tokens plus what merged into them."""
+    a_BAC, b_BBC = x_BNC[:, ::2], x_BNC[:, 1::2]
+    B, _, C = x_BNC.shape
+    r, kept = matching.src_A.shape[1], matching.keep_A.shape[1]
+    keep_BKC = a_BAC.gather(dim=1, index=matching.keep_A.expand(B, kept, C))
+    src_BrC = a_BAC.gather(dim=1, index=matching.src_A.expand(B, r, C))
+    b_BBC = b_BBC.scatter_add(dim=1, index=matching.dst_B.expand(B, r, C), src=src_BrC)
+    return torch.cat([keep_BKC, b_BBC], dim=1)
+
+
+def merge_weighted(
+    x_BNC: torch.Tensor, size_BN1: torch.Tensor | None, matching: Matching
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Size-weighted average of merged tokens, and their summed sizes (None: all 1).
+
+    Tokens and sizes go through one gather/scatter as ``[x * size, size]``.
+    """
+    C = x_BNC.shape[-1]
+    if size_BN1 is None:
+        size_BN1 = x_BNC.new_ones(*x_BNC.shape[:2], 1)
+    merged_BMD = merge_sum(torch.cat([x_BNC * size_BN1, size_BN1], dim=-1), matching)
+    size_BM1 = merged_BMD[..., C:]
+    return merged_BMD[..., :C] / size_BM1, size_BM1
+
+
+@dataclass
+class MergeState:
+    """Token sizes handed from block to block during one forward.
+
+    Created by each forward call (so concurrent forwards never share one) and passed to
+    every :class:`MergeBlock`; blocks keep returning plain token tensors, so forward hooks
+    (feature taps, ``capture_tokens``) see the same outputs as on a dense model.
+    ``size_BN1`` is None until the first merge, meaning every token has size 1.
+    """
+
+    size_BN1: torch.Tensor | None = None
+
+
+class MergeAttention(nn.Module):
+    """timm ``Attention`` with proportional attention that also returns its keys.
+
+    Takes over the dense module's layers under the same names, so state-dict keys do not
+    change; the forward is timm's fused path plus an additive ``log(size)`` bias.
+    """
+
+    def __init__(self, dense: Attention) -> None:
+        super().__init__()
+        self.num_heads = dense.num_heads
+        self.head_dim = dense.head_dim
+        self.attn_dim = dense.num_heads * dense.head_dim
+        self.scale = dense.scale
+        self.qkv = dense.qkv
+        self.q_norm = dense.q_norm
+        self.k_norm = dense.k_norm
+        self.attn_drop = dense.attn_drop
+        self.norm = dense.norm
+        self.gate = getattr(dense, "gate", None)  # older timm: no gate
+        self.proj = dense.proj
+        self.proj_drop = dense.proj_drop
+
+    def forward(
+        self, x_BNC: torch.Tensor, log_size_B11N: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attention output ``[B, N, C]`` and keys averaged over heads ``[B, N, D]``."""
+        B, N, _ = x_BNC.shape
+        qkv_3BHND = (
+            self.qkv(x_BNC).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        )
+        q_BHND, k_BHND, v_BHND = qkv_3BHND.unbind(0)
+        q_BHND, k_BHND = self.q_norm(q_BHND), self.k_norm(k_BHND)
+        out_BHND = F.scaled_dot_product_attention(
+            q_BHND,
+            k_BHND,
+            v_BHND,
+            attn_mask=None if log_size_B11N is None else log_size_B11N.to(q_BHND.dtype),
+            dropout_p=self.attn_drop.p if self.training else 0.0,
+        )
+        out_BNA = self.norm(out_BHND.transpose(1, 2).reshape(B, N, self.attn_dim))
+        if self.gate is not None:
+            out_BNA = out_BNA * self.gate(x_BNC).sigmoid()
+        return self.proj_drop(self.proj(out_BNA)), k_BHND.mean(dim=1)
+
+
+class MergeBlock(nn.Module):
+    """timm ``Block`` that merges ``r`` tokens between attention and MLP, as ToMe does.
+
+    Used for every block from the first merging one on (``r`` may be 0 there: the block
+    still needs the sizes for proportional attention). Same submodules and names as the
+    dense block, so the weights load unchanged.
+    """
+
+    def __init__(self, dense: Block, r: int) -> None:
+        super().__init__()
+        if type(dense) is not Block:
+            raise TypeError(f"token merging needs timm's Block, got {type(dense).__name__}")
+        if not isinstance(dense.attn, Attention):
+            raise TypeError(f"token merging needs timm Attention, got {type(dense.attn).__name__}")
+        if r < 0:
+            raise ValueError(f"r must be >= 0, got {r}")
+        self.r = r
+        self.norm1 = dense.norm1
+        self.attn = MergeAttention(dense.attn)
+        self.ls1 = dense.ls1
+        self.drop_path1 = dense.drop_path1
+        self.norm2 = dense.norm2
+        self.mlp = dense.mlp
+        self.ls2 = dense.ls2
+        self.drop_path2 = dense.drop_path2
+
+    def forward(self, x_BNC: torch.Tensor, state: MergeState) -> torch.Tensor:
+        """``[B, N, C] -> [B, N - r, C]``; updates ``state.size_BN1`` when it merges."""
+        size_BN1 = state.size_BN1
+        log_size_B11N = None if size_BN1 is None else size_BN1.log().transpose(1, 2)[:, None]
+        attn_BNC, keys_BNK = self.attn(self.norm1(x_BNC), log_size_B11N)
+        x_BNC = x_BNC + self.drop_path1(self.ls1(attn_BNC))
+        if self.r:
+            matching = bipartite_soft_matching(keys_BNK, self.r)
+            x_BNC, state.size_BN1 = merge_weighted(x_BNC, size_BN1, matching)
+        return x_BNC + self.drop_path2(self.ls2(self.mlp(self.norm2(x_BNC))))
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}"

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Device call: distil one compressed DeiT-Tiny per GPU, in parallel (one `vitserve compress`
+# each, seeded), on imagenet-train + imagenet-extra; evaluate on the held-out dev copies.
+# Usage: bench/gpu_distill.sh "<config>" ["<config>" ...]   (one config per visible GPU)
+set -uo pipefail
+export PYTHONUNBUFFERED=1 HF_HUB_CACHE=$PWD/.carry/hf-cache HF_HUB_OFFLINE=1
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+  --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PWD
+out=${OUT:-runs}; store=/tmp/store; mkdir -p "$out"
+python3 -m app store pull deit_tiny_patch16_224 --store $store
+workers=$(( $(nproc) / $# - 1 ))
+i=0
+for cfg in "$@"; do
+  name="deit_tiny-$(echo "$cfg" | sed 's/@/at/g' | tr -c 'a-z0-9\n' '-' | tr -s '-' | sed 's/-$//')"
+  CUDA_VISIBLE_DEVICES=$i python3 -m app compress --store $store --teacher deit_tiny_patch16_224 \
+    --config "$cfg" --images .carry/images/imagenet-train \
+    --extra-images .carry/images/imagenet-extra --eval-images .carry/images/imagenet-dev-256 \
+    --out "$name" --seed 0 --time-budget "${BUDGET_S:-330}" \
+    --options "{\"num_workers\": $workers, \"log_every\": 100}" \
+    > "$out/distill-$i.log" 2>&1 &
+  i=$((i + 1))
+done
+wait
+tail -n 25 "$out"/distill-*.log
+mv "$out"/distill-*.log $store/
+tar czf "$out/manifests-and-logs.tgz" -C $store $(cd $store && ls -d deit_tiny-*/manifest.json distill-*.log)
+python3 - "$store" "$out" <<'PY'
+import json, sys
+from pathlib import Path
+store, out = Path(sys.argv[1]), Path(sys.argv[2])
+for m in sorted(store.glob("deit_tiny-*/manifest.json")):
+    d = json.loads(m.read_text()); f = d["metrics"].get("fidelity", {}); s = d["metrics"]["speed"]
+    print(f"{d['name']:48s} agree {f.get('agreement_top1', 0):.3f} top1 {f.get('student_top1_acc', 0):.3f}"
+          f" speedup {s.get('speedup')}")
+# bf16 copies of the distilled weights: each under the 16 MB a returned file may have
+from safetensors.torch import load_file, save_file
+import torch
+for w in sorted(store.glob("deit_tiny-*/model.safetensors")):
+    state = {k: v.to(torch.bfloat16) for k, v in load_file(w).items()}
+    save_file(state, out / f"{w.parent.name}.bf16.safetensors")
+PY

@@ -1,0 +1,54 @@
+"""GPU metrics on this CPU-only machine: nothing without CUDA, and, with torch's CUDA and
+NVML queries stubbed, the series a GPU host would export."""
+
+from __future__ import annotations
+
+import torch
+
+from app.serving.gpu_metrics import GpuCollector
+from app.serving.metrics import Metrics
+from tests.promtext import parse, value
+
+
+def gpu_samples(metrics: Metrics) -> dict:
+    return {k: v for k, v in parse(metrics.scrape()[0].decode()).items() if "gpu" in k[0]}
+
+
+def test_cpu_only_host_exports_no_gpu_series(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert list(GpuCollector().collect()) == []
+    assert gpu_samples(Metrics()) == {}
+
+
+def test_nvml_figures_per_device(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "utilization", lambda i: [35, 80][i])
+    monkeypatch.setattr(torch.cuda, "device_memory_used", lambda i: [1e9, 2e9][i])
+    samples = gpu_samples(Metrics())
+    assert value(samples, "vitserve_gpu_utilization_ratio", gpu="0") == 0.35
+    assert value(samples, "vitserve_gpu_utilization_ratio", gpu="1") == 0.8
+    assert value(samples, "vitserve_gpu_memory_used_bytes", gpu="1") == 2e9
+
+
+def test_without_nvml_the_collector_yields_nothing_and_warns_once(monkeypatch, caplog):
+    def no_nvml(_):
+        raise ModuleNotFoundError("nvidia-ml-py does not seem to be installed")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "utilization", no_nvml)
+    collector = GpuCollector()
+    assert list(collector.collect()) == [] and list(collector.collect()) == []
+    assert sum("nvidia-ml-py" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_torch_allocator_figures_are_sampled_per_device(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda i: 1000 * (i + 1))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda i: 4000 * (i + 1))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # no NVML collector
+    metrics = Metrics()
+    metrics.sample_gpu_memory(torch.device("cuda", 1))
+    samples = gpu_samples(metrics)
+    assert value(samples, "vitserve_gpu_memory_allocated_bytes", gpu="1") == 2000
+    assert value(samples, "vitserve_gpu_memory_reserved_bytes", gpu="1") == 8000

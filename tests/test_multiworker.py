@@ -1,0 +1,84 @@
+"""``uvicorn --factory app.api.app:create_app --workers 2`` with PROMETHEUS_MULTIPROC_DIR:
+whichever worker answers /metrics reports the whole server."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+
+from app.bench.server import free_port
+from app.store import ModelStore
+from tests.helpers import REPO, add_tiny_entry, image_bytes
+from tests.promtext import parse, total, value
+
+REQUESTS = 24
+
+
+def wait_ready(base: str, proc: subprocess.Popen, timeout_s: float = 120) -> None:
+    """Ready when 10 fresh connections in a row get 200 (both workers have loaded)."""
+    deadline, streak = time.monotonic() + timeout_s, 0
+    while streak < 10:
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.monotonic() < deadline, "workers did not become ready"
+        try:
+            ok = httpx.get(f"{base}/readyz", timeout=2).status_code == 200
+        except httpx.TransportError:
+            ok = False
+        streak = streak + 1 if ok else 0
+        time.sleep(0.05 if ok else 0.2)
+
+
+def test_two_workers_report_one_aggregate(tmp_path):
+    store = ModelStore(tmp_path / "store")
+    add_tiny_entry(store, "tiny")
+    metrics_dir = tmp_path / "metrics"
+    metrics_dir.mkdir()
+    port = free_port()
+    env = {
+        **os.environ,
+        "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
+        "VITSERVE_STORE_DIR": str(store.root),
+        "VITSERVE_DEFAULT_MODEL": "tiny",
+        "VITSERVE_AUTO_PULL": "false",
+        "VITSERVE_DEVICE": "cpu",
+        "VITSERVE_MAX_BATCH_SIZE": "4",  # a shorter warm-up: two workers share two cores
+    }
+    command = [sys.executable, "-m", "uvicorn", "--factory", "app.api.app:create_app"]
+    proc = subprocess.Popen(
+        [*command, "--workers", "2", "--host", "127.0.0.1", "--port", str(port)],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(base, proc)
+        statuses = [
+            httpx.post(  # a fresh connection each: the kernel spreads them over the workers
+                f"{base}/classify", content=image_bytes(), headers={"content-type": "image/jpeg"}
+            ).status_code
+            for _ in range(REQUESTS)
+        ]
+        assert statuses == [200] * REQUESTS
+        # every scrape, from whichever worker, sees all requests
+        for _ in range(5):
+            samples = parse(httpx.get(f"{base}/metrics").text)
+            assert total(samples, "vitserve_requests_total", route="/classify") == REQUESTS
+            assert value(samples, "vitserve_images_total", model="tiny") == REQUESTS
+            assert value(samples, "vitserve_requests_in_flight") == 1  # this scrape itself
+            info = [lbl for name, lbl in samples if name == "vitserve_model_info"]
+            assert len(info) == 1
+        pids = {f.stem.rsplit("_", 1)[1] for f in metrics_dir.glob("counter_*.db")}
+        assert len(pids) == 2
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(30)
+    # graceful exit marked both workers dead: no live gauge is left to be summed
+    assert not list(metrics_dir.glob("gauge_live*.db"))
