@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 from pathlib import Path
 
@@ -125,7 +126,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 def cmd_compress(args: argparse.Namespace) -> int:
     from app.vit.builder import resolve_config
-    from app.vit.compress_job import run_compress
+    from app.vit.compress_job import run_compress, run_training_free
     from app.vit.distill import DistillOptions
 
     options = json.loads(args.options) if args.options else {}
@@ -134,14 +135,34 @@ def cmd_compress(args: argparse.Namespace) -> int:
             options[key] = getattr(args, key)
     if args.checkpoint_dir:
         options.update(checkpoint_dir=args.checkpoint_dir, resume=args.resume)
-    cfg = resolve_config(args.config)
+    if (args.config is None) == (args.r is None):
+        raise ValueError("give exactly one of --config and --r")
+    cfg = resolve_config(args.config if args.r is None else f"merge={args.r}")
+    if args.family and args.family != cfg.family:
+        raise ValueError(f"--family {args.family} but {cfg} is of family {cfg.family}")
+    slug = re.sub(r"[^a-z0-9_.-]+", "-", str(cfg).replace("@", "at").replace("=", ""))
+    out = args.out or f"{args.teacher}-{slug}"[:64]
+    if args.images is None:
+        manifest = run_training_free(
+            _store(args),
+            args.teacher,
+            cfg,
+            args.eval_images,
+            out,
+            device=args.device or "auto",
+            seed=args.seed or 0,
+            speed_arch=args.speed_arch,
+        )
+        print(json.dumps(manifest.metrics, indent=2))
+        print(f"wrote store entry {manifest.name} (training-free)")
+        return 0
     manifest = run_compress(
         _store(args),
         args.teacher,
         cfg,
         args.images,
         args.eval_images,
-        args.out or f"{args.teacher}-{args.config}".replace("=", "").replace(";", "-"),
+        out,
         DistillOptions(**options),
         extra_train_dirs=args.extra_images,
         speed_arch=args.speed_arch,
@@ -211,8 +232,12 @@ def build_parser() -> argparse.ArgumentParser:
         "compress", help="calibrate + distil a compressed variant into a new store entry"
     )
     compress.add_argument("--teacher", required=True, help="dense store entry")
-    compress.add_argument("--config", required=True, help="preset name or config text")
-    compress.add_argument("--images", type=Path, required=True, help="training images")
+    compress.add_argument("--config", help="preset name or config text")
+    compress.add_argument("--family", choices=["glad", "merge", "hybrid"], help="checked")
+    compress.add_argument("--r", type=int, help="token merging: r tokens per block (no training)")
+    compress.add_argument(
+        "--images", type=Path, help="training images (omit for training-free merging)"
+    )
     compress.add_argument("--extra-images", dest="extra_images", type=Path, nargs="*", default=[])
     compress.add_argument("--eval-images", dest="eval_images", type=Path, help="held-out folder")
     compress.add_argument("--out", help="new entry name")

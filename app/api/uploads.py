@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fastapi import Request
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
 
 from app.api.errors import ApiError
@@ -40,6 +41,12 @@ async def read_images(request: Request, max_images: int) -> list[ImageInput]:
                 form = await request.form(max_files=max_images, max_fields=max_images)
             except MultiPartException as exc:
                 raise ApiError(400, "bad_multipart", f"malformed multipart body: {exc}") from exc
+            except HTTPException as exc:
+                # Inside an app, Starlette re-raises the parser's MultiPartException as an
+                # HTTPException(400); the handler's catch-all would turn it into a 500.
+                raise ApiError(
+                    400, "bad_multipart", f"malformed multipart body: {exc.detail}"
+                ) from exc
             files = [f for f in form.getlist("file") if isinstance(f, UploadFile)]
             if not files:
                 raise ApiError(400, "missing_file", "multipart body has no file part named 'file'")

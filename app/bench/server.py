@@ -23,8 +23,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class ServerURL(str):
+    """The base URL (a plain ``str`` to existing callers) that also knows its process, so a
+    test can read the server's memory or signal it."""
+
+    proc: subprocess.Popen
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+
 @contextmanager
-def running_server(env: dict[str, str], timeout_s: float = 300) -> Iterator[str]:
+def running_server(env: dict[str, str], timeout_s: float = 300) -> Iterator[ServerURL]:
     """Yield the base URL once /readyz answers 200; stop with SIGINT (graceful) after."""
     port = free_port()
     full_env = {**os.environ, **env, "VITSERVE_HOST": "127.0.0.1", "VITSERVE_PORT": str(port)}
@@ -36,7 +47,8 @@ def running_server(env: dict[str, str], timeout_s: float = 300) -> Iterator[str]
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
     )
-    base = f"http://127.0.0.1:{port}"
+    base = ServerURL(f"http://127.0.0.1:{port}")
+    base.proc = proc
     try:
         deadline = time.monotonic() + timeout_s
         while True:

@@ -59,6 +59,11 @@ class Preprocessor:
         # Decode JPEGs at a reduced DCT scale only while the result stays >= 2x what the
         # resize needs, so the bicubic resize still sees plenty of pixels.
         object.__setattr__(self, "_draft_size", 2 * int(np.max(resize)))
+        # An int resize scales the shorter side to it: the one step that can *grow* an image.
+        short_side = resize if isinstance(resize, int) else None
+        if isinstance(resize, list | tuple) and len(resize) == 1:
+            short_side = int(resize[0])
+        object.__setattr__(self, "_short_side", short_side)
 
     def __call__(self, data: bytes) -> torch.Tensor:
         """bytes → float32 tensor [3, H, W]; raises an ``InputError`` subclass."""
@@ -77,6 +82,7 @@ class Preprocessor:
                     f"image is {width}x{height} = {width * height} pixels; "
                     f"the limit is {self.max_pixels}"
                 )
+            self._check_resized_pixels(width, height)
             if image.format == "JPEG":
                 image.draft("RGB", (self._draft_size, self._draft_size))
             image.seek(0)  # animated GIF/WebP: first frame
@@ -92,6 +98,21 @@ class Preprocessor:
         except (OSError, SyntaxError, ValueError, EOFError) as exc:
             raise CorruptImage(f"cannot decode the image (truncated or corrupt): {exc}") from exc
         return to_rgb(image)
+
+    def _check_resized_pixels(self, width: int, height: int) -> None:
+        """Refuse extreme aspect ratios from the header: a 1x200000 PNG of a few hundred
+        bytes passes the pixel limit, but scaling its shorter side up to the resize target
+        would allocate gigabytes (the request dies with a MemoryError, or the process with
+        it) before the center crop throws nearly all of it away."""
+        if not self._short_side or min(width, height) <= 0:
+            return
+        scale = self._short_side / min(width, height)
+        resized = round(width * scale) * round(height * scale)
+        if resized > self.max_pixels:
+            raise ImageTooLarge(
+                f"image is {width}x{height}: resizing its shorter side to {self._short_side} "
+                f"gives {resized} pixels; the limit is {self.max_pixels} (aspect ratio too extreme)"
+            )
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

@@ -113,21 +113,110 @@ def run_compress(
     if launched_rank() != 0:
         return None
 
+    return _measure_and_store(
+        store,
+        teacher_name,
+        teacher_manifest,
+        teacher,
+        student,
+        cfg,
+        out_name,
+        eval_dir=eval_dir,
+        device=device,
+        seed=opts.seed,
+        speed_arch=speed_arch,
+        description=f"{teacher_name} compressed ({cfg}), distilled {result.steps_done} steps",
+        details={
+            "command": reproduce_command(
+                teacher_name, cfg, train_dir, extra_train_dirs, eval_dir, out_name, opts
+            ),
+            "recipe": opts.model_dump(mode="json"),
+            "seed": opts.seed,
+            "steps": result.steps_done,
+            "stopped": result.stopped,
+            "final_loss": result.final_loss,
+            "train_dirs": [str(train_dir), *map(str, extra_train_dirs)],
+            "train_images": len(train_images),
+            "calibration": f"teacher attention averaged over {train_dir} (eval transform)",
+        },
+    )
+
+
+def run_training_free(
+    store: ModelStore,
+    teacher_name: str,
+    cfg: CompressionConfig,
+    eval_dir: Path | None,
+    out_name: str,
+    *,
+    device: str = "auto",
+    seed: int = 0,
+    speed_arch: str = "deit_small_patch16_224",
+) -> Manifest:
+    """A config with no learned part (token merging) as a store entry, in seconds.
+
+    Nothing is trained or calibrated, so no training photos are needed; fidelity is
+    measured when ``eval_dir`` is given, speed always.
+    """
+    if cfg.static_layers or cfg.token_schedule:
+        raise ValueError(
+            f"{cfg} has static attention or aggregation maps to calibrate and train: "
+            "give training images (--images)"
+        )
+    loaded = store.load(teacher_name)
+    dev = training_device(device)
+    teacher = loaded.module.to(dev)
+    command = f"vitserve compress --teacher {teacher_name} --config '{cfg}' --out {out_name}"
+    if eval_dir:
+        command += f" --eval-images {eval_dir}"
+    return _measure_and_store(
+        store,
+        teacher_name,
+        loaded.manifest,
+        teacher,
+        compress(teacher, cfg),
+        cfg,
+        out_name,
+        eval_dir=eval_dir,
+        device=dev,
+        seed=seed,
+        speed_arch=speed_arch,
+        description=f"{teacher_name} compressed ({cfg}), training-free",
+        details={"command": command, "seed": seed, "steps": 0, "training": "none"},
+    )
+
+
+def _measure_and_store(
+    store: ModelStore,
+    teacher_name: str,
+    teacher_manifest: Manifest,
+    teacher: torch.nn.Module,
+    student: torch.nn.Module,
+    cfg: CompressionConfig,
+    out_name: str,
+    *,
+    eval_dir: Path | None,
+    device: torch.device,
+    seed: int,
+    speed_arch: str,
+    description: str,
+    details: dict[str, Any],
+) -> Manifest:
+    """Fidelity on held-out photos, speed of the config on ``speed_arch``, then the entry."""
     metrics: dict[str, Any] = {}
-    if eval_images:
+    if eval_dir:
         fidelity = evaluate(
             teacher,
             student,
-            eval_images,
+            list_images(eval_dir),
             read_labels(eval_dir),
-            data_config,
+            teacher_manifest.preprocessing.timm_data_config(),
             batch_size=BATCH,
             device=str(device),
             dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
         )
         metrics["fidelity"] = {"eval_dir": str(eval_dir), **fidelity.model_dump()}
-    metrics["speed"] = measure_speed(speed_arch, cfg, device=str(device), seed=opts.seed)
-
+    metrics["speed"] = measure_speed(speed_arch, cfg, device=str(device), seed=seed)
     manifest = Manifest(
         name=out_name,
         architecture=teacher_manifest.architecture,
@@ -136,24 +225,8 @@ def run_compress(
         compression=cfg,
         num_classes=teacher_manifest.num_classes,
         preprocessing=teacher_manifest.preprocessing,
-        source=Source(
-            kind="compress",
-            ref=teacher_name,
-            details={
-                "command": reproduce_command(
-                    teacher_name, cfg, train_dir, extra_train_dirs, eval_dir, out_name, opts
-                ),
-                "recipe": opts.model_dump(mode="json"),
-                "seed": opts.seed,
-                "steps": result.steps_done,
-                "stopped": result.stopped,
-                "final_loss": result.final_loss,
-                "train_dirs": [str(train_dir), *map(str, extra_train_dirs)],
-                "train_images": len(train_images),
-                "calibration": f"teacher attention averaged over {train_dir} (eval transform)",
-            },
-        ),
-        description=f"{teacher_name} compressed ({cfg}), distilled {result.steps_done} steps",
+        source=Source(kind="compress", ref=teacher_name, details=details),
+        description=description,
         metrics=metrics,
     )
     store.write_entry(manifest, student.cpu().state_dict())

@@ -1,0 +1,77 @@
+"""``vitserve bench service`` end to end with tiny models: short, but the real path."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from app.bench.service import batch_totals, main, speedups
+from app.store import ModelStore
+from app.vit.builder import compress
+from app.vit.config import CompressionConfig
+from tests.helpers import add_tiny_entry, tiny_manifest
+
+RESULT_KEYS = {
+    "device",
+    "torch_version",
+    "date",
+    "batch",
+    "dtype",
+    "speedup",
+    "speedups",
+    "decode_ceiling_img_s",
+    "best_img_s",
+    "levels",
+    "plots",
+}
+LEVEL_KEYS = {"img_s", "p50_ms", "p95_ms", "p99_ms", "mean_batch", "decode_ms", "queue_ms"}
+
+
+def test_batch_totals_reads_one_models_histogram():
+    text = (
+        'vitserve_batch_size_sum{model="a"} 12.0\n'
+        'vitserve_batch_size_count{model="a"} 3.0\n'
+        'vitserve_batch_size_sum{model="b"} 5.0\n'
+    )
+    assert batch_totals(text, "a") == (12.0, 3.0)
+    assert batch_totals(text, "c") == (0.0, 0.0)
+
+
+def test_speedups_are_relative_to_the_reference():
+    assert speedups({"dense": 100.0, "glad": 150.0}, "dense") == {"glad": 1.5}
+    assert speedups({"dense": 0.0, "glad": 1.0}, "dense") == {"glad": None}
+
+
+@pytest.mark.timeout(120)
+def test_bench_service_writes_json_and_plots(tmp_path, capsys):
+    store = ModelStore(tmp_path / "store")
+    add_tiny_entry(store, "tiny")
+    cfg = CompressionConfig.parse("static=0;tokens=9@1")
+    store.write_entry(
+        tiny_manifest("tiny-glad", variant="compressed", compression=cfg),
+        compress(store.load("tiny").module, cfg).state_dict(),
+    )
+    out = tmp_path / "results"
+    argv = [
+        *("--store", str(store.root), "--models", "tiny", "tiny-glad"),
+        *("--concurrency", "1", "4", "--seconds", "1", "--warmup", "0.2"),
+        *("--generated", "4", "--device", "cpu", "--ceiling-seconds", "0.3"),
+        *("--out", str(out), "--start-timeout", "120"),
+    ]
+    assert main(argv) == 0
+
+    [path] = out.glob("service-*.json")
+    result = json.loads(path.read_text())
+    assert result.keys() >= RESULT_KEYS
+    assert result["models"]["tiny-glad"]["variant"] == "compressed"
+    assert result["speedup"] is not None and result["speedup"] > 0
+    assert len(result["levels"]) == 4
+    for level in result["levels"]:
+        assert level.keys() >= LEVEL_KEYS
+        assert level["requests"] > 0 and not level["errors"], level
+        assert level["mean_batch"] >= 1
+    assert all(v > 0 for v in result["decode_ceiling_img_s"].values())
+    for png in result["plots"].values():
+        assert (out / png).stat().st_size > 0
+    assert "img/s" in capsys.readouterr().out

@@ -1,0 +1,92 @@
+"""CI smoke load test: headless locust against a real server with tiny models.
+
+Short and bounded (8 users, 8 s), so it catches a server that errors or falls over under
+concurrent mixed traffic, not one that is merely slow. Locust's own exit code only says
+"some request failed"; reading its CSV says which, and lets 5xx fail the test outright.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from app.bench.server import running_server
+from app.store import ModelStore
+from tests.helpers import REPO, add_tiny_entry
+
+# Never import locust here: it monkey-patches the pytest process with gevent.
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("locust") is None, reason="locust is not installed (.[test])"
+)
+
+MAX_ERROR_RATE = 0.01
+MIN_REQUESTS = 20
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    store = ModelStore(tmp_path_factory.mktemp("store"))
+    add_tiny_entry(store, "tiny", seed=0)
+    add_tiny_entry(store, "tiny-b", seed=1)
+    env = {
+        "VITSERVE_STORE_DIR": str(store.root),
+        "VITSERVE_DEFAULT_MODEL": "tiny",
+        "VITSERVE_AUTO_PULL": "false",
+        "VITSERVE_DEVICE": "cpu",
+        "VITSERVE_MAX_DELAY_MS": "5",
+    }
+    with running_server(env, timeout_s=120) as base:
+        yield base
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.timeout(90)
+def test_headless_locust_mixed_traffic_has_no_server_errors(server, tmp_path):
+    prefix = tmp_path / "locust"
+    command = [
+        *(sys.executable, "-m", "locust", "-f", str(REPO / "loadtest" / "locustfile.py")),
+        *("--headless", "-u", "8", "-r", "8", "-t", "8s", "--stop-timeout", "5"),
+        *("--host", server, "--csv", str(prefix), "--only-summary", "--skip-log-setup"),
+        *("--exit-code-on-error", "1"),
+    ]
+    env = {**os.environ, "VITSERVE_LOADTEST_MODELS": "tiny,tiny-b"}  # configured by env
+    done = subprocess.run(
+        command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60
+    )
+    output = (done.stdout + done.stderr)[-3000:]
+
+    failures = read_csv(Path(f"{prefix}_failures.csv"))
+    server_errors = [f for f in failures if f["Error"].lstrip("'\"").startswith("HTTP 5")]
+    assert not server_errors, f"5xx under load: {server_errors}\n{output}"
+
+    stats = read_csv(Path(f"{prefix}_stats.csv"))
+    total = next(row for row in stats if row["Name"] == "Aggregated")
+    requests, errors = int(total["Request Count"]), int(total["Failure Count"])
+    assert requests >= MIN_REQUESTS, output
+    assert errors / requests <= MAX_ERROR_RATE, f"{errors}/{requests} failed: {failures}"
+    # every scenario ran: single, multi-image and compare
+    names = {row["Name"] for row in stats}
+    assert any(n.endswith(" x4") for n in names), names
+    assert "/compare" in names, names
+    assert "/classify?model=tiny-b" in names, names
+    assert done.returncode == 0, output
+
+
+def test_locustfile_refuses_a_remote_host(tmp_path):
+    command = [
+        *(sys.executable, "-m", "locust", "-f", str(REPO / "loadtest" / "locustfile.py")),
+        *("--headless", "-u", "1", "-t", "1s", "--host", "http://192.0.2.1:8000"),
+    ]
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0
+    assert "non-loopback" in done.stdout + done.stderr
