@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import re
+import signal
 import sys
 from pathlib import Path
 
@@ -30,6 +31,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     from app.api.app import create_app
 
+    # uvicorn drains on SIGTERM, then re-raises the signal under the handler that was in
+    # place before it started: make that one exit 0, since the shutdown was graceful.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     uvicorn.run(
         create_app(settings),
         host=settings.host,
@@ -180,6 +184,12 @@ def cmd_bench_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_service(args: argparse.Namespace) -> int:
+    from app.bench.service import main as service_main
+
+    return service_main(args.extra)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vitserve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -261,6 +271,12 @@ def build_parser() -> argparse.ArgumentParser:
         "models", help="dense vs compressed throughput (-h lists its flags)", add_help=False
     )
     models.set_defaults(func=cmd_bench_models, passes_through=True)
+    service = bench.add_parser(
+        "service",
+        help="end-to-end service speed, dense vs compressed (-h lists its flags)",
+        add_help=False,
+    )
+    service.set_defaults(func=cmd_bench_service, passes_through=True)
     return parser
 
 

@@ -108,10 +108,12 @@ class Preprocessor:
             return
         scale = self._short_side / min(width, height)
         resized = round(width * scale) * round(height * scale)
-        if resized > self.max_pixels:
+        # Aspect ratios up to 64:1 always pass, however low the pixel limit is set.
+        limit = max(self.max_pixels, 64 * self._short_side**2)
+        if resized > limit:
             raise ImageTooLarge(
                 f"image is {width}x{height}: resizing its shorter side to {self._short_side} "
-                f"gives {resized} pixels; the limit is {self.max_pixels} (aspect ratio too extreme)"
+                f"gives {resized} pixels; the limit is {limit} (aspect ratio too extreme)"
             )
 
 
