@@ -12,7 +12,7 @@ import torch
 
 from app.bench.server import running_server
 from app.store import ModelStore
-from tests.helpers import TINY_PREPROCESSING, add_tiny_entry, tiny_manifest
+from tests.helpers import TINY_PREPROCESSING, add_tiny_entry, serve_env, tiny_manifest
 
 # "absent" has weight but no weights file: its share goes to the ready variants, so the
 # expected split is tiny 0.6 + 0.2·0.75 = 0.75, tiny-b 0.2 + 0.2·0.25 = 0.25.
@@ -55,16 +55,13 @@ def experiment_server(tmp_path_factory) -> ExperimentServer:
     )
     add_tiny_entry(store, "absent", seed=3)
     store.weights_path("absent").unlink()
-    env = {
-        "VITSERVE_STORE_DIR": str(store.root),
-        "VITSERVE_DEFAULT_MODEL": "tiny",
-        "VITSERVE_AUTO_PULL": "false",
-        "VITSERVE_DEVICE": "cpu",
-        "VITSERVE_MAX_DELAY_MS": "2",
-        "VITSERVE_AB_WEIGHTS": json.dumps(AB_WEIGHTS),
-        "VITSERVE_AB_STICKY_HEADER": STICKY_HEADER,
-        "VITSERVE_SHADOW": json.dumps(SHADOW),
-        "VITSERVE_SHADOW_QUEUE_FRACTION": str(SHADOW_QUEUE_FRACTION),
-    }
+    env = serve_env(
+        store,
+        max_delay_ms="2",
+        ab_weights=json.dumps(AB_WEIGHTS),
+        ab_sticky_header=STICKY_HEADER,
+        shadow=json.dumps(SHADOW),
+        shadow_queue_fraction=SHADOW_QUEUE_FRACTION,
+    )
     with running_server(env, timeout_s=120) as base:
         yield ExperimentServer(base, store)

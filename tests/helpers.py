@@ -66,3 +66,26 @@ def image_bytes(
     buf = io.BytesIO()
     image.save(buf, format=fmt, **save)
     return buf.getvalue()
+
+
+def serve_env(store: ModelStore, default: str = "tiny", **settings: object) -> dict[str, str]:
+    """Environment for a test server on ``store``: CPU, no auto-pull, plus ``settings``
+    (``max_delay_ms=2`` becomes ``VITSERVE_MAX_DELAY_MS=2``)."""
+    env = {
+        "VITSERVE_STORE_DIR": str(store.root),
+        "VITSERVE_DEFAULT_MODEL": default,
+        "VITSERVE_AUTO_PULL": "false",
+        "VITSERVE_DEVICE": "cpu",
+    }
+    return env | {f"VITSERVE_{key.upper()}": str(value) for key, value in settings.items()}
+
+
+def add_deit_entry(store: ModelStore, name: str = "deit") -> Manifest:
+    """DeiT-Tiny's real architecture with random weights (tests only): realistic compute."""
+    return add_tiny_entry(
+        store,
+        name,
+        architecture="deit_tiny_patch16_224",
+        architecture_kwargs={},
+        preprocessing=Preprocessing(crop_pct=0.9),
+    )

@@ -9,8 +9,8 @@ import pytest
 
 from app.bench.server import running_server
 from app.serving.labels import class_names
-from app.store import ModelStore, Preprocessing
-from tests.helpers import add_tiny_entry, image_bytes
+from app.store import ModelStore
+from tests.helpers import add_deit_entry, add_tiny_entry, image_bytes, serve_env
 from tests.test_preprocess import png_header_only
 
 UPLOAD_LIMIT = 2 * 1024 * 1024
@@ -26,23 +26,14 @@ def server(tmp_path_factory):
     weights.write_bytes(weights.read_bytes()[:-8] + b"corrupt!")
     add_tiny_entry(store, "absent", seed=3)
     # DeiT-Tiny's real architecture (random weights, tests only): realistic compute per batch
-    add_tiny_entry(
-        store,
-        "deit",
-        architecture="deit_tiny_patch16_224",
-        architecture_kwargs={},
-        preprocessing=Preprocessing(crop_pct=0.9),
-    )
+    add_deit_entry(store)
     store.weights_path("absent").unlink()
-    env = {
-        "VITSERVE_STORE_DIR": str(store.root),
-        "VITSERVE_DEFAULT_MODEL": "tiny",
-        "VITSERVE_AUTO_PULL": "false",
-        "VITSERVE_MAX_BATCH_SIZE": "32",
-        "VITSERVE_MAX_DELAY_MS": "25",
-        "VITSERVE_MAX_UPLOAD_BYTES": str(UPLOAD_LIMIT),
-        "VITSERVE_DEVICE": "cpu",
-    }
+    env = serve_env(
+        store,
+        max_batch_size="32",
+        max_delay_ms="25",
+        max_upload_bytes=UPLOAD_LIMIT,
+    )
     with running_server(env) as base:
         yield base
 

@@ -11,7 +11,7 @@ from app.store import ModelStore
 from app.store.store import build_module
 from app.vit.builder import compress
 from app.vit.config import CompressionConfig
-from tests.helpers import add_tiny_entry, image_bytes, tiny_manifest
+from tests.helpers import add_tiny_entry, image_bytes, serve_env, tiny_manifest
 
 # The tiny test ViT has 2 blocks and 17 tokens (16 patches + CLS).
 CONFIGS = {"tiny-glad": "static=0;tokens=9@1", "tiny-tome": "merge=4"}
@@ -26,12 +26,10 @@ def server(tmp_path_factory):
         cfg = CompressionConfig.parse(text)
         manifest = tiny_manifest(name, variant="compressed", compression=cfg)
         store.write_entry(manifest, compress(dense, cfg).state_dict())
-    env = {
-        "VITSERVE_STORE_DIR": str(store.root),
-        "VITSERVE_DEFAULT_MODEL": dense_manifest.name,
-        "VITSERVE_AUTO_PULL": "false",
-        "VITSERVE_DEVICE": "cpu",
-    }
+    env = serve_env(
+        store,
+        default=dense_manifest.name,
+    )
     with running_server(env) as base:
         yield base, store
 

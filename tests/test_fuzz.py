@@ -25,7 +25,7 @@ from app.bench.server import running_server
 from app.serving.preprocess import InputError, Preprocessor
 from app.store import ModelStore
 from app.vit.config import CompressionConfig
-from tests.helpers import TINY_PREPROCESSING, add_tiny_entry
+from tests.helpers import TINY_PREPROCESSING, add_tiny_entry, serve_env
 
 FUZZ = settings(
     max_examples=100, deadline=None, suppress_health_check=list(HealthCheck), database=None
@@ -156,13 +156,10 @@ def server(tmp_path_factory):
     store = ModelStore(tmp_path_factory.mktemp("fuzz-store"))
     add_tiny_entry(store, "tiny", seed=0)
     add_tiny_entry(store, "tiny-b", seed=1)
-    env = {
-        "VITSERVE_STORE_DIR": str(store.root),
-        "VITSERVE_DEFAULT_MODEL": "tiny",
-        "VITSERVE_AUTO_PULL": "false",
-        "VITSERVE_DEVICE": "cpu",
-        "VITSERVE_MAX_DELAY_MS": "2",
-    }
+    env = serve_env(
+        store,
+        max_delay_ms="2",
+    )
     with running_server(env, timeout_s=120) as base:
         yield base
 

@@ -23,7 +23,7 @@ from PIL import Image
 from app.api.limits import MAX_HEADER_BYTES, MAX_URL_BYTES
 from app.bench.server import running_server
 from app.store import ModelStore
-from tests.helpers import add_tiny_entry, image_bytes
+from tests.helpers import add_tiny_entry, image_bytes, serve_env
 from tests.test_preprocess import png_header_only
 
 UPLOAD_LIMIT = 2 * 1024 * 1024
@@ -38,15 +38,12 @@ PEAK_SLACK_MB = 300
 def server(tmp_path_factory):
     store = ModelStore(tmp_path_factory.mktemp("hostile-store"))
     add_tiny_entry(store, "tiny", seed=0)
-    env = {
-        "VITSERVE_STORE_DIR": str(store.root),
-        "VITSERVE_DEFAULT_MODEL": "tiny",
-        "VITSERVE_AUTO_PULL": "false",
-        "VITSERVE_DEVICE": "cpu",
-        "VITSERVE_MAX_DELAY_MS": "2",
-        "VITSERVE_MAX_UPLOAD_BYTES": str(UPLOAD_LIMIT),
-        "VITSERVE_MAX_IMAGES_PER_REQUEST": str(MAX_IMAGES),
-    }
+    env = serve_env(
+        store,
+        max_delay_ms="2",
+        max_upload_bytes=UPLOAD_LIMIT,
+        max_images_per_request=MAX_IMAGES,
+    )
     with running_server(env, timeout_s=120) as base:
         yield base
 

@@ -18,7 +18,7 @@ import pytest
 
 from app.bench.server import running_server
 from app.store import ModelStore
-from tests.helpers import REPO, add_tiny_entry
+from tests.helpers import REPO, add_tiny_entry, serve_env
 
 # Never import locust here: it monkey-patches the pytest process with gevent.
 pytestmark = pytest.mark.skipif(
@@ -37,13 +37,10 @@ def server(tmp_path_factory):
     store = ModelStore(tmp_path_factory.mktemp("store"))
     add_tiny_entry(store, "tiny", seed=0)
     add_tiny_entry(store, "tiny-b", seed=1)
-    env = {
-        "VITSERVE_STORE_DIR": str(store.root),
-        "VITSERVE_DEFAULT_MODEL": "tiny",
-        "VITSERVE_AUTO_PULL": "false",
-        "VITSERVE_DEVICE": "cpu",
-        "VITSERVE_MAX_DELAY_MS": "5",
-    }
+    env = serve_env(
+        store,
+        max_delay_ms="5",
+    )
     with running_server(env, timeout_s=120) as base:
         yield base
 

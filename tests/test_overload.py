@@ -23,8 +23,8 @@ import httpx
 import pytest
 
 from app.bench.server import running_server
-from app.store import ModelStore, Preprocessing
-from tests.helpers import add_tiny_entry, image_bytes
+from app.store import ModelStore
+from tests.helpers import add_deit_entry, image_bytes, serve_env
 
 BATCH = 4
 QUEUE = 16
@@ -41,24 +41,16 @@ IMAGE = image_bytes("JPEG", (64, 48))
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     store = ModelStore(tmp_path_factory.mktemp("overload-store"))
-    add_tiny_entry(
+    add_deit_entry(store)
+    env = serve_env(
         store,
-        "deit",
-        architecture="deit_tiny_patch16_224",
-        architecture_kwargs={},
-        preprocessing=Preprocessing(crop_pct=0.9),
+        default="deit",
+        max_batch_size=BATCH,
+        max_delay_ms="5",
+        queue_size=QUEUE,
+        request_timeout_s=DEADLINE_S,
+        cpu_threads="1",  # leave a core to the event loop and the test's client
     )
-    env = {
-        "VITSERVE_STORE_DIR": str(store.root),
-        "VITSERVE_DEFAULT_MODEL": "deit",
-        "VITSERVE_AUTO_PULL": "false",
-        "VITSERVE_DEVICE": "cpu",
-        "VITSERVE_MAX_BATCH_SIZE": str(BATCH),
-        "VITSERVE_MAX_DELAY_MS": "5",
-        "VITSERVE_QUEUE_SIZE": str(QUEUE),
-        "VITSERVE_REQUEST_TIMEOUT_S": str(DEADLINE_S),
-        "VITSERVE_CPU_THREADS": "1",  # leave a core to the event loop and the test's client
-    }
     with running_server(env, timeout_s=120) as base:
         yield base
 

@@ -17,8 +17,8 @@ import httpx
 import pytest
 
 from app.bench.server import running_server
-from app.store import ModelStore, Preprocessing
-from tests.helpers import TINY_PREPROCESSING, add_tiny_entry, image_bytes
+from app.store import ModelStore
+from tests.helpers import TINY_PREPROCESSING, add_deit_entry, add_tiny_entry, image_bytes, serve_env
 
 IN_FLIGHT = 12
 IMAGES_PER_REQUEST = 6  # 72 images in batches of 2: seconds of queued work at the SIGTERM
@@ -29,13 +29,7 @@ IMAGE = image_bytes("JPEG", (64, 48))
 def server(tmp_path_factory):
     """One server for the file; the SIGTERM test stops it, so it comes last."""
     store = ModelStore(tmp_path_factory.mktemp("shutdown-store"))
-    add_tiny_entry(
-        store,
-        "deit",
-        architecture="deit_tiny_patch16_224",
-        architecture_kwargs={},
-        preprocessing=Preprocessing(crop_pct=0.9),
-    )
+    add_deit_entry(store)
     # Weights load, but the manifest feeds 48x48 images to a model built for 32x32: the
     # patch embedding raises on the first forward pass (the warm-up).
     add_tiny_entry(
@@ -43,15 +37,13 @@ def server(tmp_path_factory):
         "bad-forward",
         preprocessing=TINY_PREPROCESSING.model_copy(update={"input_size": (3, 48, 48)}),
     )
-    env = {
-        "VITSERVE_STORE_DIR": str(store.root),
-        "VITSERVE_DEFAULT_MODEL": "deit",
-        "VITSERVE_AUTO_PULL": "false",
-        "VITSERVE_DEVICE": "cpu",
-        "VITSERVE_MAX_BATCH_SIZE": "2",  # several batches queued at the SIGTERM
-        "VITSERVE_CPU_THREADS": "1",
-        "VITSERVE_REQUEST_TIMEOUT_S": "30",
-    }
+    env = serve_env(
+        store,
+        default="deit",
+        max_batch_size="2",  # several batches queued at the SIGTERM
+        cpu_threads="1",
+        request_timeout_s="30",
+    )
     with running_server(env, timeout_s=120) as base:
         yield base
 
