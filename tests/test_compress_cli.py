@@ -9,28 +9,23 @@ from app.store import ModelStore
 from tests.helpers import add_tiny_entry
 
 
-def test_merge_family_needs_no_training_data(tmp_path, capsys):
+@pytest.fixture
+def store(tmp_path) -> ModelStore:
     store = ModelStore(tmp_path / "store")
     add_tiny_entry(store, "tiny")
+    return store
+
+
+def compress(store: ModelStore, *args: str) -> int:
+    """Exit status of `vitserve compress --store S --teacher tiny ARGS`."""
     with pytest.raises(SystemExit) as done:
-        main(
-            [
-                "compress",
-                "--store",
-                str(store.root),
-                "--teacher",
-                "tiny",
-                "--family",
-                "merge",
-                "--r",
-                "2",
-                "--device",
-                "cpu",
-                "--speed-arch",
-                "vit_tiny_patch16_224",
-            ]
-        )
-    assert done.value.code == 0
+        main(["compress", "--store", str(store.root), "--teacher", "tiny", *args])
+    return done.value.code
+
+
+def test_merge_family_needs_no_training_data(store, capsys):
+    args = ("--family", "merge", "--r", "2", "--device", "cpu")
+    assert compress(store, *args, "--speed-arch", "vit_tiny_patch16_224") == 0
     entry = store.load("tiny-merge2")
     assert entry.manifest.variant == "compressed"
     assert str(entry.manifest.compression) == "merge=2"
@@ -39,42 +34,11 @@ def test_merge_family_needs_no_training_data(tmp_path, capsys):
     assert "training-free" in capsys.readouterr().out
 
 
-def test_learned_configs_refuse_to_skip_training(tmp_path):
-    store = ModelStore(tmp_path / "store")
-    add_tiny_entry(store, "tiny")
-    with pytest.raises(SystemExit) as done:
-        main(
-            [
-                "compress",
-                "--store",
-                str(store.root),
-                "--teacher",
-                "tiny",
-                "--config",
-                "static=0",
-                "--device",
-                "cpu",
-            ]
-        )
-    assert done.value.code == 2
-    assert "tiny-static0" not in store.names()
+def test_learned_configs_refuse_to_skip_training(store):
+    assert compress(store, "--config", "static=0", "--device", "cpu") == 2
+    assert store.names() == ["tiny"]
 
 
-def test_family_must_match_the_config(tmp_path):
-    store = ModelStore(tmp_path / "store")
-    add_tiny_entry(store, "tiny")
-    with pytest.raises(SystemExit) as done:
-        main(
-            [
-                "compress",
-                "--store",
-                str(store.root),
-                "--teacher",
-                "tiny",
-                "--family",
-                "glad",
-                "--r",
-                "2",
-            ]
-        )
-    assert done.value.code == 2
+def test_family_must_match_the_config(store):
+    assert compress(store, "--family", "glad", "--r", "2") == 2
+    assert store.names() == ["tiny"]
