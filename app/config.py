@@ -32,6 +32,11 @@ class Settings(BaseSettings):
         "auto", description="auto: bfloat16 on CUDA, float32 on CPU."
     )
     compile: bool = Field(False, description="torch.compile each model at load.")
+    replica_devices: list[str] | None = Field(
+        None,
+        description='One replica of each model per device (JSON list, e.g. ["cuda:0", '
+        '"cuda:1"]); each batch goes to whichever replica is free. Default: one, on `device`.',
+    )
     cpu_threads: int | None = Field(None, ge=1, description="torch intra-op threads on CPU.")
 
     # batching

@@ -156,3 +156,38 @@ def test_out_of_memory_at_batch_one_is_raised():
     runner.forward = forward
     with pytest.raises(torch.cuda.OutOfMemoryError):
         runner.predict(torch.randn(1, 3, 4, 4))
+
+
+async def test_replicas_run_batches_side_by_side_from_one_queue():
+    """Two replicas (one per GPU in production; two CPU callables here): while one
+    computes, the next batch goes to the other, so two slow batches take one batch's time."""
+    used: list[str] = []
+
+    def replica(tag: str):
+        def predict(images: torch.Tensor) -> torch.Tensor:
+            used.append(tag)
+            time.sleep(0.3)
+            return images.flatten(1).mean(1, keepdim=True)
+
+        return predict
+
+    batcher = make([replica("a"), replica("b")], max_batch_size=4, max_delay_s=0.01)
+    batcher.start()
+    started = time.monotonic()
+    results = await asyncio.gather(*(batcher.submit(image(i), far()) for i in range(8)))
+    elapsed = time.monotonic() - started
+    await batcher.stop()
+    assert [r.probs.item() for r in results] == [float(i) for i in range(8)]
+    assert sorted(used) == ["a", "b"]
+    assert elapsed < 0.55, f"two batches on two replicas took {elapsed:.2f}s"
+
+
+async def test_a_single_replica_runs_one_batch_at_a_time():
+    model = RecordingModel(delay_s=0.1)
+    batcher = make(model, max_batch_size=4, max_delay_s=0.01)
+    batcher.start()
+    started = time.monotonic()
+    await asyncio.gather(*(batcher.submit(image(i), far()) for i in range(8)))
+    assert time.monotonic() - started >= 0.2
+    await batcher.stop()
+    assert model.batches == [4, 4]

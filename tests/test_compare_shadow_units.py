@@ -76,8 +76,8 @@ async def test_compare_decodes_each_image_once_per_distinct_preprocessing(pool):
 def blocked(model: ServedModel) -> threading.Event:
     """Hold the model's next batch until the returned event is set."""
     gate = threading.Event()
-    forward = model.batcher._predict
-    model.batcher._predict = lambda x: (gate.wait(10), forward(x))[1]
+    (forward,) = model.batcher._replicas
+    model.batcher._replicas[0] = lambda x: (gate.wait(10), forward(x))[1]
     return gate
 
 

@@ -116,7 +116,9 @@ async def models(request: Request) -> ModelsResponse:
                 variant=man.variant if man else None,
                 architecture=man.architecture if man else None,
                 compression=str(man.compression) if man and man.compression else None,
-                device=str(pool.device) if m.state is ModelState.READY else None,
+                device=",".join(str(r.device) for r in m.runners)
+                if m.state is ModelState.READY
+                else None,
                 dtype=str(pool.dtype).removeprefix("torch.") if m.runner else None,
                 metrics=man.metrics if man else {},
             )

@@ -1,9 +1,11 @@
 """Batch stage: gather single images into batches for one model.
 
 A batch closes when it holds ``max_batch_size`` images or ``max_delay_s`` after its first
-image arrived, whichever is first. Inference runs on one dedicated thread per model (the
+image arrived, whichever is first. Inference runs on one dedicated thread per replica (a
 device is serial anyway), so the event loop keeps accepting while a batch computes and
-the next batch fills meanwhile.
+the next batch fills meanwhile. With several replicas (one per GPU, say) a batch is only
+closed once a replica is free, and goes to that one: one queue, as many batches in flight
+as replicas.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -59,18 +61,27 @@ class DynamicBatcher:
     def __init__(
         self,
         name: str,
-        predict: Callable[[torch.Tensor], torch.Tensor],
+        predict: Callable[[torch.Tensor], torch.Tensor]
+        | Sequence[Callable[[torch.Tensor], torch.Tensor]],
         *,
         max_batch_size: int,
         max_delay_s: float,
         queue_size: int,
         metrics: Metrics,
     ) -> None:
-        self.name, self._predict = name, predict
+        self.name = name
+        self._replicas = list(predict) if isinstance(predict, Sequence) else [predict]
         self.max_batch_size, self.max_delay_s = max_batch_size, max_delay_s
         self._queue: asyncio.Queue[_Item] = asyncio.Queue(maxsize=queue_size)
         self._metrics = metrics
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"infer-{name}")
+        self._executors = [
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"infer-{name}-{i}")
+            for i in range(len(self._replicas))
+        ]
+        self._free: asyncio.Queue[int] = asyncio.Queue()  # indices of idle replicas
+        for i in range(len(self._replicas)):
+            self._free.put_nowait(i)
+        self._in_flight: set[asyncio.Task[None]] = set()
         self._task: asyncio.Task[None] | None = None
         self._accepting = False
         self._last_batch_s = 0.05
@@ -88,7 +99,9 @@ class DynamicBatcher:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        self._executor.shutdown(wait=True)
+        await asyncio.gather(*self._in_flight)
+        for executor in self._executors:
+            executor.shutdown(wait=True)
 
     @property
     def depth(self) -> int:
@@ -109,19 +122,26 @@ class DynamicBatcher:
 
     def _retry_after(self) -> float:
         """Seconds to drain a full queue at the recent batch rate (at least 1)."""
-        batches = self._queue.maxsize / self.max_batch_size
+        batches = self._queue.maxsize / self.max_batch_size / len(self._replicas)
         return max(1.0, batches * self._last_batch_s)
 
     # ---- worker side ---------------------------------------------------------------------
     async def _run(self) -> None:
         while True:
+            replica = await self._free.get()  # close a batch only once it can run at once
             batch = await self._gather()
-            try:
-                await self._run_batch(batch)
-            finally:
-                for _ in batch:
-                    self._queue.task_done()
-                self._metrics.queue_depth.labels(self.name).set(self.depth)
+            task = asyncio.create_task(self._run_on(replica, batch))
+            self._in_flight.add(task)
+            task.add_done_callback(self._in_flight.discard)
+
+    async def _run_on(self, replica: int, batch: list[_Item]) -> None:
+        try:
+            await self._run_batch(batch, replica)
+        finally:
+            for _ in batch:
+                self._queue.task_done()
+            self._metrics.queue_depth.labels(self.name).set(self.depth)
+            self._free.put_nowait(replica)
 
     async def _gather(self) -> list[_Item]:
         batch = [await self._queue.get()]
@@ -141,7 +161,7 @@ class DynamicBatcher:
                 break
         return batch
 
-    async def _run_batch(self, batch: list[_Item]) -> None:
+    async def _run_batch(self, batch: list[_Item], replica: int) -> None:
         now = time.monotonic()
         live = []
         for item in batch:
@@ -160,7 +180,7 @@ class DynamicBatcher:
         started = time.monotonic()
         try:
             probs = await asyncio.get_running_loop().run_in_executor(
-                self._executor, self._predict, images
+                self._executors[replica], self._replicas[replica], images
             )
         except Exception as exc:  # a failing batch fails only its own requests
             log.exception("model %s: batch of %d failed", self.name, len(live))

@@ -7,9 +7,10 @@ that raises at warm-up) is marked failed with the reason; the others still serve
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 
 import torch
@@ -41,7 +42,8 @@ class ServedModel:
     state: ModelState
     manifest: Manifest | None = None
     reason: str | None = None
-    runner: ModelRunner | None = None
+    runner: ModelRunner | None = None  # the first replica (device/dtype shown in /models)
+    runners: list[ModelRunner] = field(default_factory=list)
     batcher: DynamicBatcher | None = None
     preprocessor: Preprocessor | None = None
     labels: tuple[str, ...] = ()
@@ -128,7 +130,7 @@ class ModelPool:
         s = self.settings
         model.batcher = DynamicBatcher(
             model.name,
-            self._predict_fn(model.runner),
+            [self._predict_fn(runner) for runner in model.runners],
             max_batch_size=s.max_batch_size,
             max_delay_s=s.max_delay_ms / 1000,
             queue_size=s.queue_size,
@@ -144,14 +146,14 @@ class ModelPool:
     def _predict_fn(self, runner: ModelRunner) -> Callable[[torch.Tensor], torch.Tensor]:
         """The batcher's forward; on CUDA it also samples torch's memory figures, on the
         inference thread right after each batch (a cheap allocator query, no sync)."""
-        if self.device.type != "cuda":
+        if runner.device.type != "cuda":
             return runner.predict
 
         def predict(images: torch.Tensor) -> torch.Tensor:
             try:
                 return runner.predict(images)
             finally:
-                self.metrics.sample_gpu_memory(self.device)
+                self.metrics.sample_gpu_memory(runner.device)
 
         return predict
 
@@ -172,14 +174,20 @@ class ModelPool:
             manifest = pull(self.store, manifest.architecture, name=name)
         loaded = self.store.load(name)
         model.manifest = loaded.manifest
-        model.runner = ModelRunner(
-            loaded.module,
-            device=self.device,
-            dtype=self.dtype,
-            input_size=loaded.manifest.preprocessing.input_size,
-            compile=self.settings.compile,
-        )
-        model.runner.warm_up((1, self.settings.max_batch_size))
+        devices = [resolve_device(d) for d in self.settings.replica_devices or ()] or [self.device]
+        model.runners = [
+            ModelRunner(
+                copy.deepcopy(loaded.module) if i else loaded.module,
+                device=device,
+                dtype=self.dtype,
+                input_size=loaded.manifest.preprocessing.input_size,
+                compile=self.settings.compile,
+            )
+            for i, device in enumerate(devices)
+        ]
+        for runner in model.runners:
+            runner.warm_up((1, self.settings.max_batch_size))
+        model.runner = model.runners[0]
         model.preprocessor = Preprocessor(
             loaded.manifest.preprocessing, self.settings.max_image_pixels
         )
