@@ -22,7 +22,7 @@ from app.serving.labels import class_names
 from app.serving.metrics import Metrics
 from app.serving.preprocess import Preprocessor
 from app.serving.runner import ModelRunner
-from app.store import Manifest, ModelStore, StoreError
+from app.store import Manifest, ModelStore
 from app.store.errors import UnknownModel, WeightsMissing
 from app.store.pull import pull
 
@@ -123,7 +123,7 @@ class ModelPool:
             model.state, model.reason = ModelState.ABSENT, str(exc)
             log.warning("%s", exc)
             return
-        except (StoreError, Exception) as exc:  # noqa: BLE001 - isolate any load failure
+        except Exception as exc:  # noqa: BLE001 - any load failure is isolated to this model
             model.state, model.reason = ModelState.FAILED, f"{type(exc).__name__}: {exc}"
             log.error("model %s failed to load: %s", model.name, model.reason)
             return
