@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+from app.vit.data import list_images
+
 # (width, height): phone photo thumbnails to small web images, portrait and landscape.
 SIZES = ((320, 240), (640, 480), (480, 640), (800, 600), (500, 375), (1024, 768))
 
@@ -50,9 +51,9 @@ def generated_images(count: int = 16, seed: int = 0) -> list[tuple[str, bytes]]:
 def folder_images(folder: Path, limit: int | None = None) -> list[tuple[str, bytes]]:
     """Image files of ``folder`` (sorted, not recursive), read once into memory so disk
     reads never show up in request latency."""
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    files = list_images(folder)
     if not files:
-        raise FileNotFoundError(f"no {'/'.join(IMAGE_SUFFIXES)} images in {folder}")
+        raise FileNotFoundError(f"no images in {folder}")
     return [(p.name, p.read_bytes()) for p in files[:limit]]
 
 
