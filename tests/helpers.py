@@ -21,6 +21,9 @@ DEV_IMAGES = SHARED / "images" / "imagenet-dev"
 TINY_ARCH = "vit_tiny_patch16_224"
 TINY_KWARGS = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}
 TINY_PREPROCESSING = Preprocessing(input_size=(3, 32, 32), crop_pct=0.875)
+# DeiT-Tiny's recipe shrunk for model-code tests: 32x32 images, 8x8 patches -> a 4x4 grid,
+# 16 patches + CLS = 17 tokens, 4 blocks.
+TINY_VIT = {"img_size": 32, "patch_size": 8, "embed_dim": 64, "depth": 4, "num_heads": 4}
 
 
 def require_shared(*paths: Path) -> None:

@@ -25,9 +25,8 @@ from app.bench.timing import (
 )
 from app.store import ModelStore
 from app.vit.config import CompressionConfig
-from tests.helpers import tiny_manifest
+from tests.helpers import TINY_VIT, tiny_manifest
 
-TINY = {"img_size": 32, "patch_size": 8, "embed_dim": 64, "depth": 4, "num_heads": 4}
 SHAPE = (3, 32, 32)
 CPU = torch.device("cpu")
 
@@ -44,7 +43,7 @@ def one_thread():
 
 def tiny_vit(depth: int = 4) -> VisionTransformer:
     torch.manual_seed(0)
-    return VisionTransformer(**{**TINY, "depth": depth}).eval()
+    return VisionTransformer(**{**TINY_VIT, "depth": depth}).eval()
 
 
 class Broken(nn.Module):
@@ -147,7 +146,7 @@ def test_run_models_bench_writes_json(tmp_path: Path):
     report = run_models_bench(
         configs,
         archs=["vit_tiny_patch16_224"],
-        arch_kwargs=TINY,
+        arch_kwargs=TINY_VIT,
         device="cpu",
         threads=1,
         batches=(1, 4),

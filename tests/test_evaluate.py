@@ -16,6 +16,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 from app.vit.data import EvalImages, eval_transform, list_images, read_labels
 from app.vit.evaluate import evaluate
+from tests.helpers import TINY_VIT
 
 NUM_CLASSES = 10
 # 32x32 input, 8x8 patches: a 4x4 grid, 16 patches + CLS = 17 tokens, 4 blocks.
@@ -32,9 +33,7 @@ DATA_CONFIG = {
 def tiny_teacher(seed: int = 0) -> VisionTransformer:
     """Random weights scaled up so logits and attention are far from uniform."""
     torch.manual_seed(seed)
-    model = VisionTransformer(
-        img_size=32, patch_size=8, embed_dim=64, depth=4, num_heads=4, num_classes=NUM_CLASSES
-    )
+    model = VisionTransformer(**TINY_VIT, num_classes=NUM_CLASSES)
     with torch.no_grad():
         for param in model.parameters():
             param.normal_(0.0, 0.15)

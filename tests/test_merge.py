@@ -38,11 +38,9 @@ from app.vit.merge import (
     bipartite_soft_matching,
     merge_weighted,
 )
-from tests.helpers import DEV_IMAGES, HF_CACHE, require_shared
+from tests.helpers import DEV_IMAGES, HF_CACHE, TINY_VIT, require_shared
 
 ARCH = "deit_tiny_patch16_224"
-# deit_tiny's recipe shrunk: 32x32 images, 8x8 patches -> 16 patches + CLS = 17 tokens.
-TINY = {"img_size": 32, "patch_size": 8, "embed_dim": 64, "depth": 4, "num_heads": 4}
 NUM_CLASSES = 10
 HYBRID = "static=0;merge=4@1-2,2@3"  # 17 -> 17 -> 13 -> 9 -> 7 tokens
 
@@ -50,7 +48,7 @@ HYBRID = "static=0;merge=4@1-2,2@3"  # 17 -> 17 -> 13 -> 9 -> 7 tokens
 def tiny_dense(**kwargs) -> VisionTransformer:
     """Random weights larger than timm's init, so attention (and matching) is not uniform."""
     torch.manual_seed(0)
-    model = create_model(ARCH, num_classes=NUM_CLASSES, **{**TINY, **kwargs})
+    model = create_model(ARCH, num_classes=NUM_CLASSES, **{**TINY_VIT, **kwargs})
     with torch.no_grad():
         for param in model.parameters():
             param.normal_(0.0, 0.2)
@@ -361,7 +359,7 @@ def test_store_round_trip(tmp_path, dense: VisionTransformer) -> None:
     manifest = Manifest(
         name="tiny-hybrid",
         architecture=ARCH,
-        architecture_kwargs=TINY,
+        architecture_kwargs=TINY_VIT,
         variant="compressed",
         compression=cfg,
         num_classes=NUM_CLASSES,

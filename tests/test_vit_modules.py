@@ -27,17 +27,16 @@ from app.vit.token_pyramid import (
     choose_grid,
     pyramid_grids,
 )
+from tests.helpers import TINY_VIT
 
-# deit_tiny's recipe shrunk: 32x32 images, 8x8 patches -> 4x4 grid, 16 patches + CLS = 17.
 ARCH = "deit_tiny_patch16_224"
-TINY = {"img_size": 32, "patch_size": 8, "embed_dim": 64, "depth": 4, "num_heads": 4}
 NUM_CLASSES = 10
 
 
 def tiny_dense(global_pool: str = "token") -> VisionTransformer:
     """Random weights larger than timm's init, so attention maps are far from uniform."""
     torch.manual_seed(0)
-    model = create_model(ARCH, num_classes=NUM_CLASSES, global_pool=global_pool, **TINY)
+    model = create_model(ARCH, num_classes=NUM_CLASSES, global_pool=global_pool, **TINY_VIT)
     with torch.no_grad():
         for param in model.parameters():
             param.normal_(0.0, 0.2)
@@ -167,7 +166,7 @@ def test_state_dict_round_trip(tmp_path) -> None:
     assert "blocks.0.attn.qkv.weight" not in state and "blocks.2.attn.qkv.weight" in state
 
     save_file({k: v.contiguous() for k, v in state.items()}, tmp_path / "w.safetensors")
-    fresh = create_model(ARCH, cfg, num_classes=NUM_CLASSES, **TINY).eval()
+    fresh = create_model(ARCH, cfg, num_classes=NUM_CLASSES, **TINY_VIT).eval()
     assert isinstance(fresh, CompressedViT) and fresh.compression == cfg
     fresh.load_state_dict(load_file(tmp_path / "w.safetensors"), strict=True)
     with torch.no_grad():
@@ -205,7 +204,7 @@ def test_calibrated_on_one_image_reproduces_dense_on_it(dense: VisionTransformer
 
 
 def test_unsupported_models_are_refused() -> None:
-    no_cls = VisionTransformer(**TINY, class_token=False, global_pool="avg")
+    no_cls = VisionTransformer(**TINY_VIT, class_token=False, global_pool="avg")
     with pytest.raises(ValueError, match="CLS"):
         compress(no_cls, CompressionConfig())
     with pytest.raises(ValueError, match="do not exist"):
