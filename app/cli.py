@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import re
 import signal
 import sys
+import tempfile
 from pathlib import Path
 
 from app.config import Settings
@@ -34,13 +36,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # uvicorn drains on SIGTERM, then re-raises the signal under the handler that was in
     # place before it started: make that one exit 0, since the shutdown was graceful.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    uvicorn.run(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        timeout_graceful_shutdown=int(settings.request_timeout_s) + 5,
-    )
+    common = {
+        "host": settings.host,
+        "port": settings.port,
+        "log_level": settings.log_level,
+        "timeout_graceful_shutdown": int(settings.request_timeout_s) + 5,
+    }
+    if settings.workers == 1:
+        uvicorn.run(create_app(settings), **common)
+        return 0
+    # Worker processes build their own app from the environment: hand the flags down, and
+    # give the metrics a shared folder so /metrics answers for the whole server.
+    for key, value in overrides.items():
+        os.environ[f"VITSERVE_{key.upper()}"] = str(value)
+    metrics_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    with tempfile.TemporaryDirectory(prefix="vitserve-metrics-") as scratch:
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir or scratch
+        uvicorn.run("app.api.app:create_app", factory=True, workers=settings.workers, **common)
     return 0
 
 
@@ -57,6 +69,16 @@ def cmd_store_import(args: argparse.Namespace) -> int:
 
     manifest = import_checkpoint(_store(args), Path(args.file), args.arch, name=args.name)
     print(f"imported {manifest.name}: sha256 {manifest.weights.sha256}")
+    return 0
+
+
+def cmd_store_random(args: argparse.Namespace) -> int:
+    from app.store.pull import random_entry
+
+    manifest = random_entry(
+        _store(args), args.arch, name=args.name, config=args.config, seed=args.seed
+    )
+    print(f"created {manifest.name} ({manifest.variant}, random weights)")
     return 0
 
 
@@ -204,6 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-batch-size", dest="max_batch_size", type=int)
     serve.add_argument("--max-delay-ms", dest="max_delay_ms", type=float)
     serve.add_argument("--compile", action="store_true", default=None)
+    serve.add_argument("--workers", type=int, help="HTTP worker processes")
     serve.set_defaults(func=cmd_serve)
 
     store = sub.add_parser("store", help="manage the model store").add_subparsers(
@@ -212,6 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, func, help_ in (
         ("pull", cmd_store_pull, "create an entry from timm's pretrained weights (HF hub/cache)"),
         ("import", cmd_store_import, "create an entry from a local .pth/.safetensors checkpoint"),
+        ("random", cmd_store_random, "create an entry with random weights (speed tests only)"),
         ("list", cmd_store_list, "list entries"),
         ("verify", cmd_store_verify, "check manifests, checksums and tensor shapes"),
     ):
@@ -225,6 +249,11 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("file", help="checkpoint (.safetensors, or .pth read weights-only)")
             p.add_argument("--arch", required=True, help="timm model name of the checkpoint")
             p.add_argument("--name", help="entry name (default: the timm name)")
+        elif name == "random":
+            p.add_argument("arch", help="timm model name, e.g. deit_small_patch16_224")
+            p.add_argument("--name", required=True, help="entry name")
+            p.add_argument("--config", help="compression preset or config text (else dense)")
+            p.add_argument("--seed", type=int, default=0)
         elif name == "list":
             p.add_argument("--json", action="store_true")
         else:
@@ -260,7 +289,13 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("--checkpoint-dir", dest="checkpoint_dir", type=Path)
     compress.add_argument("--resume", action="store_true")
     compress.add_argument("--options", help="JSON of further DistillOptions fields")
-    compress.add_argument("--speed-arch", dest="speed_arch", default="deit_small_patch16_224")
+    compress.add_argument(
+        "--speed-arch",
+        dest="speed_arch",
+        default="deit_small_patch16_224",
+        type=lambda v: None if v == "none" else v,
+        help="architecture the config's speed is measured on; 'none' skips the measurement",
+    )
     compress.add_argument("--store", type=Path)
     compress.set_defaults(func=cmd_compress)
 

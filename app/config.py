@@ -44,7 +44,14 @@ class Settings(BaseSettings):
     max_delay_ms: float = Field(5.0, ge=0, description="Wait after the first request of a batch.")
     queue_size: int = Field(512, ge=1, description="Images waiting per model; beyond: 429.")
     request_timeout_s: float = Field(30.0, gt=0, description="Deadline; expired before run: 504.")
-    decode_workers: int = Field(4, ge=1, description="Threads decoding images off the event loop.")
+    decode_workers: int = Field(
+        4, ge=1, description="Threads decoding with Pillow (each batch's non-nvjpeg images)."
+    )
+    gpu_decode: bool = Field(
+        True,
+        description="On CUDA replicas, decode baseline JPEGs with nvjpeg (batched, on the GPU); "
+        "other formats, and every image on CPU, use Pillow.",
+    )
 
     # input limits
     max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1024)
@@ -82,6 +89,13 @@ class Settings(BaseSettings):
     # HTTP
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
+    workers: int = Field(
+        1,
+        ge=1,
+        description="HTTP worker processes (uvicorn --workers), each with its own replicas and "
+        "batchers: HTTP parsing and the decode stage scale past one Python process. Metrics "
+        "aggregate across them through PROMETHEUS_MULTIPROC_DIR (a temporary one is made).",
+    )
     log_level: str = "info"
 
     @field_validator("ab_weights")

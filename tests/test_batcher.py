@@ -72,15 +72,18 @@ async def test_full_queue_rejects_with_a_retry_hint():
     model = RecordingModel()
     batcher = make(lambda x: (gate.wait(5), model(x))[1], max_batch_size=1, queue_size=2)
     batcher.start()
-    first = asyncio.create_task(batcher.submit(image(0), far()))
-    await asyncio.sleep(0.05)  # the worker holds image 0; the queue is empty again
-    queued = [asyncio.create_task(batcher.submit(image(i), far())) for i in (1, 2)]
+    taken = [asyncio.create_task(batcher.submit(image(i), far())) for i in (0, 1)]
+    # image 0 computes (held at the gate), image 1 is decoded and waits its turn: both
+    # slots are busy and the queue is empty again
+    await asyncio.sleep(0.05)
+    queued = [asyncio.create_task(batcher.submit(image(i), far())) for i in (2, 3)]
     await asyncio.sleep(0.01)
+    assert batcher.depth == 2
     with pytest.raises(QueueFull) as info:
-        await batcher.submit(image(3), far())
+        await batcher.submit(image(4), far())
     assert info.value.retry_after_s >= 1
     gate.set()
-    assert [(await t).probs.item() for t in (first, *queued)] == [0.0, 1.0, 2.0]
+    assert [(await t).probs.item() for t in (*taken, *queued)] == [0.0, 1.0, 2.0, 3.0]
     await batcher.stop()
 
 

@@ -13,7 +13,13 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from app.bench.models import _parse_args, resolve_configs, run_models_bench
-from app.bench.pareto import collect_fidelity, pareto_front, plot_pareto
+from app.bench.pareto import (
+    collect_fidelity,
+    fidelity_from_report,
+    pareto_front,
+    plot_pareto,
+    speed_points,
+)
 from app.bench.timing import (
     BenchError,
     Timing,
@@ -271,7 +277,8 @@ def test_collect_fidelity_reads_compressed_manifests(tmp_path: Path):
 
     found = collect_fidelity(tmp_path)
     assert found == {
-        str(cfg): {
+        "comp-one": {
+            "config": str(cfg),
             "agreement_top1": 0.9,
             "top1": 0.7,
             "model": "comp-one",
@@ -279,3 +286,31 @@ def test_collect_fidelity_reads_compressed_manifests(tmp_path: Path):
         }
     }
     assert collect_fidelity(tmp_path, arch="deit_small_patch16_224") == {}
+
+
+def test_variants_of_one_config_are_separate_points():
+    """A distilled merge model runs exactly as fast as the training-free one: same speed
+    row, two points, each with its own agreement."""
+    report = {
+        "rows": [
+            {
+                "name": "fidelity-test",
+                "config": "tome-r13-variant",
+                "training": t,
+                "eval": {"dev": {"agreement_top1": a, "student_top1_acc": 0.8}},
+            }
+            for t, a in (("distilled", 0.9), ("training-free", 0.876))
+        ]
+    }
+    for row in report["rows"]:
+        row["config"] = "merge=13"
+    fidelity = fidelity_from_report(report, "dev")
+    assert set(fidelity) == {"fidelity-test (distilled)", "fidelity-test (training-free)"}
+    speed = _speed_report()
+    speed["rows"].append({**speed["rows"][1], "config": "merge=13", "name": "tome-r13"})
+    points, missing = speed_points(
+        speed, fidelity, arch="deit_small_patch16_224", dtype="bfloat16", batch=256, compiled=False
+    )
+    merged = sorted((p.agreement, p.speedup) for p in points if p.label != "dense")
+    assert merged == [(0.876, 2.3), (0.9, 2.3)]
+    assert set(missing) == {"glad-s3-t3", "glad-t3", "dgssa-s2"}

@@ -25,7 +25,10 @@ RESULT_KEYS = {
     "levels",
     "plots",
 }
-LEVEL_KEYS = {"img_s", "p50_ms", "p95_ms", "p99_ms", "mean_batch", "decode_ms", "queue_ms"}
+LEVEL_KEYS = {
+    *("img_s", "p50_ms", "p95_ms", "p99_ms", "mean_batch", "decode_ms", "queue_ms"),
+    *("inference_ms", "device_us_per_image", "other_ms", "nvjpeg_share"),
+}
 
 
 def test_batch_totals_reads_one_models_histogram():
@@ -43,8 +46,8 @@ def test_speedups_are_relative_to_the_reference():
     assert speedups({"dense": 0.0, "glad": 1.0}, "dense") == {"glad": None}
 
 
-@pytest.mark.timeout(120)
-def test_bench_service_writes_json_and_plots(tmp_path, capsys):
+@pytest.mark.timeout(300)
+def test_bench_service_writes_json_and_plots_with_a_litserve_baseline(tmp_path, capsys):
     store = ModelStore(tmp_path / "store")
     add_tiny_entry(store, "tiny")
     cfg = CompressionConfig.parse("static=0;tokens=9@1")
@@ -57,7 +60,9 @@ def test_bench_service_writes_json_and_plots(tmp_path, capsys):
         *("--store", str(store.root), "--models", "tiny", "tiny-glad"),
         *("--concurrency", "1", "4", "--seconds", "1", "--warmup", "0.2"),
         *("--generated", "4", "--device", "cpu", "--ceiling-seconds", "0.3"),
-        *("--out", str(out), "--start-timeout", "120"),
+        *("--out", str(out), "--start-timeout", "120", "--images-per-request", "2"),
+        *("--client-processes", "2"),
+        "--litserve",
     ]
     assert main(argv) == 0
 
@@ -66,11 +71,25 @@ def test_bench_service_writes_json_and_plots(tmp_path, capsys):
     assert result.keys() >= RESULT_KEYS
     assert result["models"]["tiny-glad"]["variant"] == "compressed"
     assert result["speedup"] is not None and result["speedup"] > 0
-    assert len(result["levels"]) == 4
+    assert result["images_per_request"] == 2
+    # 2 models + the LitServe baseline, 2 levels each, and ours at half load (open loop)
+    assert len(result["levels"]) == 8
+    ours = [lv for lv in result["levels"] if not lv["model"].startswith("litserve:")]
+    half = result["half_load"]
+    assert half.keys() == {"tiny", "tiny-glad"}
+    for model, figures in half.items():
+        best = result["best_img_s"][model]
+        assert figures["offered_img_s"] == pytest.approx(best / 2)
+        assert figures["p99_ms"] > 0 and figures["img_s"] < best
     for level in result["levels"]:
         assert level.keys() >= LEVEL_KEYS
         assert level["requests"] > 0 and not level["errors"], level
-        assert level["mean_batch"] >= 1
+    for level in ours:
+        assert level["mean_batch"] >= 1 and level["nvjpeg_share"] == 0  # CPU: Pillow only
+        assert level["device_us_per_image"] > 0 and level["other_ms"] is not None
+    assert result["litserve"]["model"] == "litserve:tiny"
+    assert result["litserve"]["ours_over_litserve"] > 0
+    assert result["best_img_s"]["litserve:tiny"] > 0
     assert all(v > 0 for v in result["decode_ceiling_img_s"].values())
     for png in result["plots"].values():
         assert (out / png).stat().st_size > 0

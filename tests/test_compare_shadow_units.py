@@ -21,12 +21,17 @@ from tests.promtext import parse, value
 
 
 class CountingPreprocessor:
+    """Counts the decodes made ahead of the queues (compare mode's)."""
+
     def __init__(self, inner) -> None:
         self.inner, self.calls = inner, 0
 
-    def __call__(self, data: bytes):
+    def decode_crop(self, data: bytes):
         self.calls += 1
-        return self.inner(data)
+        return self.inner.decode_crop(data)
+
+    def __getattr__(self, name: str):
+        return getattr(self.inner, name)
 
 
 @pytest.fixture
@@ -63,9 +68,8 @@ def decodes(pool: ModelPool) -> dict[str, int]:
 
 
 async def test_compare_decodes_each_image_once_per_distinct_preprocessing(pool):
-    pipeline = ClassifyPipeline(pool, 2)
+    pipeline = ClassifyPipeline(pool)
     result = await compare(pipeline, ["a", "b", "c", "other"], images(3), 5, time.monotonic() + 30)
-    pipeline.close()
     assert result.decodes == 2
     # a, b, c share one preprocessing: decoded with a's; "other" decodes its own
     assert decodes(pool) == {"a": 3, "b": 0, "c": 0, "other": 3}
@@ -82,7 +86,7 @@ def blocked(model: ServedModel) -> threading.Event:
 
 
 async def test_shadow_copies_are_bounded_and_never_awaited_by_the_caller(pool):
-    pipeline = ClassifyPipeline(pool, 2)
+    pipeline = ClassifyPipeline(pool)
     metrics = pool.metrics
     shadow = ShadowTraffic(pool.settings, pipeline, metrics)
     primary = pool.models["a"]
@@ -106,11 +110,10 @@ async def test_shadow_copies_are_bounded_and_never_awaited_by_the_caller(pool):
         for o in ("agree", "disagree")
     )
     assert agreed == 1
-    pipeline.close()
 
 
 async def test_a_shadow_that_is_not_serving_drops_the_copy(pool):
-    pipeline = ClassifyPipeline(pool, 2)
+    pipeline = ClassifyPipeline(pool)
     shadow = ShadowTraffic(pool.settings, pipeline, pool.metrics)
     served = await pipeline.classify("a", images(2), 5, time.monotonic() + 30)
     pool.models["b"].state = ModelState.FAILED
@@ -119,11 +122,10 @@ async def test_a_shadow_that_is_not_serving_drops_the_copy(pool):
     labels = {"reference": "a", "candidate": "b", "reason": "unavailable"}
     assert value(samples, "vitserve_shadow_dropped_total", **labels) == 2
     assert shadow.pending == 0
-    pipeline.close()
 
 
 async def test_closing_cancels_copies_still_running(pool):
-    pipeline = ClassifyPipeline(pool, 2)
+    pipeline = ClassifyPipeline(pool)
     shadow = ShadowTraffic(pool.settings, pipeline, pool.metrics)
     served = await pipeline.classify("a", images(1), 5, time.monotonic() + 30)
     gate = blocked(pool.models["b"])
@@ -131,4 +133,3 @@ async def test_closing_cancels_copies_still_running(pool):
     await shadow.close()
     assert shadow.pending == 0
     gate.set()
-    pipeline.close()

@@ -34,6 +34,27 @@ def test_merge_family_needs_no_training_data(store, capsys):
     assert "training-free" in capsys.readouterr().out
 
 
+def test_speed_can_be_left_to_the_benchmark(store):
+    """Several jobs sharing a GPU would time each other: `--speed-arch none` skips it."""
+    assert compress(store, "--family", "merge", "--r", "2", "--speed-arch", "none") == 0
+    assert "speed" not in store.load("tiny-merge2").manifest.metrics
+
+
+def test_the_reproduce_command_carries_every_option_that_changes_the_result():
+    from pathlib import Path
+
+    from app.vit.compress_job import reproduce_command
+    from app.vit.config import CompressionConfig
+    from app.vit.distill import DistillOptions
+
+    opts = DistillOptions(steps=1000, lr=1e-4, hard_weight=0.5, num_workers=3, log_every=7)
+    command = reproduce_command(
+        "tiny", CompressionConfig.parse("merge=2"), Path("train"), [], Path("dev"), "out", opts
+    )
+    assert "--steps 1000" in command and "--seed 0" in command
+    assert """--options '{"lr":0.0001,"hard_weight":0.5}'""" in command  # not the loader knobs
+
+
 def test_learned_configs_refuse_to_skip_training(store):
     assert compress(store, "--config", "static=0", "--device", "cpu") == 2
     assert store.names() == ["tiny"]

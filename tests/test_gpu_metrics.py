@@ -1,13 +1,20 @@
-"""GPU metrics on this CPU-only machine: nothing without CUDA, and, with torch's CUDA and
-NVML queries stubbed, the series a GPU host would export."""
+"""GPU metrics: nothing without CUDA; with torch's CUDA and NVML queries stubbed, the series
+a GPU host exports; and on a real GPU (device runs), those series from a real server."""
 
 from __future__ import annotations
 
+import httpx
+import pytest
 import torch
 
+from app.bench.server import running_server
 from app.serving.gpu_metrics import GpuCollector
 from app.serving.metrics import Metrics
+from app.store import ModelStore
+from tests.helpers import add_tiny_entry, image_bytes, serve_env
 from tests.promtext import parse, value
+
+JPEG = {"content-type": "image/jpeg"}
 
 
 def gpu_samples(metrics: Metrics) -> dict:
@@ -52,3 +59,20 @@ def test_torch_allocator_figures_are_sampled_per_device(monkeypatch):
     samples = gpu_samples(metrics)
     assert value(samples, "vitserve_gpu_memory_allocated_bytes", gpu="1") == 2000
     assert value(samples, "vitserve_gpu_memory_reserved_bytes", gpu="1") == 8000
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_real_cuda_server_exports_gpu_memory_and_utilisation(tmp_path):
+    """No stubs: a server on the GPU, one request, then its /metrics read as text."""
+    store = ModelStore(tmp_path)
+    add_tiny_entry(store, "tiny")
+    env = serve_env(store, device="cuda")
+    with running_server(env) as base:
+        r = httpx.post(f"{base}/classify", content=image_bytes("JPEG"), headers=JPEG)
+        assert r.status_code == 200, r.text
+        samples = parse(httpx.get(f"{base}/metrics").text)
+    assert value(samples, "vitserve_gpu_memory_allocated_bytes", gpu="0") > 0
+    assert value(samples, "vitserve_gpu_memory_reserved_bytes", gpu="0") > 0
+    assert value(samples, "vitserve_gpu_memory_used_bytes", gpu="0") > 0  # NVML
+    assert 0 <= value(samples, "vitserve_gpu_utilization_ratio", gpu="0") <= 1

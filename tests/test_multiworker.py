@@ -11,12 +11,13 @@ import time
 
 import httpx
 
-from app.bench.server import free_port
+from app.bench.server import free_port, running_server
 from app.store import ModelStore
-from tests.helpers import REPO, add_tiny_entry, image_bytes
+from tests.helpers import REPO, add_tiny_entry, image_bytes, serve_env
 from tests.promtext import parse, total, value
 
 REQUESTS = 24
+JPEG = {"content-type": "image/jpeg"}
 
 
 def wait_ready(base: str, proc: subprocess.Popen, timeout_s: float = 120) -> None:
@@ -82,3 +83,19 @@ def test_two_workers_report_one_aggregate(tmp_path):
         proc.wait(30)
     # graceful exit marked both workers dead: no live gauge is left to be summed
     assert not list(metrics_dir.glob("gauge_live*.db"))
+
+
+def test_vitserve_serve_workers_share_one_metrics_view(tmp_path):
+    """`VITSERVE_WORKERS=2 vitserve serve`: the CLI starts the workers and gives them a
+    metrics folder of its own, so any worker's /metrics counts every request."""
+    store = ModelStore(tmp_path / "store")
+    add_tiny_entry(store, "tiny")
+    env = serve_env(store, workers=2, max_batch_size=4)
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    with running_server(env, ready_streak=16) as base:
+        for _ in range(REQUESTS):
+            r = httpx.post(f"{base}/classify", content=image_bytes(), headers=JPEG)
+            assert r.status_code == 200
+        for _ in range(5):
+            samples = parse(httpx.get(f"{base}/metrics").text)
+            assert value(samples, "vitserve_images_total", model="tiny") == REQUESTS

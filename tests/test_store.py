@@ -58,6 +58,10 @@ def test_checksum_mismatch_is_refused(store):
             Source(kind="compress", ref="tiny", details={"command": "vitserve compress --x"}),
             "vitserve compress --x",
         ),
+        (
+            Source(kind="random", details={"command": "vitserve store random x --name y"}),
+            "vitserve store random x --name y",
+        ),
     ],
 )
 def test_missing_weights_say_how_to_fetch_them(store, source, command):
@@ -167,3 +171,16 @@ def test_a_pickle_dropped_into_the_store_is_not_read(store, tmp_path):
     with pytest.raises(ManifestInvalid):
         store.load("tiny")
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("config", [None, "tome-r8"])
+def test_random_entries_serve_speed_tests_where_no_weights_exist(store, config):
+    from app.store.pull import random_entry
+
+    manifest = random_entry(store, "vit_tiny_patch16_224", name="r", config=config, seed=3)
+    assert manifest.source.kind == "random" and "random" in manifest.description
+    assert manifest.variant == ("compressed" if config else "dense")
+    assert "--seed 3" in manifest.source.details["command"]
+    random_entry(store, "vit_tiny_patch16_224", name="r2", config=config, seed=3)
+    first, again = store.load("r").module.state_dict(), store.load("r2").module.state_dict()
+    assert all(torch.equal(first[k], again[k]) for k in first)  # seeded

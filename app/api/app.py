@@ -40,7 +40,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         pool = ModelPool(settings, ModelStore(settings.store_dir), metrics)
         app.state.ab_router = experiments(settings, pool.selected_names(), metrics)
         app.state.pool = pool
-        app.state.pipeline = ClassifyPipeline(pool, settings.decode_workers)
+        app.state.pipeline = ClassifyPipeline(pool)
         app.state.shadow = ShadowTraffic(settings, app.state.pipeline, metrics)
         await pool.start()
         try:
@@ -49,7 +49,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             log.info("shutting down: finishing queued requests")
             await app.state.shadow.close()
             await pool.stop()
-            app.state.pipeline.close()
             metrics.process_exiting()
 
     app = FastAPI(title="vitserve", version=__version__, description=DESCRIPTION, lifespan=lifespan)

@@ -97,6 +97,7 @@ def image_classification(r: ImageResult) -> ImageClassification:
             queue_ms=1000 * r.queue_s,
             inference_ms=1000 * r.inference_s,
             batch_size=r.batch_size,
+            decoder=r.decoder,
         ),
     )
 

@@ -16,10 +16,13 @@ class LabelScore(BaseModel):
 
 
 class ImageTimings(BaseModel):
-    decode_ms: float
+    decode_ms: float = Field(description="Decode stage (decode + resize + crop) of its batch.")
     queue_ms: float = Field(description="Wait in the model's queue before its batch ran.")
     inference_ms: float = Field(description="Forward time of the batch this image ran in.")
     batch_size: int
+    decoder: str | None = Field(
+        description="'nvjpeg' (GPU), 'pillow', or null when decoded before queueing (compare)."
+    )
 
 
 class ImageClassification(BaseModel):

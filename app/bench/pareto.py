@@ -4,7 +4,10 @@ A config is only interesting if no other config is both faster and closer to the
 model; the plot shows every measured config, the Pareto front through the undominated
 ones, and the two target bars (2.0x at 80 % agreement, 2.2x at 85 %) as corners of the
 region a config must reach. Speed comes from a ``run_models_bench`` JSON (ratios from one
-run), fidelity from the store manifests the compress job wrote.
+run); fidelity from the store manifests the compress job wrote, or from a
+``python -m app.bench.fidelity`` report (every variant on the same images). Fidelity is
+keyed by variant, not config: a distilled model and the training-free one of the same
+config run at the same speed and are two points.
 """
 
 from __future__ import annotations
@@ -52,11 +55,10 @@ def pareto_front(points: Iterable[P]) -> list[P]:
 
 
 def collect_fidelity(store_root: Path | str, *, arch: str | None = None) -> dict[str, dict]:
-    """``{config text: {'agreement_top1', 'top1', 'model', 'architecture'}}`` from the
+    """``{entry: {'config', 'agreement_top1', 'top1', 'model', 'architecture'}}`` from the
     compressed entries whose manifest has ``metrics.fidelity``; ``arch`` filters by dense
     architecture. Unreadable manifests are skipped with a warning, not fatal: one broken
-    entry should not hide the others. Of two entries with one config the first (by name)
-    is kept.
+    entry should not hide the others.
     """
     store = ModelStore(store_root)
     out: dict[str, dict] = {}
@@ -74,17 +76,28 @@ def collect_fidelity(store_root: Path | str, *, arch: str | None = None) -> dict
         if "agreement_top1" not in fidelity:
             log.warning("skipping %s: metrics.fidelity has no agreement_top1", name)
             continue
-        key = str(manifest.compression)
-        if key in out:
-            log.warning("%s repeats config %s of %s; keeping the first", name, key, out[key])
-            continue
-        out[key] = {
+        out[name] = {
+            "config": str(manifest.compression),
             "agreement_top1": fidelity["agreement_top1"],
             "top1": fidelity.get("student_top1_acc"),
             "model": name,
             "architecture": manifest.architecture,
         }
     return out
+
+
+def fidelity_from_report(report: Mapping[str, Any], folder: str) -> dict[str, dict]:
+    """``{variant (training): {'config', 'agreement_top1', 'top1'}}`` on ``folder`` from an
+    ``app.bench.fidelity`` report (variants not evaluated there are left out)."""
+    return {
+        f"{row['name']} ({row['training']})": {
+            "config": row["config"],
+            "agreement_top1": row["eval"][folder]["agreement_top1"],
+            "top1": row["eval"][folder].get("student_top1_acc"),
+        }
+        for row in report["rows"]
+        if folder in row["eval"]
+    }
 
 
 def _load(speed_json: Path | Mapping[str, Any]) -> Mapping[str, Any]:
@@ -102,31 +115,33 @@ def speed_points(
     batch: int,
     compiled: bool,
 ) -> tuple[list[ParetoPoint], list[str]]:
-    """Points of the configs with both a speed row and fidelity, plus the names that lack
-    fidelity. Dense is the point (1, 1): agreement with itself is total."""
-    by_config = {str(resolve_config(k)): v for k, v in fidelity.items()}
+    """A point per fidelity entry whose config has a speed row in the slice, plus the
+    speed rows no entry gives fidelity for. ``fidelity`` maps a label to its figures and
+    ``config`` (a label without one is itself the config: a preset name or config text).
+    Dense is the point (1, 1): agreement with itself is total."""
+    rows = {
+        row["config"]: row
+        for row in report["rows"]
+        if (row["arch"], row["dtype"], row["batch"], row["compiled"])
+        == (arch, dtype_name(dtype), batch, compiled)
+        and row["config"] != "dense"
+        and row["speedup"] is not None
+    }
     points = [ParetoPoint(1.0, 1.0, "dense")]
-    missing = []
-    for row in report["rows"]:
-        if (row["arch"], row["dtype"], row["batch"], row["compiled"]) != (
-            arch,
-            dtype_name(dtype),
-            batch,
-            compiled,
-        ):
+    measured = set()
+    for label, fid in fidelity.items():
+        config = str(resolve_config(fid.get("config", label)))
+        row = rows.get(config)
+        if row is None:
             continue
-        if row["config"] == "dense" or row["speedup"] is None:
-            continue
-        fid = by_config.get(row["config"])
-        if fid is None:
-            missing.append(row["name"])
-            continue
+        measured.add(config)
         agreement = float(fid["agreement_top1"])
         if not 0.0 <= agreement <= 1.0:
-            raise ValueError(f"{row['config']}: agreement_top1 {agreement} is not a fraction")
+            raise ValueError(f"{label}: agreement_top1 {agreement} is not a fraction")
         top1 = fid.get("top1")
-        label = row["name"] if top1 is None else f"{row['name']} (top-1 {100 * top1:.1f}%)"
-        points.append(ParetoPoint(float(row["speedup"]), agreement, label))
+        text = label if top1 is None else f"{label} (top-1 {100 * top1:.1f}%)"
+        points.append(ParetoPoint(float(row["speedup"]), agreement, text))
+    missing = [row["name"] for config, row in rows.items() if config not in measured]
     return points, missing
 
 

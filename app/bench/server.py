@@ -35,8 +35,11 @@ class ServerURL(str):
 
 
 @contextmanager
-def running_server(env: dict[str, str], timeout_s: float = 300) -> Iterator[ServerURL]:
-    """Yield the base URL once /readyz answers 200; stop with SIGINT (graceful) after."""
+def running_server(
+    env: dict[str, str], timeout_s: float = 300, ready_streak: int = 1
+) -> Iterator[ServerURL]:
+    """Yield the base URL once /readyz answers 200 ``ready_streak`` times in a row (each on a
+    fresh connection: with several workers, any one may answer); stop with SIGINT after."""
     port = free_port()
     full_env = {**os.environ, **env, "VITSERVE_HOST": "127.0.0.1", "VITSERVE_PORT": str(port)}
     full_env.setdefault("VITSERVE_LOG_LEVEL", "warning")
@@ -50,19 +53,19 @@ def running_server(env: dict[str, str], timeout_s: float = 300) -> Iterator[Serv
     base = ServerURL(f"http://127.0.0.1:{port}")
     base.proc = proc
     try:
-        deadline = time.monotonic() + timeout_s
-        while True:
+        deadline, streak = time.monotonic() + timeout_s, 0
+        while streak < ready_streak:
             if proc.poll() is not None:
                 output = proc.stdout.read().decode()
                 raise RuntimeError(f"server exited {proc.returncode}: {output}")
             try:
-                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                    break
+                ok = httpx.get(f"{base}/readyz", timeout=2).status_code == 200
             except httpx.TransportError:
-                pass
+                ok = False
+            streak = streak + 1 if ok else 0
             if time.monotonic() > deadline:
                 raise TimeoutError(f"server did not become ready in {timeout_s:.0f}s")
-            time.sleep(0.2)
+            time.sleep(0.02 if ok else 0.2)
         yield base
     finally:
         if proc.poll() is None:

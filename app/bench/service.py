@@ -3,28 +3,39 @@
 The forward-pass benchmark (``app.bench.models``) says what a model could do; this says
 what the service does with it: HTTP, decoding, queueing and dynamic batching included.
 A closed-loop asyncio client keeps ``c`` requests in flight for each concurrency level
-and model, the models interleaved per level so drift hits them alike. Per level it
-reports images/s, latency percentiles, the mean batch the server formed (``/metrics``
-deltas) and the server's own time split per image. The request-path ceiling -- the app's
-``Preprocessor`` alone on the same images, in as many threads as the server decodes with
--- shows how much of the gap to it is the model and how much is the service.
+and model, the models interleaved per level so drift hits them alike; each request is a
+multipart upload of ``--images-per-request`` images. Per level it reports images/s,
+latency percentiles, the mean batch the server formed (``/metrics`` deltas) and where an
+image's time went: the server's decode stage, queue and forward pass, the device time per
+image, and the rest (HTTP, parsing, encoding, client). The request-path ceiling -- the
+server's own decode stage alone (nvjpeg or Pillow, as configured) on the same images, in
+batches, no model, no HTTP -- shows how close to its plumbing's limit the service runs.
+
+``--litserve`` adds LitServe serving the reference model with its own batching
+(``app.bench.litserve_baseline``), driven by the same client with the same images, one
+image per request (all LitServe takes).
 
 Closed loop, same machine: the client shares the CPU with the server, so on CPU the
-numbers are a floor; on a GPU host the client is negligible.
+numbers are a floor; on a GPU host the client costs little.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import multiprocessing
+import os
+import random
 import time
 from collections import Counter
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import httpx
 import numpy as np
@@ -52,15 +63,21 @@ class Level:
     p95_ms: float | None
     p99_ms: float | None
     mean_batch: float | None
-    decode_ms: float | None
+    decode_ms: float | None  # the decode stage of an image's batch (decode + resize + crop)
     queue_ms: float | None
-    inference_ms: float | None
+    inference_ms: float | None  # the forward pass of an image's batch
+    device_us_per_image: float | None  # forward time / batch size
+    other_ms: float | None  # latency not spent in the stages above: HTTP, parsing, client
+    nvjpeg_share: float | None  # images the GPU decoded
+    offered_img_s: float | None = None  # open loop: the arrival rate (concurrency: its cap)
 
 
 @dataclass
 class _Samples:
     latencies_ms: list[float] = field(default_factory=list)
-    splits: list[tuple[float, float, float]] = field(default_factory=list)
+    # per image: decode, queue, inference (ms), batch size, request latency (ms)
+    splits: list[tuple[float, float, float, float, float]] = field(default_factory=list)
+    decoders: Counter[str] = field(default_factory=Counter)
     errors: Counter[str] = field(default_factory=Counter)
     images: int = 0
 
@@ -75,48 +92,140 @@ def batch_totals(metrics_text: str, model: str) -> tuple[float, float]:
     return values["vitserve_batch_size_sum"], values["vitserve_batch_size_count"]
 
 
-async def _worker(
-    http: httpx.AsyncClient, model: str, images: Images, start: int, until: float, out: _Samples
+@dataclass(frozen=True)
+class Load:
+    """What each request carries: ``per_request`` images of ``images``, as multipart."""
+
+    images: Images
+    per_request: int = 1
+
+    def files(self, i: int) -> list[tuple[str, tuple[str, bytes, str]]]:
+        picked = [self.images[(i + k) % len(self.images)] for k in range(self.per_request)]
+        return [("file", (name, data, content_type(name))) for name, data in picked]
+
+
+async def _request(
+    http: httpx.AsyncClient, params: dict[str, Any], files: list[Any], out: _Samples
 ) -> None:
-    i = start
-    while time.perf_counter() < until:
-        name, data = images[i % len(images)]
-        i += 1
-        t0 = time.perf_counter()
-        try:
-            r = await http.post(
-                "/classify",
-                params={"model": model, "top_k": 1},
-                content=data,
-                headers={"content-type": content_type(name)},
+    t0 = time.perf_counter()
+    try:
+        r = await http.post("/classify", params=params, files=files)
+    except httpx.HTTPError as exc:
+        out.errors[type(exc).__name__] += 1
+        return
+    elapsed_ms = (time.perf_counter() - t0) * 1e3
+    if r.status_code != 200:
+        out.errors[str(r.status_code)] += 1
+        return
+    out.latencies_ms.append(elapsed_ms)
+    for result in r.json()["results"]:
+        out.images += 1
+        t = result.get("timings")  # a LitServe baseline reports none
+        if t:
+            out.splits.append(
+                (t["decode_ms"], t["queue_ms"], t["inference_ms"], t["batch_size"], elapsed_ms)
             )
-        except httpx.HTTPError as exc:
-            out.errors[type(exc).__name__] += 1
-            continue
-        elapsed_ms = (time.perf_counter() - t0) * 1e3
-        if r.status_code != 200:
-            out.errors[str(r.status_code)] += 1
-            continue
-        out.latencies_ms.append(elapsed_ms)
-        for result in r.json()["results"]:
-            t = result["timings"]
-            out.splits.append((t["decode_ms"], t["queue_ms"], t["inference_ms"]))
-            out.images += 1
+            out.decoders[str(t.get("decoder"))] += 1
+
+
+def _params(model: str | None) -> dict[str, Any]:
+    return {"top_k": 1} | ({"model": model} if model else {})
 
 
 async def _drive(
-    base: str, model: str, images: Images, concurrency: int, seconds: float
+    base: str,
+    model: str | None,
+    load: Load,
+    concurrency: int,
+    seconds: float,
+    first: int = 0,
+    rate: float | None = None,
 ) -> tuple[_Samples, float]:
-    """Keep ``concurrency`` requests in flight for ``seconds``; one connection each."""
+    """Closed loop: keep ``concurrency`` requests in flight for ``seconds``, one connection
+    each. Open loop (``rate`` requests/s): Poisson arrivals whatever the answers do, as
+    independent users would send them; ``concurrency`` then caps the connections."""
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    samples = _Samples()
     async with httpx.AsyncClient(base_url=base, limits=limits, timeout=120) as http:
-        samples = _Samples()
         started = time.perf_counter()
         until = started + seconds
-        await asyncio.gather(
-            *(_worker(http, model, images, k, until, samples) for k in range(concurrency))
-        )
+        if rate is None:
+
+            async def worker(k: int) -> None:
+                i = k * load.per_request
+                while time.perf_counter() < until:
+                    await _request(http, _params(model), load.files(i), samples)
+                    i += load.per_request
+
+            await asyncio.gather(*(worker(first + k) for k in range(concurrency)))
+        else:
+            arrivals, tasks = random.Random(first), []
+            due, i = started, first * load.per_request
+            while due < until:
+                await asyncio.sleep(max(0.0, due - time.perf_counter()))
+                tasks.append(
+                    asyncio.create_task(_request(http, _params(model), load.files(i), samples))
+                )
+                i += load.per_request
+                due += arrivals.expovariate(rate)
+            await asyncio.gather(*tasks)
         return samples, time.perf_counter() - started
+
+
+def _drive_in_process(*args: Any) -> tuple[_Samples, float]:
+    return asyncio.run(_drive(*args))
+
+
+class Client:
+    """The closed-loop load, from ``processes`` client processes with one event loop each:
+    one Python process with httpx tops out near a couple of thousand requests/s, less than
+    the service answers on a GPU."""
+
+    def __init__(self, processes: int = 1) -> None:
+        self.processes = processes
+        self._pool = (
+            ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"))
+            if processes > 1
+            else None
+        )
+
+    def close(self) -> None:
+        if self._pool:
+            self._pool.shutdown()
+
+    def drive(
+        self,
+        base: str,
+        model: str | None,
+        load: Load,
+        concurrency: int,
+        seconds: float,
+        rate: float | None = None,
+    ) -> tuple[_Samples, float]:
+        """Closed loop at ``concurrency``, or open loop at ``rate`` requests/s in all."""
+        url = str.__str__(base)  # a plain str: a ServerURL carries its (unpicklable) process
+        if self._pool is None or concurrency == 1:
+            return asyncio.run(_drive(url, model, load, concurrency, seconds, 0, rate))
+        parts = min(self.processes, concurrency)
+        shares = [concurrency // parts + (i < concurrency % parts) for i in range(parts)]
+        firsts = [sum(shares[:i]) for i in range(parts)]
+        futures = [
+            self._pool.submit(
+                _drive_in_process,
+                *(url, model, load, share, seconds, first),
+                None if rate is None else rate * share / concurrency,
+            )
+            for share, first in zip(shares, firsts, strict=True)
+        ]
+        done = [f.result() for f in futures]
+        total = _Samples()
+        for samples, _ in done:
+            total.latencies_ms += samples.latencies_ms
+            total.splits += samples.splits
+            total.decoders.update(samples.decoders)
+            total.errors.update(samples.errors)
+            total.images += samples.images
+        return total, max(elapsed for _, elapsed in done)
 
 
 def _pct(values: Sequence[float], q: float) -> float | None:
@@ -124,17 +233,40 @@ def _pct(values: Sequence[float], q: float) -> float | None:
 
 
 def measure_level(
-    base: str, model: str, images: Images, concurrency: int, seconds: float, warmup: float
+    client: Client,
+    base: str,
+    model: str,
+    load: Load,
+    concurrency: int,
+    seconds: float,
+    warmup: float,
+    *,
+    baseline: bool = False,
+    offered_img_s: float | None = None,
 ) -> Level:
-    """Warm up (not measured: connections open, batcher fills), then measure."""
+    """Warm up (not measured: connections open, batcher fills), then measure; closed loop,
+    or open loop at ``offered_img_s``. A ``baseline`` server (LitServe) serves one model
+    at its root and has no /metrics."""
+    route_model = None if baseline else model
+    rate = None if offered_img_s is None else offered_img_s / load.per_request
     if warmup > 0:
-        asyncio.run(_drive(base, model, images, concurrency, warmup))
-    before = batch_totals(httpx.get(f"{base}/metrics", timeout=30).text, model)
-    samples, elapsed = asyncio.run(_drive(base, model, images, concurrency, seconds))
-    after = batch_totals(httpx.get(f"{base}/metrics", timeout=30).text, model)
+        client.drive(base, route_model, load, concurrency, warmup, rate)
+    if baseline:
+        samples, elapsed = client.drive(base, None, load, concurrency, seconds, rate)
+        before = after = (0.0, 0.0)
+    else:
+        before = batch_totals(httpx.get(f"{base}/metrics", timeout=30).text, model)
+        samples, elapsed = client.drive(base, model, load, concurrency, seconds, rate)
+        after = batch_totals(httpx.get(f"{base}/metrics", timeout=30).text, model)
     batches = after[1] - before[1]
-    splits = np.asarray(samples.splits, dtype=np.float64).reshape(-1, 3)
-    means = splits.mean(axis=0).tolist() if len(splits) else [None, None, None]
+    splits = np.asarray(samples.splits, dtype=np.float64).reshape(-1, 5)
+    means: list[float | None] = [None] * 5
+    device_us = other_ms = None
+    if len(splits):
+        means = splits.mean(axis=0).tolist()
+        device_us = float((splits[:, 2] / splits[:, 3]).mean() * 1e3)
+        other_ms = float((splits[:, 4] - splits[:, :3].sum(axis=1)).mean())
+    decoded = sum(samples.decoders.values())
     return Level(
         model=model,
         concurrency=concurrency,
@@ -149,25 +281,48 @@ def measure_level(
         decode_ms=means[0],
         queue_ms=means[1],
         inference_ms=means[2],
+        device_us_per_image=device_us,
+        other_ms=other_ms,
+        nvjpeg_share=samples.decoders["nvjpeg"] / decoded if decoded else None,
+        offered_img_s=offered_img_s,
     )
 
 
 def decode_ceiling(
-    preprocessing: Any, max_pixels: int, images: Images, workers: int, seconds: float
+    preprocessing: Any,
+    settings: Any,
+    images: Images,
+    *,
+    device: str,
+    batch_size: int,
+    seconds: float,
 ) -> float:
-    """Images/s of the app's own decode + eval transform, no model, no HTTP: the most the
-    request path could deliver with ``workers`` decode threads (the server's count)."""
+    """Images/s of the server's own decode stage (probe + batch decode + resize + crop +
+    normalise, nvjpeg or Pillow as the server would choose), no model, no HTTP: the most
+    the request path could deliver."""
+    from app.devices import resolve_device, resolve_dtype
+    from app.serving.decode import BatchDecoder, Encoded
     from app.serving.preprocess import Preprocessor
 
-    pre = Preprocessor(preprocessing, max_pixels)
-    pre(images[0][1])  # first call builds lazy state; keep it out of the number
-    done = 0
-    started = time.perf_counter()
-    with ThreadPoolExecutor(workers) as pool:
+    pre = Preprocessor(preprocessing, settings.max_image_pixels)
+    dev = resolve_device(device)
+    with ThreadPoolExecutor(settings.decode_workers) as pool:
+        decoder = BatchDecoder(
+            pre,
+            device=dev,
+            dtype=resolve_dtype(settings.dtype, dev),
+            pool=pool,
+            nvjpeg=settings.gpu_decode,
+        )
+        decoder.warm_up()
+        datas = [data for _, data in images]
+        batch = (datas * (batch_size // len(datas) + 1))[:batch_size]
+        done = 0
+        started = time.perf_counter()
         while time.perf_counter() - started < seconds:
-            batch = [data for _, data in images] * max(1, workers // len(images) + 1)
-            done += sum(1 for _ in pool.map(pre, batch))
-    return done / (time.perf_counter() - started)
+            decoder([Encoded(d, pre.probe(d)) for d in batch])
+            done += len(batch)
+        return done / (time.perf_counter() - started)
 
 
 def speedups(best: dict[str, float], reference: str) -> dict[str, float | None]:
@@ -181,20 +336,28 @@ def format_table(levels: list[Level], ceilings: dict[str, float]) -> str:
         return "-" if v is None else format(v, spec)
 
     head = (
-        f"{'model':24s} {'conc':>4s} {'img/s':>8s} {'ceil%':>6s} {'p50':>8s} {'p95':>8s} "
-        f"{'p99':>8s} {'batch':>6s} {'dec':>6s} {'queue':>7s} {'infer':>7s} {'err':>5s}"
+        f"{'model':28s} {'conc':>4s} {'img/s':>8s} {'ceil%':>6s} {'p50':>8s} {'p95':>8s} "
+        f"{'p99':>8s} {'batch':>6s} {'dec':>6s} {'queue':>7s} {'infer':>7s} {'us/img':>7s} "
+        f"{'other':>7s} {'gpu-dec':>7s} {'err':>5s}"
     )
     rows = [head, "-" * len(head)]
     for lv in levels:
         ceil = ceilings.get(lv.model)
         rows.append(
-            f"{lv.model[:24]:24s} {lv.concurrency:4d} {lv.img_s:8.1f} "
+            f"{lv.model[:28]:28s} {'½' if lv.offered_img_s else lv.concurrency:>4} {lv.img_s:8.1f} "
             f"{f(100 * lv.img_s / ceil if ceil else None, '.0f'):>6s} "
             f"{f(lv.p50_ms):>8s} {f(lv.p95_ms):>8s} {f(lv.p99_ms):>8s} "
             f"{f(lv.mean_batch):>6s} {f(lv.decode_ms):>6s} {f(lv.queue_ms):>7s} "
-            f"{f(lv.inference_ms):>7s} {sum(lv.errors.values()):5d}"
+            f"{f(lv.inference_ms):>7s} {f(lv.device_us_per_image, '.0f'):>7s} "
+            f"{f(lv.other_ms):>7s} {f(lv.nvjpeg_share, '.0%'):>7s} {sum(lv.errors.values()):5d}"
         )
-    rows.append("latency in ms (client); dec/queue/infer: server ms per image; ceil%: of decode")
+    rows.append(
+        "latency in ms (client, per request); dec/queue/infer: server ms per image (its "
+        "batch's decode stage, queue wait, forward); us/img: forward time per image; other: "
+        "latency outside those stages (HTTP, parsing, client); gpu-dec: share nvjpeg "
+        "decoded; ceil%: of the decode stage alone (no model, no HTTP); conc ½: open loop, "
+        "Poisson arrivals at half the best closed-loop throughput"
+    )
     return "\n".join(rows)
 
 
@@ -205,7 +368,9 @@ def plot(levels: list[Level], model: str, ceiling: float | None, path: Path) -> 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    mine = [lv for lv in levels if lv.model == model and lv.p50_ms is not None]
+    mine = [
+        lv for lv in levels if lv.model == model and lv.p50_ms is not None and not lv.offered_img_s
+    ]
     fig, ax = plt.subplots(figsize=(6, 4))
     x = [lv.img_s for lv in mine]
     for attr, style in (("p50_ms", "o-"), ("p95_ms", "s--"), ("p99_ms", "^:")):
@@ -222,50 +387,85 @@ def plot(levels: list[Level], model: str, ceiling: float | None, path: Path) -> 
     plt.close(fig)
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    from app.config import Settings
-    from app.store import ModelStore
-
-    settings = Settings()
-    store = ModelStore(args.store)
-    images = load_images(args.images, count=args.generated)
-    decode_workers = args.decode_workers or settings.decode_workers
-    ceilings: dict[str, float] = {}
-    for model in args.models:  # before the server starts: it must not compete for CPU
-        ceilings[model] = decode_ceiling(
-            store.manifest(model).preprocessing,
-            settings.max_image_pixels,
-            images,
-            decode_workers,
-            args.ceiling_seconds,
-        )
-    env = {
+def server_env(args: argparse.Namespace) -> dict[str, str]:
+    """The serving settings under test, as the server's environment."""
+    optional = {
+        "VITSERVE_DTYPE": args.dtype,
+        "VITSERVE_MAX_BATCH_SIZE": args.max_batch_size,
+        "VITSERVE_QUEUE_SIZE": args.queue_size,
+        "VITSERVE_WORKERS": args.workers,
+        "VITSERVE_DECODE_WORKERS": args.decode_workers,
+        "VITSERVE_REPLICA_DEVICES": args.replica_devices,
+        "VITSERVE_GPU_DECODE": None if args.gpu_decode is None else str(args.gpu_decode).lower(),
+    }
+    return {
         "VITSERVE_STORE_DIR": str(args.store),
         "VITSERVE_DEFAULT_MODEL": args.models[0],
         "VITSERVE_MODELS": json.dumps(sorted(set(args.models))),
         "VITSERVE_DEVICE": args.device,
-        "VITSERVE_DECODE_WORKERS": str(decode_workers),
-        **({"VITSERVE_DTYPE": args.dtype} if args.dtype else {}),
-        **({"VITSERVE_MAX_BATCH_SIZE": str(args.max_batch_size)} if args.max_batch_size else {}),
+        **{k: str(v) for k, v in optional.items() if v is not None},
     }
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from app.config import Settings
+    from app.store import ModelStore
+
+    env = server_env(args)
+    with mock.patch.dict(os.environ, env):  # read exactly as the server will read them
+        settings = Settings()
+    store = ModelStore(args.store)
+    load = Load(load_images(args.images, count=args.generated), args.images_per_request)
+    ceilings: dict[str, float] = {}
+    for model in args.models:  # before the server starts: it must not compete for CPU
+        ceilings[model] = decode_ceiling(
+            store.manifest(model).preprocessing,
+            settings,
+            load.images,
+            device=args.device,
+            batch_size=settings.max_batch_size,
+            seconds=args.ceiling_seconds,
+        )
     levels: list[Level] = []
-    with running_server(env, timeout_s=args.start_timeout) as base:
-        info = {m["name"]: m for m in httpx.get(f"{base}/models", timeout=30).json()["models"]}
-        for k, concurrency in enumerate(args.concurrency):
-            # alternate the order per level, so neither model always runs first
-            order = args.models if k % 2 == 0 else list(reversed(args.models))
-            for model in order:
-                levels.append(
-                    measure_level(base, model, images, concurrency, args.seconds, args.warmup)
+    names = list(args.models)
+    with contextlib.closing(Client(args.client_processes)) as client:
+        streak = 8 * settings.workers  # every worker ready, not just the first to answer
+        with running_server(env, timeout_s=args.start_timeout, ready_streak=streak) as base:
+            info = {m["name"]: m for m in httpx.get(f"{base}/models", timeout=30).json()["models"]}
+            for k, concurrency in enumerate(args.concurrency):
+                # alternate the order per level, so neither model always runs first
+                order = args.models if k % 2 == 0 else list(reversed(args.models))
+                for model in order:
+                    level = measure_level(
+                        client, base, model, load, concurrency, args.seconds, args.warmup
+                    )
+                    levels.append(level)
+                    print(f"  {model} c={concurrency}: {level.img_s:.1f} img/s", flush=True)
+            for model in args.models if args.half_load else ():
+                best = max(lv.img_s for lv in levels if lv.model == model)
+                level = measure_level(
+                    client,
+                    base,
+                    model,
+                    load,
+                    2 * max(args.concurrency),
+                    args.seconds,
+                    args.warmup,
+                    offered_img_s=best / 2,
                 )
-                print(f"  {model} c={concurrency}: {levels[-1].img_s:.1f} img/s", flush=True)
-    levels.sort(key=lambda lv: (args.models.index(lv.model), lv.concurrency))
-    best = {m: max(lv.img_s for lv in levels if lv.model == m) for m in args.models}
-    ratios = speedups(best, args.models[0])
+                levels.append(level)
+                print(f"  {model} open loop at {best / 2:.0f} img/s: p99 {level.p99_ms} ms")
+        if args.litserve:  # after ours has stopped: nothing else on the device
+            names.append(run_litserve(args, settings, client, Load(load.images), levels))
+    levels.sort(
+        key=lambda lv: (names.index(lv.model), lv.offered_img_s is not None, lv.concurrency)
+    )
+    best = {m: max(lv.img_s for lv in levels if lv.model == m) for m in names}
+    ratios = speedups({m: best[m] for m in args.models}, args.models[0])
     env_facts = environment(timing_device(args.device))
-    return {
+    result = {
         **env_facts,
-        "batch": args.max_batch_size or settings.max_batch_size,
+        "batch": settings.max_batch_size,
         "dtype": info[args.models[0]].get("dtype"),
         "models": {
             m: {"variant": info[m].get("variant"), "compression": info[m].get("compression")}
@@ -274,15 +474,64 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "reference": args.models[0],
         "concurrency": list(args.concurrency),
         "seconds_per_level": args.seconds,
-        "images": len(images),
+        "images": len(load.images),
         "images_dir": str(args.images) if args.images else None,
-        "decode_workers": decode_workers,
+        "images_per_request": args.images_per_request,
+        "server": {k: v for k, v in env.items() if k != "VITSERVE_STORE_DIR"},
         "decode_ceiling_img_s": ceilings,
         "best_img_s": best,
         "speedups": ratios,
         "speedup": next(iter(ratios.values()), None),
+        "half_load": {
+            lv.model: {"offered_img_s": lv.offered_img_s, "img_s": lv.img_s, "p99_ms": lv.p99_ms}
+            for lv in levels
+            if lv.offered_img_s
+        },
         "levels": [asdict(lv) for lv in levels],
     }
+    if args.litserve:
+        litserve = names[-1]
+        result["litserve"] = {
+            "model": litserve,
+            "workers_per_device": args.litserve_workers,
+            "max_batch_size": settings.max_batch_size,
+            "batch_timeout_s": settings.max_delay_ms / 1000,
+            "images_per_request": 1,
+            "ours_over_litserve": best[args.models[0]] / best[litserve] if best[litserve] else None,
+        }
+    return result
+
+
+def run_litserve(
+    args: argparse.Namespace, settings: Any, client: Client, load: Load, levels: list[Level]
+) -> str:
+    """The reference model behind LitServe at the same levels; returns its row name."""
+    from app.bench.litserve_baseline import running_litserve
+
+    name = f"litserve:{args.models[0]}"
+    with running_litserve(
+        args.store,
+        args.models[0],
+        device="cuda" if timing_device(args.device).type == "cuda" else "cpu",
+        max_batch_size=settings.max_batch_size,
+        batch_timeout=settings.max_delay_ms / 1000,
+        workers_per_device=args.litserve_workers,
+        timeout_s=args.start_timeout,
+    ) as base:
+        for concurrency in args.concurrency:
+            level = measure_level(
+                client,
+                base,
+                args.models[0],
+                load,
+                concurrency,
+                args.seconds,
+                args.warmup,
+                baseline=True,
+            )
+            levels.append(replace(level, model=name))
+            print(f"  {name} c={concurrency}: {level.img_s:.1f} img/s", flush=True)
+    return name
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -303,6 +552,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--max-batch-size", dest="max_batch_size", type=int)
     p.add_argument("--decode-workers", dest="decode_workers", type=int)
+    p.add_argument("--queue-size", dest="queue_size", type=int, help="images a model queues")
+    p.add_argument("--workers", type=int, help="server worker processes (default 1)")
+    p.add_argument(
+        "--images-per-request",
+        dest="images_per_request",
+        type=int,
+        default=1,
+        help="images in each multipart request",
+    )
+    p.add_argument(
+        "--gpu-decode",
+        dest="gpu_decode",
+        action=argparse.BooleanOptionalAction,
+        help="nvjpeg on CUDA (server default: on)",
+    )
+    p.add_argument(
+        "--replica-devices",
+        dest="replica_devices",
+        help='JSON list, one replica per device, e.g. \'["cuda:0","cuda:1"]\'',
+    )
+    p.add_argument(
+        "--litserve",
+        action="store_true",
+        help="also serve the reference model with LitServe (same client, images, batching)",
+    )
+    p.add_argument("--litserve-workers", dest="litserve_workers", type=int, default=1)
+    p.add_argument(
+        "--half-load",
+        dest="half_load",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="finish with an open-loop level at half the best throughput (latency at half load)",
+    )
+    p.add_argument(
+        "--client-processes",
+        dest="client_processes",
+        type=int,
+        default=1,
+        help="client processes sharing each concurrency level (one tops out ~2k req/s)",
+    )
     p.add_argument("--ceiling-seconds", dest="ceiling_seconds", type=float, default=3.0)
     p.add_argument("--start-timeout", dest="start_timeout", type=float, default=600)
     p.add_argument("--out", type=Path, default=Path("bench/results"))
@@ -311,8 +600,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if any(c < 1 for c in args.concurrency):
-        raise SystemExit("--concurrency levels must be >= 1")
+    if any(c < 1 for c in args.concurrency) or args.images_per_request < 1:
+        raise SystemExit("--concurrency levels and --images-per-request must be >= 1")
     result = run(args)
     levels = [Level(**lv) for lv in result["levels"]]
     print(format_table(levels, result["decode_ceiling_img_s"]))
@@ -323,8 +612,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     slug = result["device_type"]
     path = args.out / f"service-{slug}-{stamp}.json"
     plots = {}
-    for model in args.models:
-        png = args.out / f"service-{slug}-{stamp}-{model}.png"
+    for model in result["best_img_s"]:
+        png = args.out / f"service-{slug}-{stamp}-{model.replace(':', '-')}.png"
         plot(levels, model, result["decode_ceiling_img_s"].get(model), png)
         plots[model] = png.name
     result["plots"] = plots

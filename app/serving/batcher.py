@@ -1,11 +1,14 @@
-"""Batch stage: gather single images into batches for one model.
+"""Batch stage: gather single images into batches for one model, decode them, run them.
 
 A batch closes when it holds ``max_batch_size`` images or ``max_delay_s`` after its first
-image arrived, whichever is first. Inference runs on one dedicated thread per replica (a
-device is serial anyway), so the event loop keeps accepting while a batch computes and
-the next batch fills meanwhile. With several replicas (one per GPU, say) a batch is only
-closed once a replica is free, and goes to that one: one queue, as many batches in flight
-as replicas.
+image arrived, whichever is first. The queue holds payloads as clients sent them
+(compressed bytes); a closed batch is decoded as a whole (``decode``, e.g.
+:class:`~app.serving.decode.BatchDecoder`: nvjpeg on a GPU), then computed. Each replica
+has one decode thread and one inference thread, and two batch slots: while one batch
+computes the next one decodes, so neither the device nor the decoder waits on the other.
+A batch is only closed once a slot is free, so under load batches grow to the size the
+device drains. With several replicas (one per GPU, say) there is still one queue; a
+batch goes to the replica whose slot freed.
 """
 
 from __future__ import annotations
@@ -17,9 +20,11 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
+from app.serving.decode import DecodedBatch, stack_tensors
 from app.serving.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -41,17 +46,26 @@ class BatcherStopped(Exception):
     """The batcher is shutting down and takes no new work (HTTP 503)."""
 
 
+SLOTS_PER_REPLICA = 2  # one batch computing, the next one decoding
+
+
 @dataclass
 class Prediction:
     probs: torch.Tensor  # [classes] float32
     queue_s: float
+    decode_s: float  # the decode stage of its batch
     inference_s: float
     batch_size: int
+    decoder: str | None  # "nvjpeg", "pillow", or None for a payload decoded beforehand
+
+
+Predict = Callable[[torch.Tensor], torch.Tensor]
+Decode = Callable[[Sequence[Any]], DecodedBatch]
 
 
 @dataclass
 class _Item:
-    image: torch.Tensor  # [3, H, W]
+    payload: Any  # what ``decode`` takes: app.serving.decode.Payload in the service
     deadline: float  # time.monotonic()
     future: asyncio.Future[Prediction]
     enqueued: float = field(default_factory=time.monotonic)
@@ -61,16 +75,23 @@ class DynamicBatcher:
     def __init__(
         self,
         name: str,
-        predict: Callable[[torch.Tensor], torch.Tensor]
-        | Sequence[Callable[[torch.Tensor], torch.Tensor]],
+        predict: Predict | Sequence[Predict],
         *,
+        decode: Decode | Sequence[Decode] = stack_tensors,
         max_batch_size: int,
         max_delay_s: float,
         queue_size: int,
         metrics: Metrics,
     ) -> None:
+        """``predict`` and ``decode``: one each per replica (a single one: one replica;
+        the default ``decode`` stacks ready tensors)."""
         self.name = name
         self._replicas = list(predict) if isinstance(predict, Sequence) else [predict]
+        self._decoders = (
+            list(decode) if isinstance(decode, Sequence) else [decode] * len(self._replicas)
+        )
+        if len(self._decoders) != len(self._replicas):
+            raise ValueError(f"{len(self._replicas)} replicas but {len(self._decoders)} decoders")
         self.max_batch_size, self.max_delay_s = max_batch_size, max_delay_s
         self._queue: asyncio.Queue[_Item] = asyncio.Queue(maxsize=queue_size)
         self._metrics = metrics
@@ -78,9 +99,14 @@ class DynamicBatcher:
             ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"infer-{name}-{i}")
             for i in range(len(self._replicas))
         ]
-        self._free: asyncio.Queue[int] = asyncio.Queue()  # indices of idle replicas
-        for i in range(len(self._replicas)):
-            self._free.put_nowait(i)
+        self._decode_executors = [
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"decode-{name}-{i}")
+            for i in range(len(self._replicas))
+        ]
+        self._free: asyncio.Queue[int] = asyncio.Queue()  # a free batch slot, by replica
+        for _ in range(SLOTS_PER_REPLICA):
+            for i in range(len(self._replicas)):
+                self._free.put_nowait(i)
         self._in_flight: set[asyncio.Task[None]] = set()
         self._task: asyncio.Task[None] | None = None
         self._accepting = False
@@ -100,7 +126,7 @@ class DynamicBatcher:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         await asyncio.gather(*self._in_flight)
-        for executor in self._executors:
+        for executor in self._executors + self._decode_executors:
             executor.shutdown(wait=True)
 
     @property
@@ -108,10 +134,10 @@ class DynamicBatcher:
         return self._queue.qsize()
 
     # ---- request side --------------------------------------------------------------------
-    async def submit(self, image_3HW: torch.Tensor, deadline: float) -> Prediction:
+    async def submit(self, payload: Any, deadline: float) -> Prediction:
         if not self._accepting:
             raise BatcherStopped(f"model {self.name!r} is shutting down")
-        item = _Item(image_3HW, deadline, asyncio.get_running_loop().create_future())
+        item = _Item(payload, deadline, asyncio.get_running_loop().create_future())
         try:
             self._queue.put_nowait(item)
         except asyncio.QueueFull:
@@ -128,7 +154,7 @@ class DynamicBatcher:
     # ---- worker side ---------------------------------------------------------------------
     async def _run(self) -> None:
         while True:
-            replica = await self._free.get()  # close a batch only once it can run at once
+            replica = await self._free.get()  # close a batch only once a slot is free
             batch = await self._gather()
             task = asyncio.create_task(self._run_on(replica, batch))
             self._in_flight.add(task)
@@ -176,25 +202,81 @@ class DynamicBatcher:
             live.append(item)
         if not live:
             return
-        images = torch.stack([item.image for item in live])
-        started = time.monotonic()
+        loop = asyncio.get_running_loop()
+        decode_started = time.monotonic()
         try:
-            probs = await asyncio.get_running_loop().run_in_executor(
-                self._executors[replica], self._replicas[replica], images
+            decoded = await loop.run_in_executor(
+                self._decode_executors[replica],
+                self._decoders[replica],
+                [item.payload for item in live],
             )
-        except Exception as exc:  # a failing batch fails only its own requests
-            log.exception("model %s: batch of %d failed", self.name, len(live))
-            for item in live:
-                if not item.future.done():
-                    item.future.set_exception(exc)
+        except Exception as exc:  # noqa: BLE001 - a failing batch fails only its own requests
+            self._fail(live, exc, "decode")
+            return
+        for i, exc in decoded.errors.items():  # counted as bad_input where the 400 is sent
+            if not live[i].future.done():
+                live[i].future.set_exception(exc)
+        rows = [live[i] for i in decoded.rows]
+        if not rows:
+            return
+        try:
+            started, keep, probs = await loop.run_in_executor(
+                self._executors[replica],
+                self._compute,
+                self._replicas[replica],
+                decoded.inputs,
+                [item.deadline for item in rows],
+            )
+        except Exception as exc:  # noqa: BLE001 - a failing batch fails only its own requests
+            self._fail(rows, exc, "inference")
             return
         elapsed = time.monotonic() - started
+        kept = {k: n for n, k in enumerate(keep)}
+        for k, item in enumerate(rows):
+            if k not in kept:
+                self._metrics.rejected.labels(self.name, "deadline").inc()
+                if not item.future.done():
+                    item.future.set_exception(
+                        DeadlineExceeded(f"deadline passed after {started - item.enqueued:.3f}s")
+                    )
+        if not keep:
+            return
         self._last_batch_s = elapsed
         self._metrics.inference.labels(self.name).observe(elapsed)
-        self._metrics.batch_size.labels(self.name).observe(len(live))
-        self._metrics.images.labels(self.name).inc(len(live))
-        for item, row in zip(live, probs, strict=True):
-            queue_s = started - item.enqueued
+        self._metrics.batch_size.labels(self.name).observe(len(keep))
+        self._metrics.images.labels(self.name).inc(len(keep))
+        for k, n in kept.items():
+            item, row = rows[k], decoded.rows[k]
+            queue_s = decode_started - item.enqueued
             self._metrics.queue_wait.labels(self.name).observe(queue_s)
             if not item.future.done():
-                item.future.set_result(Prediction(row, queue_s, elapsed, len(live)))
+                item.future.set_result(
+                    Prediction(
+                        probs[n],
+                        queue_s,
+                        decoded.seconds,
+                        elapsed,
+                        len(keep),
+                        decoded.decoders.get(row),
+                    )
+                )
+
+    @staticmethod
+    def _compute(
+        predict: Predict, inputs: torch.Tensor, deadlines: list[float]
+    ) -> tuple[float, list[int], torch.Tensor | None]:
+        """On the inference thread: drop rows whose deadline passed while the batch waited
+        for it (decoded, behind the batch computing), then compute the rest."""
+        started = time.monotonic()
+        keep = [k for k, deadline in enumerate(deadlines) if deadline > started]
+        if not keep:
+            return started, keep, None
+        if len(keep) < len(deadlines):
+            inputs = inputs[keep]
+        return started, keep, predict(inputs)
+
+    def _fail(self, items: list[_Item], exc: Exception, stage: str) -> None:
+        log.error("model %s: %s of %d images failed", self.name, stage, len(items), exc_info=exc)
+        for item in items:
+            if not item.future.done():
+                item.future.set_exception(exc)

@@ -1,11 +1,12 @@
 """Compare mode: the same images through several variants, and how far apart they land.
 
 Each image is decoded once per distinct preprocessing (a dense model and its compressed
-copy share one, so usually once in all), then every variant gets the tensors through its
-own batcher, all variants at once, as live traffic would reach them. A variant's latency
-runs from its images entering its queue to its last result; the variants share the
-device meanwhile, so read latencies side by side, not as isolated benchmarks. The first
-variant named is the reference; every other is compared with it, image by image.
+copy share one, so usually once in all), before the queues, then every variant gets the
+crops through its own batcher, all variants at once, as live traffic would reach them.
+A variant's latency runs from its images entering its queue to its last result; the
+variants share the device meanwhile, so read latencies side by side, not as isolated
+benchmarks. The first variant named is the reference; every other is compared with it,
+image by image.
 
 A comparison is all or nothing: if one variant cannot run (queue full, deadline), the
 others are cancelled and the request fails with that variant's error.
@@ -19,8 +20,10 @@ from collections.abc import Coroutine, Iterable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import torch
+
 from app.serving.agreement import Agreement, AgreementSummary, agreement, summarize
-from app.serving.pipeline import ClassifyPipeline, Decoded, ImageInput, ImageResult
+from app.serving.pipeline import ClassifyPipeline, ImageInput, ImageResult
 from app.serving.pool import ServedModel
 
 T = TypeVar("T")
@@ -64,12 +67,15 @@ async def compare(
     by_key: dict[str, ServedModel] = {}
     for model in models:
         by_key.setdefault(preprocessing_key(model), model)
+    for model in by_key.values():  # header checks first: a bad image fails before any decode
+        for image in images:
+            pipeline.probe(model, image)
     flat = await all_or_nothing(
-        pipeline.decode(model, image) for model in by_key.values() for image in images
+        pipeline.decode_crop(model, image) for model in by_key.values() for image in images
     )
     decoded = {key: flat[i * len(images) : (i + 1) * len(images)] for i, key in enumerate(by_key)}
     runs = await all_or_nothing(
-        run_variant(pipeline, model, decoded[preprocessing_key(model)], top_k, deadline)
+        run_variant(pipeline, model, images, decoded[preprocessing_key(model)], top_k, deadline)
         for model in models
     )
     reference = runs[0]
@@ -84,12 +90,16 @@ async def compare(
 async def run_variant(
     pipeline: ClassifyPipeline,
     model: ServedModel,
-    images: list[Decoded],
+    images: list[ImageInput],
+    crops: list[torch.Tensor],
     top_k: int,
     deadline: float,
 ) -> VariantRun:
     started = time.monotonic()
-    results = await all_or_nothing(pipeline.infer(model, im, top_k, deadline) for im in images)
+    results = await all_or_nothing(
+        pipeline.infer(model, im, crop, top_k, deadline)
+        for im, crop in zip(images, crops, strict=True)
+    )
     return VariantRun(model.name, model, results, time.monotonic() - started)
 
 

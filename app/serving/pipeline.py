@@ -1,19 +1,20 @@
-"""The request path for classification, LitServe-style: decode → batch → predict → encode.
+"""The request path for classification, LitServe-style: probe → batch → decode → predict → encode.
 
-Each stage is a method, so a faster decoder (e.g. on the GPU) or another encoding can
-replace one stage without touching the others.
+A request's images are only *probed* on arrival (header checks: bad input is refused
+before it queues); the queue holds their compressed bytes, and each closed batch is
+decoded as a whole by the model's decode stage (``app.serving.decode``: nvjpeg on a GPU,
+Pillow elsewhere) before its forward pass. Each stage is replaceable on its own.
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
 
 from app.serving.batcher import Prediction
+from app.serving.decode import Encoded, Payload
 from app.serving.pool import ModelPool, ModelState, ServedModel
 
 
@@ -35,31 +36,20 @@ class Label:
 
 
 @dataclass(frozen=True)
-class Decoded:
-    image: ImageInput
-    tensor: torch.Tensor  # [3, H, W], normalised
-    decode_s: float
-
-
-@dataclass(frozen=True)
 class ImageResult:
     filename: str | None
     predictions: list[Label]
     probs: torch.Tensor  # [classes], kept for compare/agreement
-    input: torch.Tensor  # [3, H, W] as the model saw it: shadow mode reuses it
-    decode_s: float
+    decode_s: float  # the decode stage of its batch
     queue_s: float
     inference_s: float
     batch_size: int
+    decoder: str | None  # "nvjpeg", "pillow", None when decoded before queueing
 
 
 class ClassifyPipeline:
-    def __init__(self, pool: ModelPool, decode_workers: int) -> None:
+    def __init__(self, pool: ModelPool) -> None:
         self.pool = pool
-        self._decoder = ThreadPoolExecutor(decode_workers, thread_name_prefix="decode")
-
-    def close(self) -> None:
-        self._decoder.shutdown(wait=True)
 
     def serving(self, name: str) -> ServedModel:
         model = self.pool.get(name)
@@ -72,41 +62,49 @@ class ClassifyPipeline:
         self, name: str, images: list[ImageInput], top_k: int, deadline: float
     ) -> list[ImageResult]:
         model = self.serving(name)
-        return list(await asyncio.gather(*(self._one(model, im, top_k, deadline) for im in images)))
-
-    async def _one(
-        self, model: ServedModel, image: ImageInput, top_k: int, deadline: float
-    ) -> ImageResult:
-        decoded = await self.decode(model, image)
-        return await self.infer(model, decoded, top_k, deadline)
-
-    async def decode(self, model: ServedModel, image: ImageInput) -> Decoded:
-        """Decode with ``model``'s preprocessing (any model sharing it can use the result)."""
-        started = time.monotonic()
-        loop = asyncio.get_running_loop()
-        tensor = await loop.run_in_executor(self._decoder, model.preprocessor, image.data)
-        return Decoded(image, tensor, time.monotonic() - started)
-
-    async def infer(
-        self, model: ServedModel, decoded: Decoded, top_k: int, deadline: float
-    ) -> ImageResult:
-        prediction = await model.batcher.submit(decoded.tensor, deadline)
-        return self.encode(model, decoded, prediction, top_k)
+        payloads = [self.probe(model, image) for image in images]  # all checked before any queues
+        return list(
+            await asyncio.gather(
+                *(
+                    self.infer(model, im, p, top_k, deadline)
+                    for im, p in zip(images, payloads, strict=True)
+                )
+            )
+        )
 
     @staticmethod
-    def encode(model: ServedModel, decoded: Decoded, p: Prediction, top_k: int) -> ImageResult:
+    def probe(model: ServedModel, image: ImageInput) -> Encoded:
+        """Header checks with ``model``'s limits (no pixel decoded); raises ``InputError``."""
+        return Encoded(image.data, model.preprocessor.probe(image.data))
+
+    async def decode_crop(self, model: ServedModel, image: ImageInput) -> torch.Tensor:
+        """Decode ahead of the queue, to a uint8 crop any model sharing ``model``'s
+        preprocessing can take (compare mode: one decode for all its variants)."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self.pool.decode_pool, model.preprocessor.decode_crop, image.data
+        )
+
+    async def infer(
+        self, model: ServedModel, image: ImageInput, payload: Payload, top_k: int, deadline: float
+    ) -> ImageResult:
+        prediction = await model.batcher.submit(payload, deadline)
+        return self.encode(model, image, prediction, top_k)
+
+    @staticmethod
+    def encode(model: ServedModel, image: ImageInput, p: Prediction, top_k: int) -> ImageResult:
         scores, indices = p.probs.topk(min(top_k, p.probs.numel()))
         labels = [
             Label(int(i), model.labels[int(i)], float(s))
             for s, i in zip(scores, indices, strict=True)
         ]
         return ImageResult(
-            decoded.image.filename,
+            image.filename,
             labels,
             p.probs,
-            decoded.tensor,
-            decoded.decode_s,
+            p.decode_s,
             p.queue_s,
             p.inference_s,
             p.batch_size,
+            p.decoder,
         )

@@ -10,6 +10,7 @@ import asyncio
 import copy
 import logging
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -18,6 +19,7 @@ import torch
 from app.config import Settings
 from app.devices import resolve_device, resolve_dtype
 from app.serving.batcher import DynamicBatcher
+from app.serving.decode import BatchDecoder
 from app.serving.labels import class_names
 from app.serving.metrics import Metrics
 from app.serving.preprocess import Preprocessor
@@ -44,6 +46,7 @@ class ServedModel:
     reason: str | None = None
     runner: ModelRunner | None = None  # the first replica (device/dtype shown in /models)
     runners: list[ModelRunner] = field(default_factory=list)
+    decoders: list[BatchDecoder] = field(default_factory=list)  # one per runner
     batcher: DynamicBatcher | None = None
     preprocessor: Preprocessor | None = None
     labels: tuple[str, ...] = ()
@@ -56,6 +59,8 @@ class ModelPool:
         self.dtype = resolve_dtype(settings.dtype, self.device)
         self.models: dict[str, ServedModel] = {}
         self._loader: asyncio.Task[None] | None = None
+        # Pillow's share of every model's decode stage, and compare mode's decodes.
+        self.decode_pool = ThreadPoolExecutor(settings.decode_workers, thread_name_prefix="pillow")
 
     # ---- lifecycle ---------------------------------------------------------------------
     async def start(self) -> None:
@@ -85,6 +90,7 @@ class ModelPool:
         if self._loader and not self._loader.done():
             self._loader.cancel()
         await asyncio.gather(*(m.batcher.stop() for m in self.models.values() if m.batcher))
+        self.decode_pool.shutdown(wait=True)
 
     # ---- queries -------------------------------------------------------------------------
     def get(self, name: str) -> ServedModel:
@@ -131,6 +137,7 @@ class ModelPool:
         model.batcher = DynamicBatcher(
             model.name,
             [self._predict_fn(runner) for runner in model.runners],
+            decode=model.decoders,
             max_batch_size=s.max_batch_size,
             max_delay_s=s.max_delay_ms / 1000,
             queue_size=s.queue_size,
@@ -191,4 +198,16 @@ class ModelPool:
         model.preprocessor = Preprocessor(
             loaded.manifest.preprocessing, self.settings.max_image_pixels
         )
+        model.decoders = [
+            BatchDecoder(
+                model.preprocessor,
+                device=runner.device,
+                dtype=runner.dtype,
+                pool=self.decode_pool,
+                nvjpeg=self.settings.gpu_decode,
+            )
+            for runner in model.runners
+        ]
+        for decoder in model.decoders:
+            decoder.warm_up()
         model.labels = class_names(loaded.manifest.labels)

@@ -1,7 +1,10 @@
-"""Decode stage: untrusted bytes → normalised tensor, exactly timm's eval transform.
+"""Untrusted bytes → what the model sees: timm's eval transform, split where serving needs it.
 
-Everything here runs in worker threads (Pillow releases the GIL while decoding), so the
-event loop never blocks on an image.
+``probe`` reads only the header (limits, format, whether nvjpeg may take the image) and
+runs as the request arrives, so bad input is refused before it queues. ``decode_crop``
+is Pillow's decode + resize + crop to a uint8 crop, run in worker threads (Pillow releases
+the GIL); ``normalize`` is the float part, done per batch on the model's device.
+``__call__`` chains them and equals timm's eval transform exactly.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from timm.data import create_transform
+from torchvision import transforms
 
 from app.store.manifest import Preprocessing
 
@@ -46,6 +50,22 @@ class CorruptImage(InputError):
 
 
 @dataclass(frozen=True)
+class Probe:
+    """What an image's header says, before any pixel is decoded."""
+
+    format: str
+    width: int
+    height: int
+    # A complete, baseline, 3-channel, upright JPEG: what nvjpeg decodes as Pillow does.
+    # Progressive, CMYK/grey, EXIF-rotated or truncated ones keep Pillow, which handles
+    # them (or refuses them) exactly as on a CPU replica.
+    nvjpeg_ok: bool
+
+
+EXIF_ORIENTATION = 0x0112
+
+
+@dataclass(frozen=True)
 class Preprocessor:
     """Decode + timm eval transform for one model's data config, with safety limits."""
 
@@ -54,7 +74,12 @@ class Preprocessor:
 
     def __post_init__(self) -> None:
         transform = create_transform(**self.preprocessing.timm_data_config())
-        object.__setattr__(self, "_transform", transform)
+        *resize_crop, _to_tensor, normalize = transform.transforms
+        if not isinstance(normalize, transforms.Normalize):
+            raise TypeError(f"unexpected eval transform {transform}: Normalize must come last")
+        object.__setattr__(self, "_resize_crop", transforms.Compose(resize_crop))
+        object.__setattr__(self, "mean", torch.as_tensor(normalize.mean, dtype=torch.float32))
+        object.__setattr__(self, "std", torch.as_tensor(normalize.std, dtype=torch.float32))
         resize = transform.transforms[0].size
         # Decode JPEGs at a reduced DCT scale only while the result stays >= 2x what the
         # resize needs, so the bicubic resize still sees plenty of pixels.
@@ -65,16 +90,47 @@ class Preprocessor:
             short_side = int(resize[0])
         object.__setattr__(self, "_short_side", short_side)
 
+    @property
+    def resize_crop(self) -> transforms.Compose:
+        """The eval transform's geometric steps (Resize, CenterCrop): also valid on tensors."""
+        return self._resize_crop
+
     def __call__(self, data: bytes) -> torch.Tensor:
         """bytes → float32 tensor [3, H, W]; raises an ``InputError`` subclass."""
-        return self._transform(self.decode(data))
+        return self.normalize(self.decode_crop(data)[None])[0]
 
-    def decode(self, data: bytes) -> Image.Image:
+    def decode_crop(self, data: bytes) -> torch.Tensor:
+        """bytes → uint8 tensor [3, H, W], resized and cropped by Pillow."""
+        return transforms.functional.pil_to_tensor(self._resize_crop(self.decode(data)))
+
+    def normalize(self, crops_B3HW: torch.Tensor) -> torch.Tensor:
+        """uint8 (or 0..255 float) crops → float32 normalised, on their own device."""
+        mean = self.mean.to(crops_B3HW.device)[:, None, None]
+        std = self.std.to(crops_B3HW.device)[:, None, None]
+        return (crops_B3HW.float() / 255 - mean) / std
+
+    def probe(self, data: bytes) -> Probe:
+        """Header checks only (format, pixel limits); raises an ``InputError`` subclass."""
+        image = self._open(data)
+        try:
+            rotated = image.format == "JPEG" and image.getexif().get(EXIF_ORIENTATION, 1) != 1
+        except (OSError, SyntaxError, ValueError, TypeError, KeyError):
+            rotated = True  # an unreadable EXIF block: let Pillow's path handle it
+        nvjpeg_ok = (
+            image.format == "JPEG"
+            and image.mode == "RGB"
+            and not image.info.get("progressive")
+            and not rotated
+            and data[-64:].rstrip(b"\0").endswith(b"\xff\xd9")  # EOI marker: not truncated
+        )
+        return Probe(image.format, image.width, image.height, nvjpeg_ok)
+
+    def _open(self, data: bytes) -> Image.Image:
+        """Image.open reads only the header: the pixel count is checked before any pixel
+        is decoded, so a decompression bomb costs nothing."""
         if not data:
             raise EmptyImage("the image is empty (0 bytes)")
         try:
-            # Image.open reads only the header: the pixel count is checked before any
-            # pixel is decoded, so a decompression bomb costs nothing.
             image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
             width, height = image.size
             if width * height > self.max_pixels:
@@ -83,10 +139,6 @@ class Preprocessor:
                     f"the limit is {self.max_pixels}"
                 )
             self._check_resized_pixels(width, height)
-            if image.format == "JPEG":
-                image.draft("RGB", (self._draft_size, self._draft_size))
-            image.seek(0)  # animated GIF/WebP: first frame
-            image.load()
         except InputError:
             raise
         except Image.DecompressionBombError as exc:
@@ -95,6 +147,19 @@ class Preprocessor:
             raise UnsupportedImage(
                 f"not a supported image ({', '.join(ALLOWED_FORMATS)}): {exc}"
             ) from exc
+        except (OSError, SyntaxError, ValueError, EOFError) as exc:
+            raise CorruptImage(f"cannot decode the image (truncated or corrupt): {exc}") from exc
+        return image
+
+    def decode(self, data: bytes) -> Image.Image:
+        image = self._open(data)
+        try:
+            if image.format == "JPEG":
+                image.draft("RGB", (self._draft_size, self._draft_size))
+            image.seek(0)  # animated GIF/WebP: first frame
+            image.load()
+        except Image.DecompressionBombError as exc:
+            raise ImageTooLarge(f"image exceeds the pixel limit: {exc}") from exc
         except (OSError, SyntaxError, ValueError, EOFError) as exc:
             raise CorruptImage(f"cannot decode the image (truncated or corrupt): {exc}") from exc
         return to_rgb(image)

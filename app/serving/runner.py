@@ -41,7 +41,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def predict(self, images_B3HW: torch.Tensor) -> torch.Tensor:
-        """float32 images [B,3,H,W] (CPU) → float32 probabilities [B, classes] (CPU)."""
+        """Images [B,3,H,W] (any device, any float dtype) → float32 probabilities [B, classes]
+        on the CPU. The decode stage hands them over already on the device, in its dtype."""
         try:
             x = images_B3HW.to(self.device, non_blocking=True).to(self.dtype)
             logits = self.forward(x)

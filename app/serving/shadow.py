@@ -17,11 +17,10 @@ import time
 
 from app.config import Settings
 from app.serving.agreement import agreement
-from app.serving.compare import all_or_nothing, preprocessing_key
+from app.serving.compare import all_or_nothing
 from app.serving.metrics import Metrics
 from app.serving.pipeline import (
     ClassifyPipeline,
-    Decoded,
     ImageInput,
     ImageResult,
     ModelUnavailable,
@@ -89,16 +88,11 @@ class ShadowTraffic:
     ) -> None:
         pair = (primary.name, model.name)
         try:
-            if preprocessing_key(primary) == preprocessing_key(model):
-                inputs = [Decoded(im, r.input, 0.0) for im, r in zip(images, results, strict=True)]
-            else:
-                inputs = await all_or_nothing(self._pipeline.decode(model, im) for im in images)
-                if not self._has_room(model, len(inputs)):  # filled up while decoding
-                    self._drop(*pair, "queue_full", len(results))
-                    return
+            payloads = [self._pipeline.probe(model, im) for im in images]  # its own limits
             deadline = time.monotonic() + self._timeout_s
             copies = await all_or_nothing(
-                self._pipeline.infer(model, d, 1, deadline) for d in inputs
+                self._pipeline.infer(model, im, p, 1, deadline)
+                for im, p in zip(images, payloads, strict=True)
             )
         except Exception as exc:  # noqa: BLE001 - a shadow failure must stay invisible
             log.warning("shadow copy %s -> %s failed: %s", *pair, exc)

@@ -49,7 +49,8 @@ class Source(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    kind: Literal["timm-pretrained", "import", "compress"]
+    # random: initialised weights, for speed and load tests where none are available
+    kind: Literal["timm-pretrained", "import", "compress", "random"]
     ref: str | None = Field(None, description="timm tag, file path or teacher name.")
     details: dict[str, Any] = Field(default_factory=dict)
 

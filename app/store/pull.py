@@ -1,4 +1,4 @@
-"""Creating store entries from timm's pretrained weights or from a local checkpoint."""
+"""Creating store entries: timm's pretrained weights, a local checkpoint, or random weights."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from app.store.errors import StoreError
 from app.store.manifest import Manifest, Preprocessing, Source
 from app.store.store import ModelStore, build_module, load_state_strict
+from app.vit.builder import compress, resolve_config
 
 PREPROCESSING_KEYS = ("input_size", "mean", "std", "interpolation", "crop_pct", "crop_mode")
 
@@ -98,3 +99,31 @@ def import_checkpoint(
     load_state_strict(module, state, manifest.name)
     store.write_entry(manifest, module.state_dict())
     return store.manifest(manifest.name)
+
+
+def random_entry(
+    store: ModelStore, arch: str, *, name: str, config: str | None = None, seed: int = 0
+) -> Manifest:
+    """An entry with seeded random weights, dense or compressed by ``config``: what speed
+    and load tests need for architectures whose trained weights are not at hand (their
+    predictions mean nothing; the manifest says so)."""
+    torch.manual_seed(seed)
+    dense = timm.create_model(arch, pretrained=False)
+    cfg = resolve_config(config) if config else None
+    module = compress(dense, cfg) if cfg else dense
+    command = f"vitserve store random {arch} --name {name} --seed {seed}"
+    if config:
+        command += f" --config '{config}'"
+    pretrained_cfg = timm.models.get_pretrained_cfg(arch)
+    manifest = Manifest(
+        name=name,
+        architecture=arch,
+        variant="compressed" if cfg else "dense",
+        compression=cfg,
+        num_classes=dense.num_classes,
+        preprocessing=preprocessing_of(pretrained_cfg.to_dict() if pretrained_cfg else {}),
+        source=Source(kind="random", ref=None, details={"seed": seed, "command": command}),
+        description=f"{arch}{f' ({cfg})' if cfg else ''}, random weights: speed tests only",
+    )
+    store.write_entry(manifest, module.state_dict())
+    return store.manifest(name)

@@ -137,6 +137,8 @@ def how_to_fetch(manifest: Manifest) -> str:
                 f"--config '{manifest.compression}' --out {manifest.name}` (see README)"
             )
         )
+    if manifest.source.kind == "random":
+        return f"re-create them with `{manifest.source.details['command']}`"
     return f"import them again: `vitserve store import <checkpoint> --arch {manifest.architecture}`"
 
 

@@ -8,6 +8,7 @@ Every random choice derives from ``opts.seed``, so the same command gives the sa
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,17 @@ def _eval_batches(images: Sequence[Path], data_config: dict[str, Any]) -> Iterat
         yield x_B3HW
 
 
+# Options that change how a run goes, not what it computes.
+NOT_IN_RESULT = {
+    "num_workers",
+    "log_every",
+    "checkpoint_dir",
+    "checkpoint_every",
+    "resume",
+    "device",
+}
+
+
 def reproduce_command(
     teacher: str,
     cfg: CompressionConfig,
@@ -65,13 +77,19 @@ def reproduce_command(
     out_name: str,
     opts: DistillOptions,
 ) -> str:
-    """The one command that recreates this entry (seeded; GPU runs are not bit-exact)."""
+    """The one command that recreates this entry (seeded; GPU runs are not bit-exact): every
+    option that differs from its default and can change the result goes in ``--options``."""
     parts = [
         f"vitserve compress --teacher {teacher} --config '{cfg}' --images {train_dir}",
         *([f"--extra-images {' '.join(map(str, extra_train_dirs))}"] if extra_train_dirs else []),
         *([f"--eval-images {eval_dir}"] if eval_dir else []),
         f"--out {out_name} --seed {opts.seed} --steps {opts.steps} --batch-size {opts.batch_size}",
     ]
+    changed = opts.model_dump(
+        mode="json", exclude_defaults=True, exclude=NOT_IN_RESULT | {"seed", "steps", "batch_size"}
+    )
+    if changed:
+        parts.append(f"--options '{json.dumps(changed, separators=(',', ':'))}'")
     return " ".join(parts)
 
 
@@ -85,7 +103,7 @@ def run_compress(
     opts: DistillOptions,
     *,
     extra_train_dirs: Sequence[Path] = (),
-    speed_arch: str = "deit_small_patch16_224",
+    speed_arch: str | None = "deit_small_patch16_224",
 ) -> Manifest | None:
     """Build, distil, evaluate and store ``out_name``; returns its manifest.
 
@@ -151,7 +169,7 @@ def run_training_free(
     *,
     device: str = "auto",
     seed: int = 0,
-    speed_arch: str = "deit_small_patch16_224",
+    speed_arch: str | None = "deit_small_patch16_224",
 ) -> Manifest:
     """A config with no learned part (token merging) as a store entry, in seconds.
 
@@ -198,7 +216,7 @@ def _measure_and_store(
     eval_dir: Path | None,
     device: torch.device,
     seed: int,
-    speed_arch: str,
+    speed_arch: str | None,
     description: str,
     details: dict[str, Any],
 ) -> Manifest:
@@ -216,7 +234,8 @@ def _measure_and_store(
             dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
         )
         metrics["fidelity"] = {"eval_dir": str(eval_dir), **fidelity.model_dump()}
-    metrics["speed"] = measure_speed(speed_arch, cfg, device=str(device), seed=seed)
+    if speed_arch:  # skipped when several jobs share a GPU: they would time each other
+        metrics["speed"] = measure_speed(speed_arch, cfg, device=str(device), seed=seed)
     manifest = Manifest(
         name=out_name,
         architecture=teacher_manifest.architecture,

@@ -1,0 +1,146 @@
+"""Fidelity of many variants on the same images, in one run: the other axis of the front.
+
+``python -m app.bench.fidelity --store S --teacher deit_tiny_patch16_224 --images DIR ...
+--entries A B --configs tome-r13 ...`` evaluates store entries (distilled variants) and
+configs built from the teacher on the spot -- token merging needs no training; static
+attention is calibrated on ``--calibrate`` (the teacher's mean attention there), token maps
+start as average pooling -- each against the teacher on every ``--images`` folder (top-1 with its
+``labels.csv``). One JSON under ``bench/results/`` holds every row, so the front compares
+variants measured with the same images, preprocessing and device. A distilled entry is
+only evaluated on folders it was not trained on (its manifest lists them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from app.bench.timing import environment
+from app.store import ModelStore
+from app.vit.builder import calibrate, compress, resolve_config
+from app.vit.data import EvalImages, eval_transform, list_images, read_labels
+from app.vit.evaluate import evaluate
+
+
+def trained_on(manifest: Any) -> set[str]:
+    """Folder names an entry was distilled on, from its manifest (empty if none)."""
+    return {Path(d).name for d in manifest.source.details.get("train_dirs", [])}
+
+
+def evaluate_all(
+    store: ModelStore,
+    teacher_name: str,
+    folders: Sequence[Path],
+    *,
+    entries: Sequence[str] = (),
+    configs: Sequence[str] = (),
+    calibration: Path | None = None,
+    device: str = "cpu",
+) -> dict[str, Any]:
+    teacher_loaded = store.load(teacher_name)
+    teacher = teacher_loaded.module
+    data_config = teacher_loaded.manifest.preprocessing.timm_data_config()
+    dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    variants: list[tuple[str, str, str, torch.nn.Module, set[str]]] = []
+    for name in entries:
+        loaded = store.load(name)
+        m = loaded.manifest
+        variants.append((name, str(m.compression), "distilled", loaded.module, trained_on(m)))
+    for text in configs:
+        cfg = resolve_config(text)
+        student, training = compress(teacher, cfg), "training-free"
+        if cfg.static_layers:
+            if calibration is None:
+                raise ValueError(f"{text}: static attention needs --calibrate DIR")
+            transform = eval_transform(data_config)
+            batches = (
+                x for x, _ in DataLoader(EvalImages(list_images(calibration), transform), 64)
+            )
+            calibrate(student, teacher, batches)
+            training = "calibrated"
+        skip = {calibration.name} if calibration and cfg.static_layers else set()
+        variants.append((text, str(cfg), training, student, skip))
+    rows = []
+    for name, config, training, student, skip in tqdm(variants, desc="variants", unit="model"):
+        results = {}
+        for folder in folders:
+            if folder.name in skip:
+                continue
+            fidelity = evaluate(
+                teacher,
+                student,
+                list_images(folder),
+                read_labels(folder),
+                data_config,
+                device=device,
+                dtype=dtype,
+            )
+            results[folder.name] = fidelity.model_dump()
+        rows.append({"name": name, "config": config, "training": training, "eval": results})
+    return {
+        **environment(device),
+        "teacher": teacher_name,
+        "folders": [str(f) for f in folders],
+        "rows": rows,
+    }
+
+
+def format_table(report: dict[str, Any]) -> str:
+    folders = [Path(f).name for f in report["folders"]]
+    head = f"{'variant':34s} {'training':14s}" + "".join(f" {f[:22]:>22s}" for f in folders)
+    lines = [head, "-" * len(head)]
+    for row in report["rows"]:
+        cells = []
+        for f in folders:
+            r = row["eval"].get(f)
+            acc = r and r["student_top1_acc"]
+            cells.append(
+                f" {'(trained on)':>22s}"
+                if r is None
+                else f" {100 * r['agreement_top1']:8.1f}% / {100 * acc if acc else 0:5.1f}%      "
+            )
+        lines.append(f"{row['name'][:34]:34s} {row['training']:14s}" + "".join(cells))
+    lines.append("per folder: top-1 agreement with the teacher / top-1 accuracy")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m app.bench.fidelity", description=__doc__.split("\n")[0]
+    )
+    p.add_argument("--store", type=Path, required=True)
+    p.add_argument("--teacher", required=True)
+    p.add_argument("--images", type=Path, nargs="+", required=True, help="held-out folders")
+    p.add_argument("--entries", nargs="*", default=[], help="store entries (distilled)")
+    p.add_argument("--configs", nargs="*", default=[], help="configs built without training")
+    p.add_argument("--calibrate", type=Path, help="folder for static attention's calibration")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out-dir", type=Path, default=Path("bench/results"))
+    args = p.parse_args(argv)
+    report = evaluate_all(
+        ModelStore(args.store),
+        args.teacher,
+        args.images,
+        entries=args.entries,
+        configs=args.configs,
+        calibration=args.calibrate,
+        device=args.device,
+    )
+    print(format_table(report))
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    path = args.out_dir / f"fidelity-{report['device_type']}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

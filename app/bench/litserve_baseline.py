@@ -1,0 +1,210 @@
+"""LitServe serving one store model: the fair baseline for the service benchmark.
+
+Our service's speed means little on its own; this serves the *same* weights with the same
+timm eval transform and dtype policy (bfloat16 on CUDA, float32 on CPU) behind LitServe's
+own dynamic batching, so a comparison on one machine, with one client and one image set,
+measures the serving stack and nothing else.
+
+Configuration, idiomatic for LitServe 0.2.x: batching set on the ``LitAPI``
+(``max_batch_size``, ``batch_timeout``); one device with ``workers_per_device`` inference
+processes, each with torch limited to its share of the cores (torch's default, every core
+in every process, oversubscribes them); as many uvicorn API processes as inference workers
+(LitServe's default);
+ZeroMQ responses (``fast_queue``, which its docs advise above ~100 requests/s); uvicorn
+access logs off, like ``running_server``'s servers. ``POST /classify`` takes one image as
+the multipart field ``file`` and answers top-1 in our JSON shape; ``GET /health`` is 200
+once every worker has loaded and warmed up the model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO
+
+import httpx
+import litserve as ls
+import torch
+from PIL import Image
+from timm.data import create_transform
+
+from app.bench.server import REPO, ServerURL, free_port
+from app.devices import resolve_dtype
+from app.serving.labels import class_names
+from app.store import ModelStore
+
+
+class DeiTClassifierAPI(ls.LitAPI):
+    """Decode + transform per request, one forward per batch, top-1 per image.
+
+    LitServe reads ``decode_request``'s ``request`` annotation and ``encode_response``'s
+    return annotation as the endpoint's FastAPI types, so those two stay unannotated.
+    """
+
+    def __init__(self, store: Path, model: str, threads: int, **config: object) -> None:
+        super().__init__(api_path="/classify", **config)
+        self.store, self.model_name, self.threads = Path(store), model, threads
+
+    def setup(self, device: str) -> None:
+        # Each worker process decodes and transforms on the CPU with torch: left at torch's
+        # default (every core per process) several workers oversubscribe the cores.
+        torch.set_num_threads(self.threads)
+        loaded = ModelStore(self.store).load(self.model_name)
+        manifest = loaded.manifest
+        self.device = device  # LitServe sets it only after setup; the warm-up needs it
+        self.dtype = resolve_dtype("auto", torch.device(device))
+        self.model = loaded.module.eval().to(device=device, dtype=self.dtype)
+        self.transform = create_transform(**manifest.preprocessing.timm_data_config())
+        self.labels = class_names(manifest.labels)
+        # Warm up like our service (batch 1 and the largest batch) before /health says ok.
+        for size in {1, self.max_batch_size}:
+            self.predict(torch.randn(size, *manifest.preprocessing.input_size))
+
+    def decode_request(self, request) -> torch.Tensor:
+        # LitServe hands a multipart body over as Starlette FormData: "file" is an UploadFile.
+        return self.transform(Image.open(request["file"].file).convert("RGB"))
+
+    @torch.inference_mode()
+    def predict(self, x: torch.Tensor) -> list[tuple[int, float]] | tuple[int, float]:
+        """[B,3,H,W] (LitServe's default ``batch`` stacks the tensors) → (index, score) each;
+        at ``max_batch_size=1`` LitServe skips batching and passes one [3,H,W] image."""
+        single = x.dim() == 3
+        logits = self.model(x.reshape(-1, *x.shape[-3:]).to(self.device).to(self.dtype))
+        scores, indices = logits.float().softmax(dim=-1).max(dim=-1)
+        top1 = list(zip(indices.tolist(), scores.tolist(), strict=True))
+        return top1[0] if single else top1
+
+    def encode_response(self, output: tuple[int, float]):
+        index, score = output
+        prediction = {"index": index, "label": self.labels[index], "score": score}
+        return {"results": [{"predictions": [prediction]}]}
+
+
+def build_server(
+    store: Path,
+    model: str,
+    *,
+    device: str,
+    max_batch_size: int,
+    batch_timeout: float,
+    workers_per_device: int,
+) -> ls.LitServer:
+    """The configured server (batching on the LitAPI: LitServer's own arguments for it are
+    deprecated since 0.2 and removed in 0.3)."""
+    api = DeiTClassifierAPI(
+        store,
+        model,
+        threads=max(1, (os.cpu_count() or 1) // workers_per_device),
+        max_batch_size=max_batch_size,
+        batch_timeout=batch_timeout,
+    )
+    return ls.LitServer(
+        api,
+        accelerator=device,
+        devices=1,
+        workers_per_device=workers_per_device,
+        fast_queue=True,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--store", type=Path, required=True, help="Model store folder.")
+    parser.add_argument("--model", required=True, help="Store entry to serve.")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--host", default="127.0.0.1", choices=("127.0.0.1", "0.0.0.0"))
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--max-batch-size", type=int, default=64)
+    parser.add_argument("--batch-timeout", type=float, default=0.005, help="Seconds.")
+    parser.add_argument("--workers-per-device", type=int, default=1)
+    parser.add_argument(
+        "--log-level", default="warning", help="warning: no per-request access log."
+    )
+    args = parser.parse_args(argv)
+    server = build_server(
+        args.store,
+        args.model,
+        device=args.device,
+        max_batch_size=args.max_batch_size,
+        batch_timeout=args.batch_timeout,
+        workers_per_device=args.workers_per_device,
+    )
+    # generate_client_file would write a client.py into the working directory.
+    server.run(host=args.host, port=args.port, log_level=args.log_level, generate_client_file=False)
+
+
+@contextmanager
+def running_litserve(
+    store: Path,
+    model: str,
+    *,
+    device: str,
+    max_batch_size: int,
+    batch_timeout: float,
+    workers_per_device: int,
+    timeout_s: float = 300,
+) -> Iterator[ServerURL]:
+    """Yield the base URL once ``/health`` answers 200; stop the whole process group after:
+    LitServe's manager, API and inference processes included (it stops only the ones it
+    tracks, and only on Ctrl+C: SIGTERM to its main process orphans them all)."""
+    port = free_port()
+    command = [
+        *(sys.executable, "-m", "app.bench.litserve_baseline"),
+        *("--store", str(store), "--model", model, "--port", str(port), "--device", device),
+        *("--max-batch-size", str(max_batch_size), "--batch-timeout", repr(batch_timeout)),
+        *("--workers-per-device", str(workers_per_device)),
+    ]
+    # A file, not a pipe: nobody reads the output while it runs, and a full pipe would
+    # block a logging process.
+    with tempfile.TemporaryFile() as log:
+        proc = subprocess.Popen(
+            command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        base = ServerURL(f"http://127.0.0.1:{port}")
+        base.proc = proc
+        try:
+            _wait_healthy(base, proc, log, timeout_s)
+            yield base
+        finally:
+            _stop_group(proc)
+
+
+def _wait_healthy(base: str, proc: subprocess.Popen, log: IO[bytes], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if proc.poll() is not None:
+            log.seek(0)
+            output = log.read().decode(errors="replace")
+            raise RuntimeError(f"litserve exited {proc.returncode}: {output[-8000:]}")
+        try:
+            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"litserve did not become healthy in {timeout_s:.0f}s")
+        time.sleep(0.2)
+
+
+def _stop_group(proc: subprocess.Popen) -> None:
+    """Ctrl+C to the group (LitServe's graceful path), then SIGKILL whatever is left."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGINT)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(30)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,201 @@
+"""Decode stage, run once per batch: what the queue holds → one normalised batch on the device.
+
+The queue holds what clients sent (compressed bytes, ~100 KB a photo), never decoded float
+tensors (600 KB each at 224×224), so a full queue costs little memory. When a batch closes,
+its JPEGs that nvjpeg decodes as Pillow does (:class:`~app.serving.preprocess.Probe`) are
+decoded together on the GPU (``torchvision.io.decode_jpeg(device="cuda")``), then resized
+and cropped there one by one with the eval transform's own steps. Everything else -- PNG,
+WebP, progressive, CMYK or EXIF-rotated JPEGs, and every image of a CPU replica -- goes
+through Pillow in the decode thread pool, with draft-mode downscaling of large JPEGs. Both
+paths give uint8 crops, normalised together on the model's device.
+
+On a GPU the stage runs on its own CUDA stream, so the next batch decodes while the
+current one computes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torchvision import transforms
+from torchvision.io import ImageReadMode, decode_jpeg
+
+from app.serving.preprocess import Preprocessor, Probe
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """An image as the client sent it, with its header already checked."""
+
+    data: bytes
+    probe: Probe
+
+
+# What a queue item carries: bytes, or a uint8 crop [3, H, W] decoded ahead of time (compare
+# mode decodes an image once for all the variants that share its preprocessing).
+Payload = Encoded | torch.Tensor
+
+
+@dataclass
+class DecodedBatch:
+    """The batch's images that decoded, as rows of ``inputs``, and why the others did not."""
+
+    inputs: torch.Tensor | None  # [len(rows), 3, H, W], on the device, in the model's dtype
+    rows: list[int]  # payload index of each row of ``inputs``
+    errors: dict[int, Exception] = field(default_factory=dict)  # payload index -> error
+    seconds: float = 0.0
+    decoders: dict[int, str] = field(default_factory=dict)  # payload index -> "nvjpeg"/"pillow"
+
+
+def stack_tensors(payloads: Sequence[torch.Tensor]) -> DecodedBatch:
+    """The decode stage of a model fed ready tensors (tests, tools): just stack them."""
+    return DecodedBatch(torch.stack(list(payloads)), list(range(len(payloads))))
+
+
+class TensorResizeCrop:
+    """The eval transform's Resize + CenterCrop on decoded image tensors, one interpolate
+    per distinct image size: what torchvision's modules compute image by image (same
+    geometry, same antialiased kernel, rounded to whole grey levels), without their
+    per-call checks -- on a busy server the Python per image is what limits the GPU path.
+    """
+
+    def __init__(self, resize_crop: transforms.Compose) -> None:
+        resize, crop = resize_crop.transforms
+        if not isinstance(resize, transforms.Resize) or not isinstance(crop, transforms.CenterCrop):
+            raise TypeError(f"expected Resize + CenterCrop, got {resize_crop}")
+        if resize.max_size is not None:
+            raise ValueError("Resize(max_size=...) is not supported on the GPU path")
+        self.size, self.crop = resize.size, tuple(crop.size)
+        self.mode = resize.interpolation.value
+
+    def resized(self, height: int, width: int) -> tuple[int, int]:
+        """torchvision's output size: an int (or 1-list) sets the shorter side."""
+        size = [self.size] if isinstance(self.size, int) else list(self.size)
+        if len(size) == 2:
+            return size[0], size[1]
+        short, long = sorted((height, width))
+        new_short, new_long = size[0], int(size[0] * long / short)
+        return (new_short, new_long) if height <= width else (new_long, new_short)
+
+    def __call__(self, images_3HW: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """uint8 images [3, H, W] (any sizes) → float crops [3, h, w] in 0..255, whole numbers."""
+        by_size: dict[tuple[int, int], list[int]] = defaultdict(list)
+        for k, image in enumerate(images_3HW):
+            by_size[(image.shape[-2], image.shape[-1])].append(k)
+        crops: list[torch.Tensor] = [torch.empty(0)] * len(images_3HW)
+        ch, cw = self.crop
+        for (h, w), ks in by_size.items():
+            nh, nw = self.resized(h, w)
+            if ch > nh or cw > nw:
+                raise ValueError(f"crop {self.crop} is larger than the resized {nh}x{nw}")
+            x_N3HW = torch.stack([images_3HW[k] for k in ks]).float()
+            if (nh, nw) != (h, w):
+                x_N3HW = F.interpolate(
+                    x_N3HW, size=(nh, nw), mode=self.mode, antialias=True, align_corners=False
+                )
+            top, left = int(round((nh - ch) / 2.0)), int(round((nw - cw) / 2.0))
+            out_N3hw = x_N3HW[..., top : top + ch, left : left + cw].clamp(0, 255).round()
+            for k, crop in zip(ks, out_N3hw, strict=True):
+                crops[k] = crop
+        return crops
+
+
+class BatchDecoder:
+    """Payloads → normalised batch on ``device``, nvjpeg where it may, Pillow elsewhere."""
+
+    def __init__(
+        self,
+        preprocessor: Preprocessor,
+        *,
+        device: torch.device,
+        dtype: torch.dtype,
+        pool: Executor,
+        nvjpeg: bool,
+    ) -> None:
+        self.preprocessor, self.device, self.dtype, self.pool = preprocessor, device, dtype, pool
+        self.nvjpeg = nvjpeg and device.type == "cuda"
+        self._resize_crop = TensorResizeCrop(preprocessor.resize_crop)
+        self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    def warm_up(self) -> None:
+        """One image through each path, so nvjpeg's start-up is not a request's."""
+        buffer = io.BytesIO()
+        Image.new("RGB", (64, 48), (120, 60, 30)).save(buffer, "JPEG")
+        data = buffer.getvalue()
+        batch = self([Encoded(data, self.preprocessor.probe(data))])
+        if batch.errors:
+            raise next(iter(batch.errors.values()))
+
+    def __call__(self, payloads: Sequence[Payload]) -> DecodedBatch:
+        started = time.perf_counter()
+        stream = torch.cuda.stream(self._stream) if self._stream else contextlib.nullcontext()
+        with stream:
+            crops, decoders, errors = self._crops(payloads)
+            rows = sorted(crops)
+            inputs = None
+            if rows:
+                inputs = self.preprocessor.normalize(self._gather(crops, rows)).to(self.dtype)
+        if self._stream:
+            self._stream.synchronize()  # ready before the inference thread reads it
+        return DecodedBatch(inputs, rows, errors, time.perf_counter() - started, decoders)
+
+    def _gather(self, crops: dict[int, torch.Tensor], rows: list[int]) -> torch.Tensor:
+        """One float batch on the device: host crops (uint8, Pillow's) cross in one copy."""
+        on_host = [k for k, i in enumerate(rows) if crops[i].device.type == "cpu"]
+        on_device = [k for k, i in enumerate(rows) if crops[i].device.type != "cpu"]
+        shape = (len(rows), *crops[rows[0]].shape)
+        batch = torch.empty(shape, dtype=torch.float32, device=self.device)
+        for part, move in ((on_host, True), (on_device, False)):
+            if part:
+                stacked = torch.stack([crops[rows[k]] for k in part])
+                batch[part] = (stacked.to(self.device) if move else stacked).float()
+        return batch
+
+    def _crops(
+        self, payloads: Sequence[Payload]
+    ) -> tuple[dict[int, torch.Tensor], dict[int, str], dict[int, Exception]]:
+        """Each payload's uint8 crop (or its error), and which decoder made it."""
+        crops = {i: p for i, p in enumerate(payloads) if isinstance(p, torch.Tensor)}
+        decoders: dict[int, str] = {}
+        encoded = {i: p for i, p in enumerate(payloads) if isinstance(p, Encoded)}
+        on_gpu = [i for i, p in encoded.items() if self.nvjpeg and p.probe.nvjpeg_ok]
+        if on_gpu:
+            try:
+                decoded = self._nvjpeg([encoded[i].data for i in on_gpu])
+                crops.update(zip(on_gpu, decoded, strict=True))
+                decoders.update(dict.fromkeys(on_gpu, "nvjpeg"))
+            except Exception as exc:  # noqa: BLE001 - one bad image fails nvjpeg's whole batch
+                log.warning(
+                    "nvjpeg failed on %d images (%s); Pillow decodes them", len(on_gpu), exc
+                )
+        by_pillow = [i for i in encoded if i not in crops]
+        errors: dict[int, Exception] = {}
+        results = self.pool.map(self._pillow, [encoded[i].data for i in by_pillow])
+        for i, result in zip(by_pillow, results, strict=True):
+            if isinstance(result, Exception):
+                errors[i] = result
+            else:
+                crops[i], decoders[i] = result, "pillow"
+        return crops, decoders, errors
+
+    def _nvjpeg(self, jpegs: Sequence[bytes]) -> list[torch.Tensor]:
+        encoded = [torch.frombuffer(bytearray(data), dtype=torch.uint8) for data in jpegs]
+        return self._resize_crop(decode_jpeg(encoded, mode=ImageReadMode.RGB, device=self.device))
+
+    def _pillow(self, data: bytes) -> torch.Tensor | Exception:
+        try:
+            return self.preprocessor.decode_crop(data)
+        except Exception as exc:  # noqa: BLE001 - one bad image fails only its own request
+            return exc

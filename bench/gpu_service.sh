@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Device call: the service end to end on one GPU with real JPEGs (imagenet-dev: ~110 KB,
+# ~500x375), DeiT-S and DeiT-B with random weights (none are available offline; speed does
+# not depend on them), dense vs compressed ($CONFIG, default glad-t3), $WORKERS server
+# processes; then dense DeiT-S through our service vs LitServe, one image a request.
+# Before that, the CUDA tests: nvjpeg vs Pillow, and GPU metrics from a real server.
+# Carry: .whl (fastapi, uvicorn, litserve, ... for python3.12) and .carry/images/imagenet-dev.
+set -uo pipefail
+export PYTHONUNBUFFERED=1
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+  --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PWD
+out=${OUT:-bench/results}; store=/tmp/store; cfg=${CONFIG:-glad-t3}; mkdir -p "$out"
+for arch in small base; do
+  python3 -m app store random deit_${arch}_patch16_224 --name deit_$arch --store $store
+  python3 -m app store random deit_${arch}_patch16_224 --name deit_$arch-$cfg --config $cfg \
+    --store $store
+done
+timeout 90 python3 -m pytest -q -m gpu --tb=short -p no:cacheprovider tests/test_decode.py \
+  tests/test_gpu_metrics.py 2>&1 | grep -v "Warning\|warn\|^$\|^  "
+common=(--store $store --images .carry/images/imagenet-dev --device cuda --seconds 5
+  --warmup 1.5 --client-processes 4 --max-batch-size 256 --queue-size 4096
+  --workers "${WORKERS:-6}" --out "$out")
+timeout 170 python3 -m app bench service "${common[@]}" --images-per-request 16 \
+  --models deit_small deit_small-$cfg deit_base deit_base-$cfg --concurrency 16 64
+timeout 120 python3 -m app bench service "${common[@]}" --models deit_small \
+  --images-per-request 1 --concurrency 64 256 --litserve --litserve-workers 4 --no-half-load
+(cd "$out" && tar czf service-plots.tgz ./*.png && rm ./*.png)

@@ -1,0 +1,65 @@
+"""``python -m app.bench.fidelity``: every variant against the teacher on the same folders."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from app.bench.fidelity import main
+from app.store import ModelStore
+from app.store.manifest import Source
+from app.vit.builder import compress
+from app.vit.config import CompressionConfig
+from tests.helpers import add_tiny_entry, image_bytes, tiny_manifest
+
+
+def photo_folder(path: Path, count: int, seed: int) -> Path:
+    path.mkdir(parents=True)
+    for i in range(count):
+        (path / f"{i}.jpg").write_bytes(image_bytes("JPEG", (40, 36), seed=seed + i))
+    return path
+
+
+def test_entries_and_configs_on_shared_folders_skipping_trained_on(tmp_path, capsys):
+    store = ModelStore(tmp_path / "store")
+    add_tiny_entry(store, "tiny")
+    train = photo_folder(tmp_path / "train", 4, seed=0)
+    held_out = photo_folder(tmp_path / "held-out", 5, seed=10)
+    cfg = CompressionConfig.parse("merge=2")
+    store.write_entry(
+        tiny_manifest(
+            "tiny-merged",
+            variant="compressed",
+            compression=cfg,
+            source=Source(kind="compress", ref="tiny", details={"train_dirs": [str(train)]}),
+        ),
+        compress(store.load("tiny").module, cfg).state_dict(),
+    )
+    out = tmp_path / "results"
+    argv = [
+        *("--store", str(store.root), "--teacher", "tiny"),
+        *("--images", str(train), str(held_out), "--entries", "tiny-merged"),
+        *("--configs", "merge=0", "static=0;merge=2@1", "--calibrate", str(train)),
+        *("--out-dir", str(out)),
+    ]
+    assert main(argv) == 0
+    [path] = out.glob("fidelity-*.json")
+    rows = {row["name"]: row for row in json.loads(path.read_text())["rows"]}
+    assert set(rows["tiny-merged"]["eval"]) == {"held-out"}  # never scored on its training set
+    assert rows["tiny-merged"]["training"] == "distilled"
+    assert rows["merge=0"]["eval"]["train"]["agreement_top1"] == 1.0  # r=0 is the dense model
+    assert rows["merge=0"]["training"] == "training-free"
+    assert rows["static=0;merge=2@1"]["training"] == "calibrated"
+    assert set(rows["static=0;merge=2@1"]["eval"]) == {"held-out"}  # calibrated on train
+    assert "(trained on)" in capsys.readouterr().out
+
+
+def test_static_attention_without_calibration_photos_is_refused(tmp_path):
+    store = ModelStore(tmp_path / "store")
+    add_tiny_entry(store, "tiny")
+    folder = photo_folder(tmp_path / "photos", 2, seed=0)
+    argv = ["--store", str(store.root), "--teacher", "tiny", "--images", str(folder)]
+    with pytest.raises(ValueError, match="needs --calibrate"):
+        main([*argv, "--configs", "static=0", "--out-dir", str(tmp_path / "r")])
