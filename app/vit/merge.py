@@ -11,13 +11,9 @@ size-weighted averages and later attention adds ``log(size)`` to its logits (pro
 attention), so a token standing for k patches draws the attention those k patches would.
 
 ``r`` is fixed per block, so every shape is known before the forward runs: batching, CUDA
-graphs and ``torch.compile(fullgraph=True)`` keep working. Matching is ``argsort`` on
-fixed-size index tensors; nothing reads a value on the host. The merge itself is one
-batched matrix product with a 0/1 assignment matrix (output token x input token, scaled
-by the sizes): a gather + ``scatter_add`` over ``[B, N, C]`` does the same with bf16
-atomics and strided copies, which made a merged DeiT-S *slower* than dense on an H200,
-while the product is a few microseconds of tensor-core work. The CLS token is never
-merged and stays at index 0.
+graphs and ``torch.compile(fullgraph=True)`` keep working. Matching is ``argsort`` +
+``gather``/``scatter_add`` on fixed-size index tensors; nothing reads a value on the host.
+The CLS token is never merged and stays at index 0.
 """
 
 from __future__ import annotations
@@ -72,22 +68,15 @@ def bipartite_soft_matching(keys_BNK: torch.Tensor, r: int) -> Matching:
     return Matching(keep_A=keep_BK1, src_A=src_Br1, dst_B=dst_Br1)
 
 
-def assignment(matching: Matching, num_tokens: int) -> torch.Tensor:
-    """``[B, N - r, N]`` bool: entry (m, n) says input token n ends up in output token m.
-
-    Output order is ToMe's: the kept A tokens (ascending), then every B token.
-    """
-    keep_BK, src_Br, dst_Br = (t[..., 0] for t in (matching.keep_A, matching.src_A, matching.dst_B))
-    (B, kept), device = keep_BK.shape, keep_BK.device
-    num_b = num_tokens // 2
-    dest_BA = torch.empty(B, num_tokens - num_b, dtype=torch.long, device=device)
-    dest_BA.scatter_(1, keep_BK, torch.arange(kept, device=device).expand(B, kept))
-    dest_BA.scatter_(1, src_Br, kept + dst_Br)
-    dest_BN = torch.empty(B, num_tokens, dtype=torch.long, device=device)
-    dest_BN[:, ::2] = dest_BA
-    dest_BN[:, 1::2] = kept + torch.arange(num_b, device=device)
-    outputs_M = torch.arange(kept + num_b, device=device)
-    return dest_BN[:, None, :] == outputs_M[None, :, None]
+def merge_sum(x_BNC: torch.Tensor, matching: Matching) -> torch.Tensor:
+    """``[B, N, C] -> [B, N - r, C]``: kept A tokens, then B tokens plus what merged into them."""
+    a_BAC, b_BBC = x_BNC[:, ::2], x_BNC[:, 1::2]
+    B, _, C = x_BNC.shape
+    r, kept = matching.src_A.shape[1], matching.keep_A.shape[1]
+    keep_BKC = a_BAC.gather(dim=1, index=matching.keep_A.expand(B, kept, C))
+    src_BrC = a_BAC.gather(dim=1, index=matching.src_A.expand(B, r, C))
+    b_BBC = b_BBC.scatter_add(dim=1, index=matching.dst_B.expand(B, r, C), src=src_BrC)
+    return torch.cat([keep_BKC, b_BBC], dim=1)
 
 
 def merge_weighted(
@@ -95,14 +84,14 @@ def merge_weighted(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Size-weighted average of merged tokens, and their summed sizes (None: all 1).
 
-    Sizes are whole numbers up to N, exact in bfloat16, so the weights are exact and the
-    product accumulates in fp32 before its one rounding.
+    Tokens and sizes go through one gather/scatter as ``[x * size, size]``.
     """
-    weights_BMN = assignment(matching, x_BNC.shape[1]).to(x_BNC.dtype)
-    if size_BN1 is not None:
-        weights_BMN = weights_BMN * size_BN1.transpose(1, 2)
-    size_BM1 = weights_BMN.sum(dim=-1, keepdim=True)
-    return (weights_BMN @ x_BNC) / size_BM1, size_BM1
+    C = x_BNC.shape[-1]
+    if size_BN1 is None:
+        size_BN1 = x_BNC.new_ones(*x_BNC.shape[:2], 1)
+    merged_BMD = merge_sum(torch.cat([x_BNC * size_BN1, size_BN1], dim=-1), matching)
+    size_BM1 = merged_BMD[..., C:]
+    return merged_BMD[..., :C] / size_BM1, size_BM1
 
 
 @dataclass
