@@ -148,7 +148,7 @@ def test_resolve_configs_keeps_preset_names_and_drops_dense():
 
 
 def test_run_models_bench_writes_json(tmp_path: Path):
-    configs = ["static=0;tokens=9@2,5@3", "dgssa-s2"]
+    configs = ["static=0;tokens=9@2,5@3", "dgssa-s2", "merge=2@1-2"]
     report = run_models_bench(
         configs,
         archs=["vit_tiny_patch16_224"],
@@ -169,7 +169,7 @@ def test_run_models_bench_writes_json(tmp_path: Path):
     assert data["weights"] == "random (speed only)" and data["complete"] is True
 
     rows = data["rows"]
-    assert len(rows) == 2 * 3  # batches x (dense + 2 configs)
+    assert len(rows) == 2 * 4  # batches x (dense + 3 configs)
     for row in rows:
         for key in ("arch", "config", "dtype", "batch", "compiled", "img_s", "median_ms"):
             assert row[key] is not None
@@ -177,7 +177,12 @@ def test_run_models_bench_writes_json(tmp_path: Path):
         assert row["dtype"] == "float32" and row["compiled"] is False
     assert {r["batch"] for r in rows} == {1, 4}
     assert all(r["speedup"] == 1.0 for r in rows if r["config"] == "dense")
-    assert {r["name"] for r in rows} == {"dense", "dgssa-s2", "static=0;tokens=9@2,5@3"}
+    assert {r["name"] for r in rows} == {
+        "dense",
+        "dgssa-s2",
+        "static=0;tokens=9@2,5@3",
+        "merge=2@1-2",
+    }
 
     (section,) = data["per_layer"]
     assert section["batch"] == 4 and section["tokens"] == 17
@@ -186,6 +191,11 @@ def test_run_models_bench_writes_json(tmp_path: Path):
     glad = predictions["static=0;tokens=9@2,5@3"]
     assert glad["tokens_per_block"] == [17, 17, 9, 5]
     assert sum(glad["cost_share"]) == pytest.approx(1 / glad["predicted_speedup_blocks"])
+    # merging blocks are timed whole; the one after the first merge with token sizes
+    assert {"merge_block@17-r2", "merge_block@15-r2+sizes"} <= section["timings_ms"].keys()
+    merge = predictions["merge=2@1-2"]
+    assert merge["tokens_per_block"] == [17, 17, 15, 13]
+    assert merge["predicted_speedup_blocks"] > 0
 
 
 def test_cli_defaults_cover_every_compressed_preset():

@@ -12,11 +12,37 @@ from torch import nn
 from app.bench.arch import ArchModels, fmt, randomize_compressed_layers, release
 from app.bench.timing import Failure, Timing, prepare, time_interleaved
 from app.vit.builder import CompressedViT
+from app.vit.merge import MergeBlock, MergeState
 from app.vit.static_attention import StaticAttention
 
 
 def _ms(result: Timing | Failure) -> float | None:
     return result.median_ms if isinstance(result, Timing) else None
+
+
+class MergeBlockAlone(nn.Module):
+    """A merging block timed on its own: ``sized`` gives it token sizes (all 1), as every
+    block after the first merge has, so its attention carries the proportional bias."""
+
+    def __init__(self, block: MergeBlock, sized: bool) -> None:
+        super().__init__()
+        self.block, self.sized = block, sized
+
+    def forward(self, x_BNC: torch.Tensor) -> torch.Tensor:
+        state = MergeState()
+        if self.sized:
+            state.size_BN1 = x_BNC.new_ones(*x_BNC.shape[:2], 1)
+        return self.block(x_BNC, state)
+
+
+def merge_keys(model: CompressedViT) -> dict[int, tuple[str, int, int, bool]]:
+    """Block index → (timing key, tokens in, r, sized) for each merging block of ``model``."""
+    keys, merged = {}, False
+    for i, block in model.merge_blocks().items():
+        n = model.tokens_per_block[i]
+        keys[i] = (f"merge_block@{n}-r{block.r}{'+sizes' if merged else ''}", n, block.r, merged)
+        merged = merged or block.r > 0
+    return keys
 
 
 def per_layer_bench(
@@ -33,23 +59,33 @@ def per_layer_bench(
 
     Timed in groups of equal input shape, interleaved within each group: the dense block
     and the static block at every token count they are needed, and every aggregation stage.
-    A config's prediction sums, along its ``tokens_per_block``, the dense or static block
-    time at that count plus the aggregation before it; ``cost_share`` is each block's
-    predicted time over the dense model's blocks total (patch embedding and head excluded).
+    A config's prediction sums, along its ``tokens_per_block``, the dense, static or
+    merging block time at that count plus the aggregation before it (a merging block is
+    timed whole: matching, merge and, after the first merge, proportional attention);
+    ``cost_share`` is each block's predicted time over the dense model's blocks total
+    (patch embedding and head excluded).
     """
     depth = len(models.dense.blocks)
     full = models.num_tokens
     dense_counts, static_counts, stages = {full}, {full}, {}
+    merges: dict[str, tuple[int, int, bool]] = {}
     for model in models.compressed.values():
+        merging = merge_keys(model)
         for i, n in enumerate(model.tokens_per_block):
-            (static_counts if i in model.compression.static_layers else dense_counts).add(n)
+            if i in merging:
+                key, *spec = merging[i]
+                merges[key] = tuple(spec)
+            else:
+                (static_counts if i in model.compression.static_layers else dense_counts).add(n)
         for agg in model.aggregations().values():
             stages[(agg.num_tokens_in, agg.num_tokens_out)] = agg
 
     block = copy.deepcopy(models.dense.blocks[0])
     timings: dict[str, float | None] = {}
     errors: dict[str, str] = {}
-    for n in sorted(dense_counts | static_counts | {n_in for n_in, _ in stages}, reverse=True):
+    counts = dense_counts | static_counts | {n_in for n_in, _ in stages}
+    counts |= {n for n, _, _ in merges.values()}
+    for n in sorted(counts, reverse=True):
         group: dict[str, nn.Module] = {}
         if n in dense_counts:
             group[f"dense_block@{n}"] = copy.deepcopy(block)
@@ -61,6 +97,9 @@ def per_layer_bench(
         for (n_in, n_out), agg in stages.items():
             if n_in == n:
                 group[f"aggregation@{n_in}->{n_out}"] = copy.deepcopy(agg)
+        for key, (n_in, r, sized) in merges.items():
+            if n_in == n:
+                group[key] = MergeBlockAlone(MergeBlock(copy.deepcopy(block), r), sized)
         prepared = {
             k: prepare(m, device=device, dtype=dtype, compiled=False) for k, m in group.items()
         }
@@ -103,9 +142,11 @@ def _predict(
     """Blocks-only cost of ``model`` predicted from the per-layer timings."""
     static_layers = set(model.compression.static_layers)
     aggregations = model.aggregations()
+    merging = merge_keys(model)
     block_ms: list[float | None] = []
     for i, n in enumerate(model.tokens_per_block):
-        ms = timings[f"{'static' if i in static_layers else 'dense'}_block@{n}"]
+        kind = "static" if i in static_layers else "dense"
+        ms = timings[merging[i][0] if i in merging else f"{kind}_block@{n}"]
         if i in aggregations and ms is not None:
             agg = aggregations[i]
             agg_ms = timings[f"aggregation@{agg.num_tokens_in}->{agg.num_tokens_out}"]
