@@ -194,3 +194,15 @@ async def test_a_single_replica_runs_one_batch_at_a_time():
     assert time.monotonic() - started >= 0.2
     await batcher.stop()
     assert model.batches == [4, 4]
+
+
+async def test_each_image_gets_its_classes_ranked_on_the_inference_thread():
+    """The batch's top-k is computed once, off the event loop; each image gets its own."""
+    probs = torch.tensor([[0.1, 0.5, 0.2, 0.2], [0.7, 0.0, 0.1, 0.2]])
+    batcher = make(lambda x: probs[x[:, 0, 0, 0].long()], top_k=3, max_delay_s=0.05)
+    batcher.start()
+    a, b = await asyncio.gather(*(batcher.submit(image(i), far()) for i in (0, 1)))
+    await batcher.stop()
+    assert a.top_indices[0] == 1 and b.top_indices == [0, 3, 2]
+    assert b.top_scores == pytest.approx([0.7, 0.2, 0.1])
+    assert torch.equal(a.probs, probs[0])

@@ -52,6 +52,8 @@ SLOTS_PER_REPLICA = 2  # one batch computing, the next one decoding
 @dataclass
 class Prediction:
     probs: torch.Tensor  # [classes] float32
+    top_scores: list[float]  # the batcher's top-k, best first: computed once per batch
+    top_indices: list[int]
     queue_s: float
     decode_s: float  # the decode stage of its batch
     inference_s: float
@@ -78,14 +80,18 @@ class DynamicBatcher:
         predict: Predict | Sequence[Predict],
         *,
         decode: Decode | Sequence[Decode] = stack_tensors,
+        top_k: int = 5,
         max_batch_size: int,
         max_delay_s: float,
         queue_size: int,
         metrics: Metrics,
     ) -> None:
         """``predict`` and ``decode``: one each per replica (a single one: one replica;
-        the default ``decode`` stacks ready tensors)."""
+        the default ``decode`` stacks ready tensors). ``top_k``: the most classes a caller may
+        ask for; they are ranked for the whole batch on the inference thread, so the event
+        loop never touches a tensor per image."""
         self.name = name
+        self.top_k = top_k
         self._replicas = list(predict) if isinstance(predict, Sequence) else [predict]
         self._decoders = (
             list(decode) if isinstance(decode, Sequence) else [decode] * len(self._replicas)
@@ -220,12 +226,13 @@ class DynamicBatcher:
         if not rows:
             return
         try:
-            started, keep, probs = await loop.run_in_executor(
+            started, keep, probs, (scores, indices) = await loop.run_in_executor(
                 self._executors[replica],
                 self._compute,
                 self._replicas[replica],
                 decoded.inputs,
                 [item.deadline for item in rows],
+                self.top_k,
             )
         except Exception as exc:  # noqa: BLE001 - a failing batch fails only its own requests
             self._fail(rows, exc, "inference")
@@ -253,6 +260,8 @@ class DynamicBatcher:
                 item.future.set_result(
                     Prediction(
                         probs[n],
+                        scores[n],
+                        indices[n],
                         queue_s,
                         decoded.seconds,
                         elapsed,
@@ -263,17 +272,19 @@ class DynamicBatcher:
 
     @staticmethod
     def _compute(
-        predict: Predict, inputs: torch.Tensor, deadlines: list[float]
-    ) -> tuple[float, list[int], torch.Tensor | None]:
+        predict: Predict, inputs: torch.Tensor, deadlines: list[float], top_k: int
+    ) -> tuple[float, list[int], torch.Tensor | None, tuple[list, list]]:
         """On the inference thread: drop rows whose deadline passed while the batch waited
-        for it (decoded, behind the batch computing), then compute the rest."""
+        for it (decoded, behind the batch computing), compute the rest, rank their top-k."""
         started = time.monotonic()
         keep = [k for k, deadline in enumerate(deadlines) if deadline > started]
         if not keep:
-            return started, keep, None
+            return started, keep, None, ([], [])
         if len(keep) < len(deadlines):
             inputs = inputs[keep]
-        return started, keep, predict(inputs)
+        probs = predict(inputs)
+        scores, indices = probs.topk(min(top_k, probs.shape[-1]), dim=-1)
+        return started, keep, probs, (scores.tolist(), indices.tolist())
 
     def _fail(self, items: list[_Item], exc: Exception, stage: str) -> None:
         log.error("model %s: %s of %d images failed", self.name, stage, len(items), exc_info=exc)

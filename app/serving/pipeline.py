@@ -93,11 +93,8 @@ class ClassifyPipeline:
 
     @staticmethod
     def encode(model: ServedModel, image: ImageInput, p: Prediction, top_k: int) -> ImageResult:
-        scores, indices = p.probs.topk(min(top_k, p.probs.numel()))
-        labels = [
-            Label(int(i), model.labels[int(i)], float(s))
-            for s, i in zip(scores, indices, strict=True)
-        ]
+        ranked = zip(p.top_scores[:top_k], p.top_indices[:top_k], strict=True)
+        labels = [Label(i, model.labels[i], s) for s, i in ranked]
         return ImageResult(
             image.filename,
             labels,

@@ -138,6 +138,7 @@ class ModelPool:
             model.name,
             [self._predict_fn(runner) for runner in model.runners],
             decode=model.decoders,
+            top_k=s.max_top_k,
             max_batch_size=s.max_batch_size,
             max_delay_s=s.max_delay_ms / 1000,
             queue_size=s.queue_size,
