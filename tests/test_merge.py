@@ -37,6 +37,7 @@ from app.vit.merge import (
     MergeState,
     bipartite_soft_matching,
     merge_weighted,
+    proportional_attention,
 )
 from tests.helpers import DEV_IMAGES, HF_CACHE, TINY_VIT, require_shared
 
@@ -424,3 +425,16 @@ def test_real_deit_tiny_r13_agrees_with_dense(monkeypatch: pytest.MonkeyPatch) -
     with torch.no_grad():
         agreement = (merged(x).argmax(-1) == dense(x).argmax(-1)).float().mean().item()
     assert agreement >= 0.8, f"top-1 agreement {agreement:.1%}"
+
+
+@pytest.mark.parametrize("head_dim", [64, 12, 7])
+def test_proportional_attention_equals_the_masked_softmax(head_dim: int) -> None:
+    """The log-size bias carried in an extra head dimension is the additive mask, exactly."""
+    gen = torch.Generator().manual_seed(head_dim)
+    q, k, v = (torch.randn(2, 3, 11, head_dim, generator=gen, dtype=torch.float64) for _ in "qkv")
+    size_BN1 = torch.randint(1, 9, (2, 11, 1), generator=gen).double()
+    scale = head_dim**-0.5
+    logits = q @ k.transpose(-1, -2) * scale + size_BN1.log().transpose(1, 2)[:, None]
+    expected = logits.softmax(dim=-1) @ v
+    got = proportional_attention(q, k, v, size_BN1.log(), scale=scale)
+    torch.testing.assert_close(got, expected)

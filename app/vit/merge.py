@@ -8,7 +8,8 @@ picks its most similar B token, and the ``r`` A tokens with the best matches are
 
 Every merged token remembers how many input patches it stands for (``size``): merges are
 size-weighted averages and later attention adds ``log(size)`` to its logits (proportional
-attention), so a token standing for k patches draws the attention those k patches would.
+attention), so a token standing for k patches draws the attention those k patches would;
+the bias travels in an extra head dimension, not a mask, so SDPA keeps its flash kernel.
 
 ``r`` is fixed per block, so every shape is known before the forward runs: batching, CUDA
 graphs and ``torch.compile(fullgraph=True)`` keep working. Matching is ``argsort`` +
@@ -107,6 +108,37 @@ class MergeState:
     size_BN1: torch.Tensor | None = None
 
 
+def proportional_attention(
+    q_BHND: torch.Tensor,
+    k_BHND: torch.Tensor,
+    v_BHND: torch.Tensor,
+    log_size_BN1: torch.Tensor,
+    *,
+    scale: float,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """``softmax(q·kᵀ·scale + log size_k)·v`` through fused SDPA *without* an attention mask.
+
+    A mask sends SDPA off its fastest kernel (flash attention takes none): on an H200 the
+    log-size mask made a DeiT-S block at 197 tokens 0.23 ms slower (1.00 ms against
+    0.77 ms). The bias rides in an extra head dimension instead -- q gets 1 there, k gets
+    ``log(size) / scale``, so ``scale · q'·k' = scale · q·k + log size`` -- padded with zeros
+    to the next multiple of 8, as the fused kernels want; v gets zeros there, and the output
+    keeps its first ``D`` channels.
+    """
+    B, H, N, D = q_BHND.shape
+    pad = 8 - D % 8  # at least 1: the bias column
+    zeros_BHNp = q_BHND.new_zeros(B, H, N, pad - 1)
+    bias_BHN1 = (log_size_BN1 / scale).to(k_BHND.dtype)[:, None].expand(B, H, N, 1)
+    q_BHNE = torch.cat([q_BHND, q_BHND.new_ones(B, H, N, 1), zeros_BHNp], dim=-1)
+    k_BHNE = torch.cat([k_BHND, bias_BHN1, zeros_BHNp], dim=-1)
+    v_BHNE = torch.cat([v_BHND, v_BHND.new_zeros(B, H, N, pad)], dim=-1)
+    out_BHNE = F.scaled_dot_product_attention(
+        q_BHNE, k_BHNE, v_BHNE, dropout_p=dropout_p, scale=scale
+    )
+    return out_BHNE[..., :D]
+
+
 class MergeAttention(nn.Module):
     """timm ``Attention`` with proportional attention that also returns its keys.
 
@@ -130,7 +162,7 @@ class MergeAttention(nn.Module):
         self.proj_drop = dense.proj_drop
 
     def forward(
-        self, x_BNC: torch.Tensor, log_size_B11N: torch.Tensor | None = None
+        self, x_BNC: torch.Tensor, log_size_BN1: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Attention output ``[B, N, C]`` and keys averaged over heads ``[B, N, D]``."""
         B, N, _ = x_BNC.shape
@@ -139,13 +171,15 @@ class MergeAttention(nn.Module):
         )
         q_BHND, k_BHND, v_BHND = qkv_3BHND.unbind(0)
         q_BHND, k_BHND = self.q_norm(q_BHND), self.k_norm(k_BHND)
-        out_BHND = F.scaled_dot_product_attention(
-            q_BHND,
-            k_BHND,
-            v_BHND,
-            attn_mask=None if log_size_B11N is None else log_size_B11N.to(q_BHND.dtype),
-            dropout_p=self.attn_drop.p if self.training else 0.0,
-        )
+        dropout_p = self.attn_drop.p if self.training else 0.0
+        if log_size_BN1 is None:
+            out_BHND = F.scaled_dot_product_attention(
+                q_BHND, k_BHND, v_BHND, dropout_p=dropout_p, scale=self.scale
+            )
+        else:
+            out_BHND = proportional_attention(
+                q_BHND, k_BHND, v_BHND, log_size_BN1, scale=self.scale, dropout_p=dropout_p
+            )
         out_BNA = self.norm(out_BHND.transpose(1, 2).reshape(B, N, self.attn_dim))
         if self.gate is not None:
             out_BNA = out_BNA * self.gate(x_BNC).sigmoid()
@@ -181,8 +215,8 @@ class MergeBlock(nn.Module):
     def forward(self, x_BNC: torch.Tensor, state: MergeState) -> torch.Tensor:
         """``[B, N, C] -> [B, N - r, C]``; updates ``state.size_BN1`` when it merges."""
         size_BN1 = state.size_BN1
-        log_size_B11N = None if size_BN1 is None else size_BN1.log().transpose(1, 2)[:, None]
-        attn_BNC, keys_BNK = self.attn(self.norm1(x_BNC), log_size_B11N)
+        log_size_BN1 = None if size_BN1 is None else size_BN1.log()
+        attn_BNC, keys_BNK = self.attn(self.norm1(x_BNC), log_size_BN1)
         x_BNC = x_BNC + self.drop_path1(self.ls1(attn_BNC))
         if self.r:
             matching = bipartite_soft_matching(keys_BNK, self.r)
