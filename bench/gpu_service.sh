@@ -2,8 +2,10 @@
 # Device call: the service end to end on one GPU with real JPEGs (imagenet-dev: ~110 KB,
 # ~500x375), DeiT-S and DeiT-B with random weights (none are available offline; speed does
 # not depend on them), dense vs compressed ($CONFIG, default glad-t3), $WORKERS server
-# processes; then dense DeiT-S through our service vs LitServe, one image a request.
+# processes; and dense DeiT-S through our service vs LitServe, one image a request.
 # Before that, the CUDA tests: nvjpeg vs Pillow, and GPU metrics from a real server.
+# $PARTS picks the runs (default "s b litserve"); each takes 2-4 min, most of it the
+# workers' start-up, so split them over calls: one call has 10 min.
 # Carry: .whl (fastapi, uvicorn, litserve, ... for python3.12) and .carry/images/imagenet-dev.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -20,9 +22,18 @@ timeout 90 python3 -m pytest -q -m gpu --tb=short -p no:cacheprovider tests/test
   tests/test_gpu_metrics.py 2>&1 | grep -v "Warning\|warn\|^$\|^  "
 common=(--store $store --images .carry/images/imagenet-dev --device cuda --seconds 5
   --warmup 1.5 --client-processes 4 --max-batch-size 256 --queue-size 4096
-  --workers "${WORKERS:-6}" --out "$out")
-timeout 170 python3 -m app bench service "${common[@]}" --images-per-request 16 \
-  --models deit_small deit_small-$cfg deit_base deit_base-$cfg --concurrency 16 64
-timeout 120 python3 -m app bench service "${common[@]}" --models deit_small \
-  --images-per-request 1 --concurrency 64 256 --litserve --litserve-workers 4 --no-half-load
-(cd "$out" && tar czf service-plots.tgz ./*.png && rm ./*.png)
+  --workers "${WORKERS:-6}" --start-timeout 240 --out "$out")
+dense_vs_compressed() {  # arch: small or base
+  python3 -m app bench service "${common[@]}" --images-per-request 16 --concurrency 8 32 \
+    --models "deit_$1" "deit_$1-$cfg"
+}
+for part in ${PARTS:-s b litserve}; do
+  case $part in
+    s) dense_vs_compressed small ;;
+    b) dense_vs_compressed base ;;
+    litserve) python3 -m app bench service "${common[@]}" --models deit_small \
+        --images-per-request 1 --concurrency 64 256 --litserve --litserve-workers 4 \
+        --no-half-load ;;
+  esac
+done
+(cd "$out" && ls ./*.png > /dev/null 2>&1 && tar czf service-plots.tgz ./*.png && rm ./*.png)
