@@ -92,10 +92,11 @@ def test_vitserve_serve_workers_share_one_metrics_view(tmp_path):
     add_tiny_entry(store, "tiny")
     env = serve_env(store, workers=2, max_batch_size=4)
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
-    with running_server(env, ready_streak=16) as base:
+    with running_server(env, workers=2) as base:
         for _ in range(REQUESTS):
             r = httpx.post(f"{base}/classify", content=image_bytes(), headers=JPEG)
             assert r.status_code == 200
         for _ in range(5):
             samples = parse(httpx.get(f"{base}/metrics").text)
             assert value(samples, "vitserve_images_total", model="tiny") == REQUESTS
+            assert value(samples, "vitserve_workers_ready") == 2

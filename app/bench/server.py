@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -34,12 +35,31 @@ class ServerURL(str):
         return self.proc.pid
 
 
+def _ready(base: str, workers: int) -> bool:
+    try:
+        if httpx.get(f"{base}/readyz", timeout=2).status_code != 200:
+            return False
+        if workers == 1:
+            return True
+        text = httpx.get(f"{base}/metrics", timeout=5).text
+    except httpx.TransportError:
+        return False
+    ready = sum(
+        s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == "vitserve_workers_ready"
+    )
+    return ready >= workers
+
+
 @contextmanager
 def running_server(
-    env: dict[str, str], timeout_s: float = 300, ready_streak: int = 1
+    env: dict[str, str], timeout_s: float = 300, workers: int = 1
 ) -> Iterator[ServerURL]:
-    """Yield the base URL once /readyz answers 200 ``ready_streak`` times in a row (each on a
-    fresh connection: with several workers, any one may answer); stop with SIGINT after."""
+    """Yield the base URL once /readyz answers 200 and, with several ``workers``, once
+    /metrics counts that many ready (one /readyz answer speaks for one worker); stop with
+    SIGINT (graceful) after."""
     port = free_port()
     full_env = {**os.environ, **env, "VITSERVE_HOST": "127.0.0.1", "VITSERVE_PORT": str(port)}
     full_env.setdefault("VITSERVE_LOG_LEVEL", "warning")
@@ -53,19 +73,14 @@ def running_server(
     base = ServerURL(f"http://127.0.0.1:{port}")
     base.proc = proc
     try:
-        deadline, streak = time.monotonic() + timeout_s, 0
-        while streak < ready_streak:
+        deadline = time.monotonic() + timeout_s
+        while not _ready(base, workers):
             if proc.poll() is not None:
                 output = proc.stdout.read().decode()
                 raise RuntimeError(f"server exited {proc.returncode}: {output}")
-            try:
-                ok = httpx.get(f"{base}/readyz", timeout=2).status_code == 200
-            except httpx.TransportError:
-                ok = False
-            streak = streak + 1 if ok else 0
             if time.monotonic() > deadline:
                 raise TimeoutError(f"server did not become ready in {timeout_s:.0f}s")
-            time.sleep(0.02 if ok else 0.2)
+            time.sleep(0.2)
         yield base
     finally:
         if proc.poll() is None:

@@ -438,8 +438,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     levels: list[Level] = []
     names = list(args.models)
     with contextlib.closing(Client(args.client_processes)) as client:
-        streak = 8 * settings.workers  # every worker ready, not just the first to answer
-        with running_server(env, timeout_s=args.start_timeout, ready_streak=streak) as base:
+        with running_server(env, timeout_s=args.start_timeout, workers=settings.workers) as base:
             info = {m["name"]: m for m in httpx.get(f"{base}/models", timeout=30).json()["models"]}
             for k, concurrency in enumerate(args.concurrency):
                 # alternate the order per level, so neither model always runs first

@@ -83,6 +83,13 @@ class Metrics:
             multiprocess_mode="livesum",
             registry=r,
         )
+        self.workers_ready = Gauge(
+            "vitserve_workers_ready",
+            "Server processes whose models have all loaded and that are ready (summed over "
+            "worker processes: with several, one /readyz answer speaks for one process only).",
+            multiprocess_mode="livesum",
+            registry=r,
+        )
         self.in_flight = Gauge(
             "vitserve_requests_in_flight",
             "HTTP requests being served (summed over worker processes).",

@@ -121,6 +121,7 @@ class ModelPool:
     async def _load_all(self, names: list[str]) -> None:
         for name in names:
             await self._load(self.models[name])
+        self.metrics.workers_ready.set(1 if self.readiness()[0] else 0)
 
     async def _load(self, model: ServedModel) -> None:
         try:
