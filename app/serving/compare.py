@@ -67,9 +67,6 @@ async def compare(
     by_key: dict[str, ServedModel] = {}
     for model in models:
         by_key.setdefault(preprocessing_key(model), model)
-    for model in by_key.values():  # header checks first: a bad image fails before any decode
-        for image in images:
-            pipeline.probe(model, image)
     flat = await all_or_nothing(
         pipeline.decode_crop(model, image) for model in by_key.values() for image in images
     )
