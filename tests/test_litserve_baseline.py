@@ -10,7 +10,7 @@ import httpx
 import pytest
 import torch
 
-from app.bench.litserve_baseline import running_litserve
+from app.bench.litserve_baseline import Baseline, running_litserve
 from app.serving.preprocess import Preprocessor
 from app.serving.runner import ModelRunner
 from app.store import ModelStore
@@ -55,15 +55,8 @@ def test_litserve_baseline_serves_our_model(tmp_path):
     add_tiny_entry(store, "tiny")
     expected = our_top1(store, "tiny")
 
-    with running_litserve(
-        store.root,
-        "tiny",
-        device="cpu",
-        max_batch_size=8,
-        batch_timeout=0.05,
-        workers_per_device=1,
-        timeout_s=90,
-    ) as base:
+    baseline = Baseline(store.root, "tiny", max_batch_size=8, batch_timeout=0.05)
+    with running_litserve(baseline, timeout_s=90) as base:
         first = classify(base, IMAGES[0])
         with ThreadPoolExecutor(len(IMAGES)) as pool:
             responses = list(pool.map(lambda data: classify(base, data), IMAGES))

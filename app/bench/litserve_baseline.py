@@ -28,6 +28,7 @@ import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import IO
 
@@ -89,29 +90,41 @@ class DeiTClassifierAPI(ls.LitAPI):
         return {"results": [{"predictions": [prediction]}]}
 
 
-def build_server(
-    store: Path,
-    model: str,
-    *,
-    device: str,
-    max_batch_size: int,
-    batch_timeout: float,
-    workers_per_device: int,
-) -> ls.LitServer:
+@dataclass(frozen=True)
+class Baseline:
+    """What the LitServe baseline serves, and how: one object for the CLI, the server and
+    the process that runs it."""
+
+    store: Path
+    model: str
+    device: str = "cpu"
+    max_batch_size: int = 64
+    batch_timeout: float = 0.005  # seconds
+    workers_per_device: int = 1
+
+    def flags(self) -> list[str]:
+        """The CLI flags that rebuild this object in ``main``."""
+        return [
+            f"--{name.replace('_', '-')}={getattr(self, name)!s}"
+            for name in (f.name for f in fields(self))
+        ]
+
+
+def build_server(baseline: Baseline) -> ls.LitServer:
     """The configured server (batching on the LitAPI: LitServer's own arguments for it are
     deprecated since 0.2 and removed in 0.3)."""
     api = DeiTClassifierAPI(
-        store,
-        model,
-        threads=max(1, (os.cpu_count() or 1) // workers_per_device),
-        max_batch_size=max_batch_size,
-        batch_timeout=batch_timeout,
+        baseline.store,
+        baseline.model,
+        threads=max(1, (os.cpu_count() or 1) // baseline.workers_per_device),
+        max_batch_size=baseline.max_batch_size,
+        batch_timeout=baseline.batch_timeout,
     )
     return ls.LitServer(
         api,
-        accelerator=device,
+        accelerator=baseline.device,
         devices=1,
-        workers_per_device=workers_per_device,
+        workers_per_device=baseline.workers_per_device,
         fast_queue=True,
     )
 
@@ -129,39 +142,26 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--log-level", default="warning", help="warning: no per-request access log."
     )
-    args = parser.parse_args(argv)
-    server = build_server(
-        args.store,
-        args.model,
-        device=args.device,
-        max_batch_size=args.max_batch_size,
-        batch_timeout=args.batch_timeout,
-        workers_per_device=args.workers_per_device,
-    )
+    args = vars(parser.parse_args(argv))
+    server = build_server(Baseline(**{f.name: args[f.name] for f in fields(Baseline)}))
     # generate_client_file would write a client.py into the working directory.
-    server.run(host=args.host, port=args.port, log_level=args.log_level, generate_client_file=False)
+    server.run(
+        host=args["host"],
+        port=args["port"],
+        log_level=args["log_level"],
+        generate_client_file=False,
+    )
 
 
 @contextmanager
-def running_litserve(
-    store: Path,
-    model: str,
-    *,
-    device: str,
-    max_batch_size: int,
-    batch_timeout: float,
-    workers_per_device: int,
-    timeout_s: float = 300,
-) -> Iterator[ServerURL]:
+def running_litserve(baseline: Baseline, timeout_s: float = 300) -> Iterator[ServerURL]:
     """Yield the base URL once ``/health`` answers 200; stop the whole process group after:
     LitServe's manager, API and inference processes included (it stops only the ones it
     tracks, and only on Ctrl+C: SIGTERM to its main process orphans them all)."""
     port = free_port()
     command = [
-        *(sys.executable, "-m", "app.bench.litserve_baseline"),
-        *("--store", str(store), "--model", model, "--port", str(port), "--device", device),
-        *("--max-batch-size", str(max_batch_size), "--batch-timeout", repr(batch_timeout)),
-        *("--workers-per-device", str(workers_per_device)),
+        *(sys.executable, "-m", "app.bench.litserve_baseline", "--port", str(port)),
+        *baseline.flags(),
     ]
     # A file, not a pipe: nobody reads the output while it runs, and a full pipe would
     # block a logging process.

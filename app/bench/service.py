@@ -514,18 +514,18 @@ def run_litserve(
     args: argparse.Namespace, settings: Any, client: Client, load: Load, levels: list[Level]
 ) -> str:
     """The reference model behind LitServe at the same levels; returns its row name."""
-    from app.bench.litserve_baseline import running_litserve
+    from app.bench.litserve_baseline import Baseline, running_litserve
 
     name = f"litserve:{args.models[0]}"
-    with running_litserve(
+    baseline = Baseline(
         args.store,
         args.models[0],
         device="cuda" if timing_device(args.device).type == "cuda" else "cpu",
         max_batch_size=settings.max_batch_size,
         batch_timeout=settings.max_delay_ms / 1000,
         workers_per_device=args.litserve_workers,
-        timeout_s=args.start_timeout,
-    ) as base:
+    )
+    with running_litserve(baseline, timeout_s=args.start_timeout) as base:
         for concurrency in args.concurrency:
             level = measure_level(
                 client,
