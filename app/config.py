@@ -32,12 +32,22 @@ class Settings(BaseSettings):
         "auto", description="auto: bfloat16 on CUDA, float32 on CPU."
     )
     compile: bool = Field(False, description="torch.compile each model at load.")
+    cuda_graphs: bool = Field(
+        True,
+        description="On CUDA, replay each model's forward from CUDA graphs captured at load "
+        "(one per batch-size bucket): a batch costs one launch instead of hundreds.",
+    )
     replica_devices: list[str] | None = Field(
         None,
         description='One replica of each model per device (JSON list, e.g. ["cuda:0", '
         '"cuda:1"]); each batch goes to whichever replica is free. Default: one, on `device`.',
     )
-    cpu_threads: int | None = Field(None, ge=1, description="torch intra-op threads on CPU.")
+    cpu_threads: int | None = Field(
+        None,
+        ge=1,
+        description="torch intra-op threads; default: torch's on CPU, 1 on CUDA, where the "
+        "host only ranks top-k (more threads would only compete with HTTP and decoding).",
+    )
 
     # batching
     max_batch_size: int = Field(32, ge=1, le=4096)

@@ -19,6 +19,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image
 from pydantic import ValidationError
+from timm.layers import Attention
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
@@ -33,11 +34,11 @@ from app.vit.config import (
     r_for_token_targets,
 )
 from app.vit.merge import (
+    MergeAttention,
     MergeBlock,
     MergeState,
     bipartite_soft_matching,
     merge_weighted,
-    proportional_attention,
 )
 from tests.helpers import DEV_IMAGES, HF_CACHE, TINY_VIT, require_shared
 
@@ -223,6 +224,14 @@ def test_merge_matches_the_plain_reference(num_tokens: int, r: int) -> None:
         ref_MC, ref_size_M = reference_merge(x_BNC[b], keys_BNK[b], size_BN1[b, :, 0], r)
         torch.testing.assert_close(out_BMC[b], ref_MC)
         torch.testing.assert_close(out_size_BM1[b, :, 0], ref_size_M)
+
+
+def test_merge_is_differentiable_so_merged_models_can_be_distilled() -> None:
+    gen = torch.Generator().manual_seed(0)
+    x_BNC = torch.randn(2, 17, 6, generator=gen, dtype=torch.float64, requires_grad=True)
+    size_BN1 = torch.randint(1, 4, (2, 17, 1), generator=gen).double()
+    matching = bipartite_soft_matching(torch.randn(2, 17, 4, generator=gen), 5)
+    assert torch.autograd.gradcheck(lambda x: merge_weighted(x, size_BN1, matching)[0], (x_BNC,))
 
 
 def test_cls_is_never_merged_even_when_it_matches_best() -> None:
@@ -427,14 +436,16 @@ def test_real_deit_tiny_r13_agrees_with_dense(monkeypatch: pytest.MonkeyPatch) -
     assert agreement >= 0.8, f"top-1 agreement {agreement:.1%}"
 
 
-@pytest.mark.parametrize("head_dim", [64, 12, 7])
-def test_proportional_attention_equals_the_masked_softmax(head_dim: int) -> None:
+@pytest.mark.parametrize(("head_dim", "qkv_bias"), [(64, True), (12, True), (7, False)])
+def test_proportional_attention_equals_the_masked_softmax(head_dim: int, qkv_bias: bool) -> None:
     """The log-size bias carried in an extra head dimension is the additive mask, exactly."""
-    gen = torch.Generator().manual_seed(head_dim)
-    q, k, v = (torch.randn(2, 3, 11, head_dim, generator=gen, dtype=torch.float64) for _ in "qkv")
-    size_BN1 = torch.randint(1, 9, (2, 11, 1), generator=gen).double()
-    scale = head_dim**-0.5
-    logits = q @ k.transpose(-1, -2) * scale + size_BN1.log().transpose(1, 2)[:, None]
-    expected = logits.softmax(dim=-1) @ v
-    got = proportional_attention(q, k, v, size_BN1.log(), scale=scale)
+    torch.manual_seed(head_dim)
+    dense = Attention(3 * head_dim, num_heads=3, qkv_bias=qkv_bias).double().eval()
+    x_BNC = torch.randn(2, 11, 3 * head_dim, dtype=torch.float64)
+    size_BN1 = torch.randint(1, 9, (2, 11, 1)).double()
+    q, k, v = dense.qkv(x_BNC).reshape(2, 11, 3, 3, head_dim).permute(2, 0, 3, 1, 4)
+    logits = q @ k.transpose(-1, -2) * dense.scale + size_BN1.log().transpose(1, 2)[:, None]
+    expected = dense.proj((logits.softmax(dim=-1) @ v).transpose(1, 2).reshape(2, 11, -1))
+    got, keys_BND = MergeAttention(dense)(x_BNC, size_BN1.log())
     torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(keys_BND, k.mean(dim=1))

@@ -19,6 +19,7 @@ import torch
 from app.config import Settings
 from app.devices import resolve_device, resolve_dtype
 from app.serving.batcher import DynamicBatcher
+from app.serving.cuda_graphs import bucket_sizes
 from app.serving.decode import BatchDecoder
 from app.serving.labels import class_names
 from app.serving.metrics import Metrics
@@ -65,8 +66,9 @@ class ModelPool:
     # ---- lifecycle ---------------------------------------------------------------------
     async def start(self) -> None:
         """Declare every selected entry, then load them in the background (default first)."""
-        if self.device.type == "cpu" and self.settings.cpu_threads:
-            torch.set_num_threads(self.settings.cpu_threads)
+        threads = self.settings.cpu_threads or (1 if self.device.type == "cuda" else None)
+        if threads:
+            torch.set_num_threads(threads)
         names = self.selected_names()
         for name in names:
             self.models[name] = ServedModel(name, ModelState.LOADING)
@@ -191,6 +193,9 @@ class ModelPool:
                 dtype=self.dtype,
                 input_size=loaded.manifest.preprocessing.input_size,
                 compile=self.settings.compile,
+                graph_buckets=bucket_sizes(self.settings.max_batch_size)
+                if self.settings.cuda_graphs
+                else (),
             )
             for i, device in enumerate(devices)
         ]

@@ -162,9 +162,10 @@ class MergeAttention(nn.Module):
         self.proj_drop = dense.proj_drop
 
     def forward(
-        self, x_BNC: torch.Tensor, log_size_BN1: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Attention output ``[B, N, C]`` and keys averaged over heads ``[B, N, D]``."""
+        self, x_BNC: torch.Tensor, log_size_BN1: torch.Tensor | None = None, keys: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Attention output ``[B, N, C]`` and, if ``keys``, the keys averaged over heads
+        ``[B, N, D]`` (a block that merges nothing skips that reduction)."""
         B, N, _ = x_BNC.shape
         qkv_3BHND = (
             self.qkv(x_BNC).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
@@ -183,7 +184,7 @@ class MergeAttention(nn.Module):
         out_BNA = self.norm(out_BHND.transpose(1, 2).reshape(B, N, self.attn_dim))
         if self.gate is not None:
             out_BNA = out_BNA * self.gate(x_BNC).sigmoid()
-        return self.proj_drop(self.proj(out_BNA)), k_BHND.mean(dim=1)
+        return self.proj_drop(self.proj(out_BNA)), k_BHND.mean(dim=1) if keys else None
 
 
 class MergeBlock(nn.Module):
@@ -216,9 +217,9 @@ class MergeBlock(nn.Module):
         """``[B, N, C] -> [B, N - r, C]``; updates ``state.size_BN1`` when it merges."""
         size_BN1 = state.size_BN1
         log_size_BN1 = None if size_BN1 is None else size_BN1.log()
-        attn_BNC, keys_BNK = self.attn(self.norm1(x_BNC), log_size_BN1)
+        attn_BNC, keys_BNK = self.attn(self.norm1(x_BNC), log_size_BN1, keys=self.r > 0)
         x_BNC = x_BNC + self.drop_path1(self.ls1(attn_BNC))
-        if self.r:
+        if keys_BNK is not None:
             matching = bipartite_soft_matching(keys_BNK, self.r)
             x_BNC, state.size_BN1 = merge_weighted(x_BNC, size_BN1, matching)
         return x_BNC + self.drop_path2(self.ls2(self.mlp(self.norm2(x_BNC))))
