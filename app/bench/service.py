@@ -41,6 +41,7 @@ from app.bench.images import load_images
 from app.bench.load_client import Client, Images, Load
 from app.bench.server import running_server
 from app.bench.timing import environment, timing_device
+from app.bench.utilisation import Utilisation
 
 DEFAULT_CONCURRENCY = (1, 4, 16, 64)
 
@@ -66,6 +67,8 @@ class Level:
     other_ms: float | None  # latency not spent in the stages above: HTTP, parsing, client
     nvjpeg_share: float | None  # images the GPU decoded
     offered_img_s: float | None = None  # open loop: the arrival rate (concurrency: its cap)
+    cpu_busy: float | None = None  # share of all host cores busy (server and client)
+    gpu_busy: float | None = None  # share of time a kernel ran on the GPU (NVML)
 
 
 def batch_totals(metrics_text: str, model: str) -> tuple[float, float]:
@@ -101,12 +104,12 @@ def measure_level(
     rate = None if offered_img_s is None else offered_img_s / load.per_request
     if warmup > 0:
         client.drive(base, route_model, load, concurrency, warmup, rate)
-    if baseline:
-        samples, elapsed = client.drive(base, None, load, concurrency, seconds, rate)
-        before = after = (0.0, 0.0)
-    else:
+    before = after = (0.0, 0.0)
+    if not baseline:
         before = batch_totals(httpx.get(f"{base}/metrics", timeout=30).text, model)
-        samples, elapsed = client.drive(base, model, load, concurrency, seconds, rate)
+    with Utilisation() as busy:
+        samples, elapsed = client.drive(base, route_model, load, concurrency, seconds, rate)
+    if not baseline:
         after = batch_totals(httpx.get(f"{base}/metrics", timeout=30).text, model)
     batches = after[1] - before[1]
     splits = np.asarray(samples.splits, dtype=np.float64).reshape(-1, 5)
@@ -135,6 +138,8 @@ def measure_level(
         other_ms=other_ms,
         nvjpeg_share=samples.decoders["nvjpeg"] / decoded if decoded else None,
         offered_img_s=offered_img_s,
+        cpu_busy=busy.cpu_busy,
+        gpu_busy=busy.gpu_busy,
     )
 
 
@@ -188,7 +193,7 @@ def format_table(levels: list[Level], ceilings: dict[str, float]) -> str:
     head = (
         f"{'model':28s} {'conc':>4s} {'img/s':>8s} {'ceil%':>6s} {'p50':>8s} {'p95':>8s} "
         f"{'p99':>8s} {'batch':>6s} {'dec':>6s} {'queue':>7s} {'infer':>7s} {'us/img':>7s} "
-        f"{'other':>7s} {'gpu-dec':>7s} {'err':>5s}"
+        f"{'other':>7s} {'gpu-dec':>7s} {'cpu%':>5s} {'gpu%':>5s} {'err':>5s}"
     )
     rows = [head, "-" * len(head)]
     for lv in levels:
@@ -199,13 +204,15 @@ def format_table(levels: list[Level], ceilings: dict[str, float]) -> str:
             f"{f(lv.p50_ms):>8s} {f(lv.p95_ms):>8s} {f(lv.p99_ms):>8s} "
             f"{f(lv.mean_batch):>6s} {f(lv.decode_ms):>6s} {f(lv.queue_ms):>7s} "
             f"{f(lv.inference_ms):>7s} {f(lv.device_us_per_image, '.0f'):>7s} "
-            f"{f(lv.other_ms):>7s} {f(lv.nvjpeg_share, '.0%'):>7s} {sum(lv.errors.values()):5d}"
+            f"{f(lv.other_ms):>7s} {f(lv.nvjpeg_share, '.0%'):>7s} "
+            f"{f(lv.cpu_busy, '.0%'):>5s} {f(lv.gpu_busy, '.0%'):>5s} {sum(lv.errors.values()):5d}"
         )
     rows.append(
         "latency in ms (client, per request); dec/queue/infer: server ms per image (its "
         "batch's decode stage, queue wait, forward); us/img: forward time per image; other: "
         "latency outside those stages (HTTP, parsing, client); gpu-dec: share nvjpeg "
-        "decoded; ceil%: of the decode stage alone (no model, no HTTP); conc ½: open loop, "
+        "decoded; ceil%: of the decode stage alone (no model, no HTTP); cpu%/gpu%: how busy all "
+        "host cores (server and client) and the GPU were; conc ½: open loop, "
         "Poisson arrivals at half the best closed-loop throughput"
     )
     return "\n".join(rows)

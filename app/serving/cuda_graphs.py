@@ -53,12 +53,12 @@ class GraphedForward:
     ) -> None:
         if device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA device, got {device}")
-        self.buckets = tuple(sorted(buckets))
+        self.buckets, self.device = tuple(sorted(buckets)), device
         self._inputs = torch.zeros(self.buckets[-1], *input_size, device=device, dtype=dtype)
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         pool = None
         side = torch.cuda.Stream(device)
-        with torch.inference_mode():
+        with torch.inference_mode(), torch.cuda.device(device):  # streams on the right GPU
             for size in reversed(self.buckets):  # largest first: the pool grows once
                 x = self._inputs[:size]
                 side.wait_stream(torch.cuda.current_stream(device))
@@ -78,7 +78,8 @@ class GraphedForward:
         size = next((s for s in self.buckets if s >= n), None)
         if size is None:
             raise ValueError(f"batch of {n} is larger than the largest graph ({self.buckets[-1]})")
-        self._inputs[:n].copy_(x)
         graph, out = self._graphs[size]
-        graph.replay()
+        with torch.cuda.device(self.device):  # a replica on cuda:1 replays there
+            self._inputs[:n].copy_(x)
+            graph.replay()
         return out[:n]

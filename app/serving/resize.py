@@ -23,8 +23,9 @@ import torch
 from torchvision import transforms
 
 # Most canvas pixels (images x max height x max width) one matrix product takes: a batch
-# holding a few huge photos is split, so one 12-megapixel image does not pad 255 others.
-MAX_CANVAS_PIXELS = 64 * 1024 * 1024
+# holding a few huge photos is split, so one 12-megapixel image does not pad 255 others
+# (32 M pixels: a 384 MB float canvas).
+MAX_CANVAS_PIXELS = 32 * 1024 * 1024
 
 
 def _bilinear(x: np.ndarray) -> np.ndarray:
