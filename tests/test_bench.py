@@ -324,3 +324,34 @@ def test_variants_of_one_config_are_separate_points():
     merged = sorted((p.agreement, p.speedup) for p in points if p.label != "dense")
     assert merged == [(0.876, 2.3), (0.9, 2.3)]
     assert set(missing) == {"glad-s3-t3", "glad-t3", "dgssa-s2"}
+
+
+def test_cuda_graph_rows_are_refused_without_cuda(tmp_path: Path):
+    """Graph rows replay eager models on a GPU; on CPU the sweep says so instead of
+    silently timing something else."""
+    with pytest.raises(ValueError, match="CUDA graph rows need a CUDA device"):
+        run_models_bench(["dgssa-s2"], device="cpu", out_dir=tmp_path, cuda_graphs=True)
+    assert _parse_args(["--cuda-graphs"]).cuda_graphs
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (CUDA graphs)")
+def test_graph_rows_follow_the_eager_rows_and_time_the_same_models(tmp_path: Path):
+    report = run_models_bench(
+        ["static=0;tokens=9@2"],
+        archs=["vit_tiny_patch16_224"],
+        device="cuda",
+        dtypes=["bfloat16"],
+        batches=[4],
+        compiled=(False,),
+        cuda_graphs=True,
+        per_layer=False,
+        out_dir=tmp_path,
+        repeats=3,
+        warmup=1,
+        arch_kwargs=TINY_VIT,
+        progress=False,
+    )
+    modes = [(r["config"], r["compiled"], r["cuda_graphs"]) for r in report["rows"]]
+    assert [m[1:] for m in modes] == [(False, False)] * 2 + [(False, True)] * 2
+    assert all(r["error"] is None and r["speedup"] > 0 for r in report["rows"])

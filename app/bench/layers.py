@@ -173,7 +173,7 @@ def format_per_layer(
     measured = {
         (r["arch"], r["dtype"], r["batch"], r["config"]): r["speedup"]
         for r in rows
-        if not r["compiled"]
+        if not r["compiled"] and not r.get("cuda_graphs")
     }
     lines = []
     for s in sections:

@@ -132,19 +132,24 @@ def _write_json(path: Path, report: Mapping[str, Any]) -> None:
     tmp.replace(path)
 
 
+def row_mode(row: Mapping[str, Any]) -> str:
+    """eager, graphs (eager replayed from CUDA graphs) or compiled."""
+    return "compiled" if row["compiled"] else "graphs" if row.get("cuda_graphs") else "eager"
+
+
 def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
     """Plain fixed-width table of sweep rows (no dependency for one printout)."""
     arch_w = max([4, *(len(r["arch"]) for r in rows)])
     name_w = max([6, *(len(r["name"]) for r in rows)])
     head = (
-        f"{'arch':<{arch_w}} {'config':<{name_w}} {'dtype':<8} {'batch':>5} {'comp':>4} "
+        f"{'arch':<{arch_w}} {'config':<{name_w}} {'dtype':<8} {'batch':>5} {'mode':>8} "
         f"{'img/s':>9} {'ms':>8} {'speedup':>7}"
     )
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(
             f"{r['arch']:<{arch_w}} {r['name']:<{name_w}} {r['dtype']:<8} {r['batch']:>5} "
-            f"{'yes' if r['compiled'] else 'no':>4} {fmt(r['img_s'], '.1f'):>9} "
+            f"{row_mode(r):>8} {fmt(r['img_s'], '.1f'):>9} "
             f"{fmt(r['median_ms'], '.3f'):>8} {fmt(r['speedup'], '.3f'):>7}"
             + (f"  ERROR {r['error'][:80]}" if r["error"] else "")
         )
@@ -162,6 +167,7 @@ def _sweep_group(
     compile_mode: str,
     warmup: int,
     repeats: int,
+    cuda_graphs: bool = False,
 ) -> Iterator[list[dict[str, Any]]]:
     """Rows of one (arch, dtype, compiled) group, one list per batch size.
 
@@ -175,6 +181,7 @@ def _sweep_group(
             dtype=dtype,
             compiled=compiled,
             compile_mode=compile_mode,
+            cuda_graphs=cuda_graphs,
         )
         for text, m in models.all().items()
     }
@@ -197,6 +204,7 @@ def _sweep_group(
                 batch=batch,
                 compiled=compiled,
                 compile_mode=compile_mode if compiled else None,
+                cuda_graphs=cuda_graphs,
             )
     finally:
         prepared.clear()
@@ -237,6 +245,7 @@ def run_models_bench(
     compiled_dtypes: Sequence[str] | None = None,
     arch_kwargs: Mapping[str, Any] | None = None,
     progress: bool = True,
+    cuda_graphs: bool = False,
 ) -> dict[str, Any]:
     """Time dense and every config for each arch and (dtype, batch, compiled); write JSON.
 
@@ -245,6 +254,8 @@ def run_models_bench(
     restrict the compiled rows (compile time dominates a GPU sweep). ``arch_kwargs`` go to
     ``timm.create_model`` (e.g. a tiny ``img_size``/``depth`` for tests). The per-layer
     section runs in the eager pass, at the largest batch, for each (arch, dtype).
+    ``cuda_graphs`` (CUDA only) adds a pass of eager models replayed from CUDA graphs, as
+    the server runs them: a forward then costs its GPU time, not its kernel launches.
 
     Returns the report as written to ``out_dir/models-<device>-<YYYYMMDD-HHMMSS>.json``,
     plus ``"path"``, the file written.
@@ -257,13 +268,20 @@ def run_models_bench(
     defaults = DeviceDefaults.for_device(dev)
     dtypes = [dtype_name(d) for d in (dtypes or defaults.dtypes)]
     batches = list(batches or defaults.batches)
-    passes = sorted(set(defaults.compiled if compiled is None else compiled))  # eager first
+    if cuda_graphs and dev.type != "cuda":
+        raise ValueError("CUDA graph rows need a CUDA device")
+    # (compiled, cuda_graphs), eager first
+    passes = [(c, False) for c in sorted(set(defaults.compiled if compiled is None else compiled))]
+    if cuda_graphs:
+        passes.insert(sum(not c for c, _ in passes), (False, True))
     default_warmup, default_repeats = default_counts(dev)
     warmup = default_warmup if warmup is None else warmup
     repeats = default_repeats if repeats is None else repeats
     names = resolve_configs(configs)
-    plans = {c: _plan(c, dtypes, batches, compiled_dtypes, compiled_batches) for c in passes}
-    total_rows = (1 + len(names)) * len(archs) * sum(len(bs) for p in plans.values() for _, bs in p)
+    plans = {c: _plan(c, dtypes, batches, compiled_dtypes, compiled_batches) for c, _ in passes}
+    total_rows = (
+        (1 + len(names)) * len(archs) * sum(len(bs) for c, _ in passes for _, bs in plans[c])
+    )
 
     with _threads(threads or defaults.threads):
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -280,6 +298,8 @@ def run_models_bench(
                 "precision": "model.to(dtype) and inputs in dtype, no autocast",
                 "interleaved": "dense and every config round-robin in one loop per row group",
                 "compile": {"mode": compile_mode, "dynamic": False},
+                "cuda_graphs": "rows with cuda_graphs: the eager model replayed from one CUDA "
+                "graph per batch size, captured in warm-up (the server's predict stage)",
             },
             "archs": list(archs),
             "configs": dict(names),
@@ -289,12 +309,13 @@ def run_models_bench(
         }
         masters: dict[str, ArchModels] = {}
         bar = tqdm(total=total_rows, desc="bench rows", unit="row", disable=not progress)
-        for is_compiled in passes:
+        for is_compiled, graphs in passes:
             for arch in archs:
                 if arch not in masters:
                     masters[arch] = build_arch_models(arch, names, arch_kwargs)
                 for dtype, dtype_batches in plans[is_compiled]:
-                    bar.set_postfix_str(f"{arch} {dtype} compiled={is_compiled}")
+                    mode = "compiled" if is_compiled else "graphs" if graphs else "eager"
+                    bar.set_postfix_str(f"{arch} {dtype} {mode}")
                     for rows in _sweep_group(
                         masters[arch],
                         names,
@@ -305,11 +326,12 @@ def run_models_bench(
                         compile_mode=compile_mode,
                         warmup=warmup,
                         repeats=repeats,
+                        cuda_graphs=graphs,
                     ):
                         report["rows"].extend(rows)
                         bar.update(len(rows))
                         _write_json(path, report)
-                    if per_layer and not is_compiled:
+                    if per_layer and not is_compiled and not graphs:
                         section = per_layer_bench(
                             masters[arch],
                             names,
@@ -351,6 +373,11 @@ def _parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="eager rows, compiled rows or both (default: both on CUDA, off on CPU)",
     )
     parser.add_argument("--compile-mode", choices=COMPILE_MODES, default="default")
+    parser.add_argument(
+        "--cuda-graphs",
+        action="store_true",
+        help="add rows of eager models replayed from CUDA graphs, as served (CUDA only)",
+    )
     parser.add_argument("--compiled-batches", nargs="+", type=int, help="batches compiled rows use")
     parser.add_argument("--compiled-dtypes", nargs="+", help="dtypes compiled rows use")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -382,6 +409,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         compiled_batches=args.compiled_batches,
         compiled_dtypes=args.compiled_dtypes,
         progress=not args.no_progress,
+        cuda_graphs=args.cuda_graphs,
     )
 
 

@@ -114,6 +114,7 @@ def speed_points(
     dtype: str,
     batch: int,
     compiled: bool,
+    cuda_graphs: bool = False,
 ) -> tuple[list[ParetoPoint], list[str]]:
     """A point per fidelity entry whose config has a speed row in the slice, plus the
     speed rows no entry gives fidelity for. ``fidelity`` maps a label to its figures and
@@ -124,6 +125,7 @@ def speed_points(
         for row in report["rows"]
         if (row["arch"], row["dtype"], row["batch"], row["compiled"])
         == (arch, dtype_name(dtype), batch, compiled)
+        and row.get("cuda_graphs", False) == cuda_graphs
         and row["config"] != "dense"
         and row["speedup"] is not None
     }

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from app.devices import resolve_device, resolve_dtype
+from app.serving.cuda_graphs import GraphedForward
 
 # "reduce-overhead" and "max-autotune" replay CUDA graphs: small-token blocks of a
 # compressed model are launch-bound otherwise, so graphs are how it is served at speed.
@@ -100,8 +101,10 @@ def prepare(
     dtype: str | torch.dtype,
     compiled: bool,
     compile_mode: str = "default",
+    cuda_graphs: bool = False,
 ) -> nn.Module:
-    """Cast and move ``model`` in place (as ``nn.Module.to`` does), optionally compile it.
+    """Cast and move ``model`` in place (as ``nn.Module.to`` does), optionally compile it,
+    or (eager, CUDA only) replay it from CUDA graphs as the server does.
 
     Compilation is lazy: a compile error surfaces at the first call, which the timing loop
     catches. ``dynamic=False`` keeps one specialised graph per batch size, the kernels a
@@ -109,11 +112,37 @@ def prepare(
     """
     if compile_mode not in COMPILE_MODES:
         raise ValueError(f"compile_mode must be one of {COMPILE_MODES}, not {compile_mode!r}")
+    if cuda_graphs and (compiled or device.type != "cuda"):
+        raise ValueError("CUDA graph rows replay the eager model on a CUDA device")
     model = model.to(device=device, dtype=resolve_dtype(dtype)).eval()
+    if cuda_graphs:
+        return GraphReplay(model)
     if not compiled:
         return model
     mode = None if compile_mode == "default" else compile_mode
     return torch.compile(model, mode=mode, dynamic=False)
+
+
+class GraphReplay(nn.Module):
+    """``model`` replayed from one CUDA graph per batch size, captured at its first call
+    (a warm-up round): the server's predict stage, where a forward costs no launches."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self._graphs: dict[int, GraphedForward] = {}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        graphed = self._graphs.get(x.shape[0])
+        if graphed is None:
+            graphed = self._graphs[x.shape[0]] = GraphedForward(
+                self.model,
+                device=x.device,
+                dtype=x.dtype,
+                input_size=tuple(x.shape[1:]),
+                buckets=(x.shape[0],),
+            )
+        return graphed(x)
 
 
 def random_inputs(
