@@ -6,11 +6,13 @@ import json
 
 import pytest
 
-from app.bench.service import batch_totals, main, speedups
+from app.bench.images import load_images
+from app.bench.service import batch_totals, decode_ceiling, main, speedups
+from app.config import Settings
 from app.store import ModelStore
 from app.vit.builder import compress
 from app.vit.config import CompressionConfig
-from tests.helpers import add_tiny_entry, tiny_manifest
+from tests.helpers import TINY_PREPROCESSING, add_tiny_entry, tiny_manifest
 
 RESULT_KEYS = {
     "device",
@@ -21,13 +23,14 @@ RESULT_KEYS = {
     "speedup",
     "speedups",
     "decode_ceiling_img_s",
+    "decode_ceiling_processes",
     "best_img_s",
     "levels",
     "plots",
 }
 LEVEL_KEYS = {
     *("img_s", "p50_ms", "p95_ms", "p99_ms", "mean_batch", "decode_ms", "queue_ms"),
-    *("inference_ms", "device_us_per_image", "other_ms", "nvjpeg_share"),
+    *("inference_ms", "device_us_per_image", "other_ms", "nvjpeg_share", "cpu_busy", "gpu_busy"),
 }
 
 
@@ -87,6 +90,7 @@ def test_bench_service_writes_json_and_plots_with_a_litserve_baseline(tmp_path, 
     for level in ours:
         assert level["mean_batch"] >= 1 and level["nvjpeg_share"] == 0  # CPU: Pillow only
         assert level["device_us_per_image"] > 0 and level["other_ms"] is not None
+        assert 0 < level["cpu_busy"] <= 1  # the client and the server were working
     assert result["litserve"]["model"] == "litserve:tiny"
     assert result["litserve"]["ours_over_litserve"] > 0
     assert result["best_img_s"]["litserve:tiny"] > 0
@@ -94,3 +98,13 @@ def test_bench_service_writes_json_and_plots_with_a_litserve_baseline(tmp_path, 
     for png in result["plots"].values():
         assert (out / png).stat().st_size > 0
     assert "img/s" in capsys.readouterr().out
+
+
+def test_the_decode_ceiling_runs_in_as_many_processes_as_the_server_has_workers():
+    """Each worker process has its own decode stage; the ceiling is theirs together."""
+    images = load_images(None, count=4)
+    settings = Settings(decode_workers=1)
+    common = {"device": "cpu", "batch_size": 4, "seconds": 0.3}
+    one = decode_ceiling(TINY_PREPROCESSING, settings, images, **common)
+    two = decode_ceiling(TINY_PREPROCESSING, settings, images, processes=2, **common)
+    assert one > 0 and two > 0

@@ -24,10 +24,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import multiprocessing
 import os
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -143,18 +144,17 @@ def measure_level(
     )
 
 
-def decode_ceiling(
+def _decode_rate(
     preprocessing: Any,
     settings: Any,
     images: Images,
-    *,
     device: str,
     batch_size: int,
     seconds: float,
-) -> float:
-    """Images/s of the server's own decode stage (probe + batch decode + resize + crop +
-    normalise, nvjpeg or Pillow as the server would choose), no model, no HTTP: the most
-    the request path could deliver."""
+    barrier: Any = None,
+) -> tuple[int, float]:
+    """(images decoded, seconds) of one process running the server's decode stage flat out;
+    ``barrier`` (a manager's) lines processes up after their start-up, before timing."""
     from app.devices import resolve_device, resolve_dtype
     from app.serving.decode import BatchDecoder, Encoded
     from app.serving.preprocess import Preprocessor
@@ -172,12 +172,40 @@ def decode_ceiling(
         decoder.warm_up()
         datas = [data for _, data in images]
         batch = (datas * (batch_size // len(datas) + 1))[:batch_size]
+        if barrier is not None:
+            barrier.wait()
         done = 0
         started = time.perf_counter()
         while time.perf_counter() - started < seconds:
             decoder([Encoded(d, pre.probe(d)) for d in batch])
             done += len(batch)
-        return done / (time.perf_counter() - started)
+        return done, time.perf_counter() - started
+
+
+def decode_ceiling(
+    preprocessing: Any,
+    settings: Any,
+    images: Images,
+    *,
+    device: str,
+    batch_size: int,
+    seconds: float,
+    processes: int = 1,
+) -> float:
+    """Images/s of the server's own decode stage (probe + batch decode + resize + crop +
+    normalise, nvjpeg or Pillow as the server would choose), no model, no HTTP: the most
+    the request path could deliver. With ``processes`` (the server's workers), that many
+    processes run it at once on the same device, as the workers' decode stages do."""
+    args = (preprocessing, settings, images, device, batch_size, seconds)
+    if processes == 1:
+        done, elapsed = _decode_rate(*args)
+        return done / elapsed
+    context = multiprocessing.get_context("spawn")  # no CUDA state inherited by a fork
+    with context.Manager() as manager, ProcessPoolExecutor(processes, context) as executor:
+        barrier = manager.Barrier(processes)
+        futures = [executor.submit(_decode_rate, *args, barrier) for _ in range(processes)]
+        rates = [future.result() for future in futures]
+    return sum(done for done, _ in rates) / max(elapsed for _, elapsed in rates)
 
 
 def speedups(best: dict[str, float], reference: str) -> dict[str, float | None]:
@@ -211,7 +239,8 @@ def format_table(levels: list[Level], ceilings: dict[str, float]) -> str:
         "latency in ms (client, per request); dec/queue/infer: server ms per image (its "
         "batch's decode stage, queue wait, forward); us/img: forward time per image; other: "
         "latency outside those stages (HTTP, parsing, client); gpu-dec: share nvjpeg "
-        "decoded; ceil%: of the decode stage alone (no model, no HTTP); cpu%/gpu%: how busy all "
+        "decoded; ceil%: of the decode stage alone (no model, no HTTP; in as many processes as "
+        "the server has workers); cpu%/gpu%: how busy all "
         "host cores (server and client) and the GPU were; conc ½: open loop, "
         "Poisson arrivals at half the best closed-loop throughput"
     )
@@ -282,6 +311,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             device=args.device,
             batch_size=settings.max_batch_size,
             seconds=args.ceiling_seconds,
+            processes=settings.workers,
         )
     levels: list[Level] = []
     names = list(args.models)
@@ -335,6 +365,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "images_per_request": args.images_per_request,
         "server": {k: v for k, v in env.items() if k != "VITSERVE_STORE_DIR"},
         "decode_ceiling_img_s": ceilings,
+        "decode_ceiling_processes": settings.workers,
         "best_img_s": best,
         "speedups": ratios,
         "speedup": next(iter(ratios.values()), None),
