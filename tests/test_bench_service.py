@@ -6,8 +6,9 @@ import json
 
 import pytest
 
+from app.bench.decode_ceiling import decode_ceiling
 from app.bench.images import load_images
-from app.bench.service import batch_totals, decode_ceiling, main, speedups
+from app.bench.service import batch_totals, main, speedups
 from app.config import Settings
 from app.store import ModelStore
 from app.vit.builder import compress
