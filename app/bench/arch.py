@@ -83,5 +83,6 @@ def release(device: torch.device, compiled: bool) -> None:
         torch.cuda.empty_cache()
 
 
-def fmt(value: float | None, spec: str) -> str:
+def fmt(value: float | None, spec: str = ".1f") -> str:
+    """A figure for a table; "-" where there is none."""
     return "-" if value is None else format(value, spec)

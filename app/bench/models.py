@@ -132,9 +132,9 @@ def _write_json(path: Path, report: Mapping[str, Any]) -> None:
     tmp.replace(path)
 
 
-def row_mode(row: Mapping[str, Any]) -> str:
+def mode_name(compiled: bool, cuda_graphs: bool) -> str:
     """eager, graphs (eager replayed from CUDA graphs) or compiled."""
-    return "compiled" if row["compiled"] else "graphs" if row.get("cuda_graphs") else "eager"
+    return "compiled" if compiled else "graphs" if cuda_graphs else "eager"
 
 
 def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
@@ -149,7 +149,8 @@ def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
     for r in rows:
         lines.append(
             f"{r['arch']:<{arch_w}} {r['name']:<{name_w}} {r['dtype']:<8} {r['batch']:>5} "
-            f"{row_mode(r):>8} {fmt(r['img_s'], '.1f'):>9} "
+            f"{mode_name(r['compiled'], r.get('cuda_graphs', False)):>8} "
+            f"{fmt(r['img_s'], '.1f'):>9} "
             f"{fmt(r['median_ms'], '.3f'):>8} {fmt(r['speedup'], '.3f'):>7}"
             + (f"  ERROR {r['error'][:80]}" if r["error"] else "")
         )
@@ -314,8 +315,7 @@ def run_models_bench(
                 if arch not in masters:
                     masters[arch] = build_arch_models(arch, names, arch_kwargs)
                 for dtype, dtype_batches in plans[is_compiled]:
-                    mode = "compiled" if is_compiled else "graphs" if graphs else "eager"
-                    bar.set_postfix_str(f"{arch} {dtype} {mode}")
+                    bar.set_postfix_str(f"{arch} {dtype} {mode_name(is_compiled, graphs)}")
                     for rows in _sweep_group(
                         masters[arch],
                         names,

@@ -36,6 +36,7 @@ import httpx
 import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
+from app.bench.arch import fmt
 from app.bench.decode_ceiling import decode_ceiling
 from app.bench.images import load_images
 from app.bench.load_client import Client, Load
@@ -150,9 +151,6 @@ def speedups(best: dict[str, float], reference: str) -> dict[str, float | None]:
 
 
 def format_table(levels: list[Level], ceilings: dict[str, float]) -> str:
-    def f(v: float | None, spec: str = ".1f") -> str:
-        return "-" if v is None else format(v, spec)
-
     head = (
         f"{'model':28s} {'conc':>4s} {'img/s':>8s} {'ceil%':>6s} {'p50':>8s} {'p95':>8s} "
         f"{'p99':>8s} {'batch':>6s} {'dec':>6s} {'queue':>7s} {'infer':>7s} {'us/img':>7s} "
@@ -163,12 +161,13 @@ def format_table(levels: list[Level], ceilings: dict[str, float]) -> str:
         ceil = ceilings.get(lv.model)
         rows.append(
             f"{lv.model[:28]:28s} {'½' if lv.offered_img_s else lv.concurrency:>4} {lv.img_s:8.1f} "
-            f"{f(100 * lv.img_s / ceil if ceil else None, '.0f'):>6s} "
-            f"{f(lv.p50_ms):>8s} {f(lv.p95_ms):>8s} {f(lv.p99_ms):>8s} "
-            f"{f(lv.mean_batch):>6s} {f(lv.decode_ms):>6s} {f(lv.queue_ms):>7s} "
-            f"{f(lv.inference_ms):>7s} {f(lv.device_us_per_image, '.0f'):>7s} "
-            f"{f(lv.other_ms):>7s} {f(lv.nvjpeg_share, '.0%'):>7s} "
-            f"{f(lv.cpu_busy, '.0%'):>5s} {f(lv.gpu_busy, '.0%'):>5s} {sum(lv.errors.values()):5d}"
+            f"{fmt(100 * lv.img_s / ceil if ceil else None, '.0f'):>6s} "
+            f"{fmt(lv.p50_ms):>8s} {fmt(lv.p95_ms):>8s} {fmt(lv.p99_ms):>8s} "
+            f"{fmt(lv.mean_batch):>6s} {fmt(lv.decode_ms):>6s} {fmt(lv.queue_ms):>7s} "
+            f"{fmt(lv.inference_ms):>7s} {fmt(lv.device_us_per_image, '.0f'):>7s} "
+            f"{fmt(lv.other_ms):>7s} {fmt(lv.nvjpeg_share, '.0%'):>7s} "
+            f"{fmt(lv.cpu_busy, '.0%'):>5s} {fmt(lv.gpu_busy, '.0%'):>5s} "
+            f"{sum(lv.errors.values()):5d}"
         )
     rows.append(
         "latency in ms (client, per request); dec/queue/infer: server ms per image (its "
