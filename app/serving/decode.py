@@ -4,10 +4,10 @@ The queue holds what clients sent (compressed bytes, ~100 KB a photo), never dec
 tensors (600 KB each at 224×224), so a full queue costs little memory. When a batch closes,
 its JPEGs that nvjpeg decodes as Pillow does (:class:`~app.serving.preprocess.Probe`) are
 decoded together on the GPU (``torchvision.io.decode_jpeg(device="cuda")``), then resized
-and cropped there together, as two batched matrix products (:mod:`app.serving.resize`).
-Everything else -- PNG, WebP, progressive, CMYK or EXIF-rotated JPEGs, and every image of a
-CPU replica -- goes through Pillow in the decode thread pool, with draft-mode downscaling of
-large JPEGs. Both paths give uint8 crops, normalised together on the model's device.
+and cropped there one by one with the eval transform's own steps. Everything else -- PNG,
+WebP, progressive, CMYK or EXIF-rotated JPEGs, and every image of a CPU replica -- goes
+through Pillow in the decode thread pool, with draft-mode downscaling of large JPEGs. Both
+paths give uint8 crops, normalised together on the model's device.
 
 On a GPU the stage runs on its own CUDA stream, so the next batch decodes while the
 current one computes.
@@ -19,16 +19,18 @@ import contextlib
 import io
 import logging
 import time
+from collections import defaultdict
 from collections.abc import Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from PIL import Image
+from torchvision import transforms
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from app.serving.preprocess import Preprocessor, Probe
-from app.serving.resize import BatchResizeCrop
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +64,54 @@ def stack_tensors(payloads: Sequence[torch.Tensor]) -> DecodedBatch:
     return DecodedBatch(torch.stack(list(payloads)), list(range(len(payloads))))
 
 
+class TensorResizeCrop:
+    """The eval transform's Resize + CenterCrop on decoded image tensors, one interpolate
+    per distinct image size: what torchvision's modules compute image by image (same
+    geometry, same antialiased kernel, rounded to whole grey levels), without their
+    per-call checks -- on a busy server the Python per image is what limits the GPU path.
+    """
+
+    def __init__(self, resize_crop: transforms.Compose) -> None:
+        resize, crop = resize_crop.transforms
+        if not isinstance(resize, transforms.Resize) or not isinstance(crop, transforms.CenterCrop):
+            raise TypeError(f"expected Resize + CenterCrop, got {resize_crop}")
+        if resize.max_size is not None:
+            raise ValueError("Resize(max_size=...) is not supported on the GPU path")
+        self.size, self.crop = resize.size, tuple(crop.size)
+        self.mode = resize.interpolation.value
+
+    def resized(self, height: int, width: int) -> tuple[int, int]:
+        """torchvision's output size: an int (or 1-list) sets the shorter side."""
+        size = [self.size] if isinstance(self.size, int) else list(self.size)
+        if len(size) == 2:
+            return size[0], size[1]
+        short, long = sorted((height, width))
+        new_short, new_long = size[0], int(size[0] * long / short)
+        return (new_short, new_long) if height <= width else (new_long, new_short)
+
+    def __call__(self, images_3HW: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """uint8 images [3, H, W] (any sizes) → float crops [3, h, w] in 0..255, whole numbers."""
+        by_size: dict[tuple[int, int], list[int]] = defaultdict(list)
+        for k, image in enumerate(images_3HW):
+            by_size[(image.shape[-2], image.shape[-1])].append(k)
+        crops: list[torch.Tensor] = [torch.empty(0)] * len(images_3HW)
+        ch, cw = self.crop
+        for (h, w), ks in by_size.items():
+            nh, nw = self.resized(h, w)
+            if ch > nh or cw > nw:
+                raise ValueError(f"crop {self.crop} is larger than the resized {nh}x{nw}")
+            x_N3HW = torch.stack([images_3HW[k] for k in ks]).float()
+            if (nh, nw) != (h, w):
+                x_N3HW = F.interpolate(
+                    x_N3HW, size=(nh, nw), mode=self.mode, antialias=True, align_corners=False
+                )
+            top, left = int(round((nh - ch) / 2.0)), int(round((nw - cw) / 2.0))
+            out_N3hw = x_N3HW[..., top : top + ch, left : left + cw].clamp(0, 255).round()
+            for k, crop in zip(ks, out_N3hw, strict=True):
+                crops[k] = crop
+        return crops
+
+
 class BatchDecoder:
     """Payloads → normalised batch on ``device``, nvjpeg where it may, Pillow elsewhere."""
 
@@ -76,7 +126,7 @@ class BatchDecoder:
     ) -> None:
         self.preprocessor, self.device, self.dtype, self.pool = preprocessor, device, dtype, pool
         self.nvjpeg = nvjpeg and device.type == "cuda"
-        self._resize_crop = BatchResizeCrop(preprocessor.resize_crop)
+        self._resize_crop = TensorResizeCrop(preprocessor.resize_crop)
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 
     def warm_up(self) -> None:
@@ -142,9 +192,7 @@ class BatchDecoder:
 
     def _nvjpeg(self, jpegs: Sequence[bytes]) -> list[torch.Tensor]:
         encoded = [torch.frombuffer(bytearray(data), dtype=torch.uint8) for data in jpegs]
-        return list(
-            self._resize_crop(decode_jpeg(encoded, mode=ImageReadMode.RGB, device=self.device))
-        )
+        return self._resize_crop(decode_jpeg(encoded, mode=ImageReadMode.RGB, device=self.device))
 
     def _pillow(self, data: bytes) -> torch.Tensor | Exception:
         try:
