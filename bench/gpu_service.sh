@@ -19,7 +19,7 @@ for arch in small base; do
     --store $store
 done
 timeout 120 python3 -m pytest -q -m gpu --tb=short -p no:cacheprovider tests/test_decode.py \
-  tests/test_cuda_graphs.py tests/test_bench.py \
+  tests/test_cuda_graphs.py tests/test_bench.py tests/test_patch_embed.py tests/test_bench_kernels.py \
   tests/test_gpu_metrics.py 2>&1 | grep -v "Warning\|warn\|^$\|^  "
 common=(--store $store --images .carry/images/imagenet-dev --device cuda --seconds 5
   --warmup 1.5 --client-processes 4 --max-batch-size 256 --queue-size 4096

@@ -24,6 +24,7 @@ from torch import nn
 from app.vit.attention_maps import capture_attention
 from app.vit.config import CompressionConfig
 from app.vit.merge import MergeBlock, MergeState
+from app.vit.patch_embed import use_patch_gemm
 from app.vit.static_attention import StaticAttention
 from app.vit.token_pyramid import TokenAggregation, pyramid_grids
 
@@ -205,8 +206,10 @@ def create_model(
     pretrained: bool = False,
     **timm_kwargs: Any,
 ) -> nn.Module:
-    """``timm.create_model`` plus :func:`compress` when a config is given (the store's rebuild)."""
+    """``timm.create_model`` plus :func:`compress` when a config is given (the store's rebuild),
+    with the patch embedding as one GEMM (:mod:`app.vit.patch_embed`; same weights and keys)."""
     model = timm.create_model(arch, pretrained=pretrained, num_classes=num_classes, **timm_kwargs)
+    use_patch_gemm(model)
     return model if compression is None else compress(model, compression)
 
 
