@@ -4,7 +4,8 @@
 # Usage: bench/gpu_distill.sh "<config>[::<DistillOptions JSON members>]" ...
 #   e.g. bench/gpu_distill.sh glad-t3 'tome-r13::"steps": 1000, "lr": 1e-4'
 # Jobs go round-robin over the visible GPUs. When jobs share a GPU they would time each
-# other, so their speed is left to `vitserve bench models` (--speed-arch none).
+# other, so their speed is left to `vitserve bench models` (--speed-arch none); so does
+# SPEED_ARCH=none (a merged model's compile takes minutes, longer than a call may have).
 set -uo pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_CACHE=$PWD/.carry/hf-cache HF_HUB_OFFLINE=1
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -14,7 +15,7 @@ out=${OUT:-runs}; store=/tmp/store; mkdir -p "$out"
 python3 -m app store pull deit_tiny_patch16_224 --store $store
 workers=$(( $(nproc) / $# - 1 ))
 gpus=$(nvidia-smi -L | wc -l)
-speed=deit_small_patch16_224; [ "$#" -gt "$gpus" ] && speed=none
+speed=${SPEED_ARCH:-deit_small_patch16_224}; [ "$#" -gt "$gpus" ] && speed=none
 i=0
 for job in "$@"; do
   cfg=${job%%::*}; extra=""; [ "$job" != "$cfg" ] && extra="${job#*::}, "

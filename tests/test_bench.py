@@ -20,6 +20,9 @@ from app.bench.pareto import (
     plot_pareto,
     speed_points,
 )
+from app.bench.pareto import (
+    main as pareto_main,
+)
 from app.bench.timing import (
     BenchError,
     Timing,
@@ -267,6 +270,63 @@ def test_plot_pareto_writes_png(tmp_path: Path):
             batch=256,
             compiled=False,
         )
+
+
+def test_pareto_cli_pools_speed_runs_and_reads_both_fidelity_formats(tmp_path: Path):
+    """One command from the committed JSONs to the PNG and the front's JSON: a distillation
+    summary and a fidelity report both give points, a second speed run adds its configs."""
+    first = _speed_report()
+    second = {
+        "device": "test",
+        "rows": [{**first["rows"][1], "config": "merge=13", "name": "tome-r13", "speedup": 0.8}],
+    }
+    distill = {
+        "rows": [
+            {
+                "entry": "tiny-glad-t3",
+                "config": "tokens=99@2,50@5,26@8",
+                "agreement_top1": 0.74,
+                "student_top1_acc": 0.68,
+            }
+        ]
+    }
+    report = {
+        "rows": [
+            {
+                "name": "tome-r13",
+                "training": "training-free",
+                "config": "merge=13",
+                "eval": {"imagenet-dev": {"agreement_top1": 0.876}},
+            }
+        ]
+    }
+    paths = {}
+    for name, data in (("s1", first), ("s2", second), ("d", distill), ("f", report)):
+        paths[name] = tmp_path / f"{name}.json"
+        paths[name].write_text(json.dumps(data))
+    out_json = tmp_path / "front.json"
+    argv = [
+        "--speed",
+        str(paths["s1"]),
+        str(paths["s2"]),
+        "--fidelity",
+        str(paths["d"]),
+        str(paths["f"]),
+    ]
+    argv += ["--eager", "--out-png", str(tmp_path / "front.png"), "--out-json", str(out_json)]
+    assert pareto_main(argv) == 0
+    summary = json.loads(out_json.read_text())
+    points = {p["label"]: p for p in summary["points"]}
+    assert points["tiny-glad-t3 (top-1 68.0%)"]["speedup"] == 2.1
+    assert points["tome-r13 (training-free)"] == {
+        "label": "tome-r13 (training-free)",
+        "speedup": 0.8,
+        "agreement_top1": 0.876,
+        "on_front": False,
+    }
+    assert points["dense"]["on_front"] and points["tiny-glad-t3 (top-1 68.0%)"]["on_front"]
+    assert set(summary["no_fidelity"]) == {"glad-s3-t3", "dgssa-s2"}
+    assert (tmp_path / "front.png").read_bytes().startswith(b"\x89PNG")
 
 
 def test_collect_fidelity_reads_compressed_manifests(tmp_path: Path):

@@ -156,12 +156,19 @@ def plot_pareto(
     dtype: str,
     batch: int,
     compiled: bool,
+    cuda_graphs: bool = False,
 ) -> Path:
     """Scatter speedup (x) vs top-1 agreement (y, %) for one (arch, dtype, batch, compiled)
     slice of a speed report, draw the Pareto front and the target corners; write a PNG."""
     report = _load(speed_json)
     points, missing = speed_points(
-        report, fidelity, arch=arch, dtype=dtype, batch=batch, compiled=compiled
+        report,
+        fidelity,
+        arch=arch,
+        dtype=dtype,
+        batch=batch,
+        compiled=compiled,
+        cuda_graphs=cuda_graphs,
     )
     if len(points) == 1:
         raise ValueError(
@@ -201,7 +208,7 @@ def plot_pareto(
             xytext=(5, 4),
             fontsize=8,
         )
-    mode = "compiled" if compiled else "eager"
+    mode = "compiled" if compiled else "CUDA graphs" if cuda_graphs else "eager"
     ax.set_title(f"{arch}, {dtype_name(dtype)}, batch {batch}, {mode} — {report['device']}")
     ax.set_xlabel("throughput speedup vs dense (same run)")
     ax.set_ylabel("top-1 agreement with dense (%)")
@@ -214,3 +221,112 @@ def plot_pareto(
     out_png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out_png, dpi=120)
     return out_png
+
+
+def fidelity_from_distill(report: Mapping[str, Any]) -> dict[str, dict]:
+    """``{entry: {'config', 'agreement_top1', 'top1'}}`` from a distillation summary
+    (``bench/gpu_distill.sh``'s JSON: one row per distilled entry)."""
+    return {
+        row["entry"]: {
+            "config": row["config"],
+            "agreement_top1": row["agreement_top1"],
+            "top1": row.get("student_top1_acc"),
+        }
+        for row in report["rows"]
+    }
+
+
+def load_fidelity(path: Path, folder: str) -> dict[str, dict]:
+    """Fidelity from either kind of JSON: an ``app.bench.fidelity`` report (its rows have
+    ``eval`` per folder) or a distillation summary."""
+    report = json.loads(path.read_text())
+    rows = report.get("rows", [])
+    if rows and "eval" in rows[0]:
+        return fidelity_from_report(report, folder)
+    return fidelity_from_distill(report)
+
+
+def write_front(
+    speed_reports: Sequence[Mapping[str, Any]],
+    fidelity: Mapping[str, Mapping[str, Any]],
+    out_png: Path,
+    **slice_: Any,
+) -> dict[str, Any]:
+    """PNG plus a JSON-ready summary: every point (``speedup``, agreement, top-1, on the
+    front or not). Rows of several speed reports are pooled; each ratio still comes from
+    its own run, and a config timed in several keeps the first report's row."""
+    rows: dict[tuple, dict] = {}
+    for report in speed_reports:
+        for row in report["rows"]:
+            key = (row["arch"], row["config"], row["dtype"], row["batch"], row["compiled"])
+            rows.setdefault((*key, row.get("cuda_graphs", False)), row)
+    pooled = {"device": speed_reports[0]["device"], "rows": list(rows.values())}
+    plot_pareto(pooled, fidelity, out_png, **slice_)
+    points, missing = speed_points(pooled, fidelity, **slice_)
+    front = set(pareto_front(points))
+    return {
+        "slice": {k: dtype_name(v) if k == "dtype" else v for k, v in slice_.items()},
+        "device": pooled["device"],
+        "targets": [{"speedup": s, "agreement_top1": a} for s, a in TARGETS],
+        "points": [
+            {
+                "label": p.label,
+                "speedup": p.speedup,
+                "agreement_top1": p.agreement,
+                "on_front": p in front,
+            }
+            for p in sorted(points, key=lambda p: p.speedup)
+        ],
+        "no_fidelity": missing,
+        "png": str(out_png),
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m app.bench.pareto",
+        description="Speed (a models-bench JSON) against fidelity: PNG of the front + JSON.",
+    )
+    parser.add_argument("--speed", nargs="+", type=Path, required=True, help="models JSONs")
+    parser.add_argument("--fidelity", nargs="+", type=Path, required=True)
+    parser.add_argument("--folder", default="imagenet-dev", help="fidelity report folder")
+    parser.add_argument("--arch", default="deit_small_patch16_224")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--batch", type=int, default=256)
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--eager", action="store_true", help="eager rows (default: compiled)")
+    mode.add_argument("--cuda-graphs", action="store_true", help="CUDA-graph rows, as served")
+    parser.add_argument("--out-png", type=Path, required=True)
+    parser.add_argument("--out-json", type=Path, required=True)
+    args = parser.parse_args(argv)
+    fidelity: dict[str, dict] = {}
+    for path in args.fidelity:
+        fidelity.update(load_fidelity(path, args.folder))
+    summary = write_front(
+        [json.loads(p.read_text()) for p in args.speed],
+        fidelity,
+        args.out_png,
+        arch=args.arch,
+        dtype=args.dtype,
+        batch=args.batch,
+        compiled=not (args.eager or args.cuda_graphs),
+        cuda_graphs=args.cuda_graphs,
+    )
+    summary["speed_json"] = [str(p) for p in args.speed]
+    summary["fidelity_json"] = [str(p) for p in args.fidelity]
+    args.out_json.parent.mkdir(parents=True, exist_ok=True)
+    args.out_json.write_text(json.dumps(summary, indent=1))
+    width = max(len(p["label"]) for p in summary["points"])
+    for p in summary["points"]:
+        front = "front" if p["on_front"] else ""
+        print(
+            f"{p['label']:{width}s} {p['speedup']:6.2f}x {100 * p['agreement_top1']:5.1f}% {front}"
+        )
+    print(f"wrote {args.out_png} and {args.out_json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
