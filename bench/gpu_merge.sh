@@ -9,7 +9,7 @@
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 out=${OUT:-bench/results}; mkdir -p "$out"
-configs=(tome-r13 tome-r16 hybrid-s2-r16 tome-r8 hybrid-s2-r24-16 "merge=24@0-6")
+configs=(merge-t6 merge-t4 tome-r13 tome-r16 hybrid-s2-r16 tome-r8 hybrid-s2-r24-16 "merge=24@0-6")
 timeout "${LIMIT_S:-600}" python3 -m app.bench.models --archs "${ARCHS:-deit_small_patch16_224}" \
   --dtypes bfloat16 --batches 256 --device cuda --warmup 5 --repeats 20 \
   --compile "${COMPILE:-both}" --cuda-graphs \

@@ -81,6 +81,8 @@ def dense() -> VisionTransformer:
         ("merge=0", "dense", "glad"),  # r = 0 everywhere is the dense model
         ("dense", "dense", "glad"),
         ("static=0-2;tokens=99@3,50@6", "static=0,1,2;tokens=99@3,50@6", "glad"),
+        ("merge=8@1;proportional=off", "merge=8@1;proportional=off", "merge"),
+        ("merge=8;proportional=on", "merge=8", "merge"),  # on is the default, left out
     ],
 )
 def test_text_round_trip_and_family(text: str, canonical: str, family: str) -> None:
@@ -128,6 +130,8 @@ def test_stored_family_is_checked_and_old_manifests_load() -> None:
         ("merge=8@x", "bad merge item"),
         ("merge=-1", "bad merge item"),
         ("merger=8", "unknown compression key"),
+        ("tokens=99@3;proportional=off", "applies to merging only"),
+        ("merge=8;proportional=no", "use on or off"),
     ],
 )
 def test_invalid_configs_are_refused(text: str, error: str) -> None:
@@ -186,6 +190,7 @@ def test_presets_are_valid_for_deit() -> None:
         assert resolve_config(str(cfg)) == cfg
     assert resolve_config("tome-r16").output_tokens(12, 197) == 11  # as ToMe's r=16
     assert resolve_config("hybrid-s2-r16").family == "hybrid"
+    assert resolve_config("merge-t4").tokens_per_block(12, 197)[2::3] == [99, 50, 26, 26]
 
 
 # --- matching and merging --------------------------------------------------------------------
@@ -300,7 +305,27 @@ def hooked_sizes(model: CompressedViT) -> Iterator[dict[int, torch.Tensor]]:
             handle.remove()
 
 
-@pytest.mark.parametrize("text", ["merge=3", HYBRID, "merge=8@0,4@1,2@2"])
+def test_plain_attention_changes_only_the_merging_blocks(dense: VisionTransformer) -> None:
+    """proportional=off: blocks after a merge stay timm's; merges still weight by size, so
+    the merging blocks get the sizes; and the log-size bias really is left out."""
+    plain = compress(dense, CompressionConfig.parse("merge=3@1,2@3;proportional=off")).eval()
+    assert sorted(plain.merge_blocks()) == [1, 3]
+    assert all(type(plain.blocks[i]) is type(dense.blocks[i]) for i in (0, 2))
+    proportional = compress(dense, CompressionConfig.parse("merge=3@1,2@3")).eval()
+    assert sorted(proportional.merge_blocks()) == [1, 2, 3]
+    with torch.no_grad(), hooked_sizes(plain) as sizes:
+        out = plain(images(3))
+    assert (sizes[3].sum(dim=1) == 17).all() and sizes[3].max() > 1
+    with torch.no_grad():
+        assert not torch.allclose(out, proportional(images(3)))
+        # Block 2 of the plain model is exactly timm's block on the merged tokens.
+        tokens = capture_tokens(plain, images(3), [1, 2])
+        torch.testing.assert_close(dense.blocks[2](tokens[1]), tokens[2], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "text", ["merge=3", HYBRID, "merge=8@0,4@1,2@2", "merge=4@0,3@2;proportional=off"]
+)
 def test_sizes_sum_to_the_input_count(dense: VisionTransformer, text: str) -> None:
     model = compress(dense, CompressionConfig.parse(text)).eval()
     with torch.no_grad(), hooked_sizes(model) as sizes:

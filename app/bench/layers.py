@@ -39,8 +39,8 @@ def merge_keys(model: CompressedViT) -> dict[int, tuple[str, int, int, bool]]:
     """Block index → (timing key, tokens in, r, sized) for each merging block of ``model``."""
     keys, merged = {}, False
     for i, block in model.merge_blocks().items():
-        n = model.tokens_per_block[i]
-        keys[i] = (f"merge_block@{n}-r{block.r}{'+sizes' if merged else ''}", n, block.r, merged)
+        n, sized = model.tokens_per_block[i], merged and block.proportional
+        keys[i] = (f"merge_block@{n}-r{block.r}{'+sizes' if sized else ''}", n, block.r, sized)
         merged = merged or block.r > 0
     return keys
 

@@ -38,6 +38,12 @@ from app.vit.token_pyramid import TokenAggregation, pyramid_grids
 # tome-r16 87.2% / 0.48, hybrid-s2-r16 88.4% / 0.60. Merging harder in blocks 2-3 beat
 # merging harder late: hybrid-s2-r24-16 88.0% / 0.54, hybrid-s2-r28-16 86.8% / 0.51, vs
 # static=0-1;merge=8@2-5,20@6-11 88.0% / 0.68. (250 images: +-2 points is noise.)
+# "merge-t<k>": merging in k blocks only, with plain attention (proportional=off), to about
+# glad-t3's token counts; content-adaptive pooling where GLAD's map is fixed. merge-t4
+# (197 -> 148 -> 99 in blocks 0-1, 50 after 4, 26 after 7) 67.2% on dev / 69.1% on extra,
+# merge-t6 (down to 25 tokens by block 8, fewer token-blocks than glad-t3) 69.6% / 67.7%,
+# where glad-t3's fixed pooling gives 41.2% / 36.6% (CPU, no training). In one step per
+# stage (merge=98@1,49@4,24@7) plain attention 60.8%, proportional 54.4%.
 PRESETS: dict[str, str] = {
     "dense": "",
     "dgssa-s2": "static=0-1",
@@ -52,6 +58,8 @@ PRESETS: dict[str, str] = {
     "hybrid-s2-r16": "static=0-1;merge=16@2-11",
     "hybrid-s2-r24-16": "static=0-1;merge=24@2-3,16@4-11",
     "hybrid-s2-r28-16": "static=0-1;merge=28@2-3,16@4-10",
+    "merge-t4": "merge=49@0-1,49@4,24@7;proportional=off",
+    "merge-t6": "merge=49@0-1,25@3-4,12@6-7;proportional=off",
 }
 
 
@@ -122,10 +130,13 @@ class CompressedViT(nn.Module):
             tokens_in, grid_in = stage.tokens, grid_out
 
         # Every block from the first merge on: later ones (r = 0 too) need proportional
-        # attention over the merged sizes. Blocks before it stay timm's, bit for bit.
+        # attention over the merged sizes; with plain attention only the merging blocks.
+        # Blocks before the first merge stay timm's, bit for bit.
+        proportional = compression.proportional_attention
         first_merge = compression.merge_schedule[0].first if compression.merge_schedule else depth
         for i, r in enumerate(compression.merge_r(depth)[first_merge:], start=first_merge):
-            self.blocks[i] = MergeBlock(self.blocks[i], r)
+            if r or proportional:
+                self.blocks[i] = MergeBlock(self.blocks[i], r, proportional=proportional)
 
     def static_attention(self) -> dict[int, StaticAttention]:
         return {i: self.blocks[i].attn for i in self.compression.static_layers}

@@ -14,6 +14,10 @@ The compact text form used on the command line is ``;``-separated parts, each op
   input tokens.
 
 ``static=0-1;merge=16@2-11`` is a hybrid: static attention early, merging later.
+``proportional=off`` makes the blocks after a merge attend plainly instead of adding
+``log(size)`` to their logits (ToMe's proportional attention, the default): with a few large
+merges (``merge=98@1,49@4,24@7``, the token counts of the GLAD pyramid) plain attention
+agreed better with the dense model, and only the merging blocks change.
 ``dense`` (or the empty text) is no compression. ``str(cfg)`` gives the canonical text
 and ``CompressionConfig.parse(str(cfg)) == cfg``.
 
@@ -116,6 +120,7 @@ class CompressionConfig(BaseModel):
     static_layers: tuple[int, ...] = ()
     token_schedule: tuple[TokenStage, ...] = ()
     merge_schedule: tuple[MergeSpan, ...] = ()
+    proportional_attention: bool = True
 
     @field_validator("merge_schedule")
     @classmethod
@@ -141,6 +146,8 @@ class CompressionConfig(BaseModel):
             raise ValueError("token_schedule layers must be strictly increasing")
         if any(b >= a for a, b in zip(tokens, tokens[1:], strict=False)):
             raise ValueError("token_schedule token counts must strictly decrease")
+        if not self.proportional_attention and not self.merge_schedule:
+            raise ValueError("proportional=off applies to merging only: add merge=...")
         if self.token_schedule and self.merge_schedule:
             raise ValueError(
                 "tokens=... and merge=... cannot be combined: aggregation maps assume the "
@@ -178,6 +185,7 @@ class CompressionConfig(BaseModel):
         static: list[int] = []
         stages: list[TokenStage] = []
         spans: list[MergeSpan] = []
+        proportional = True
         for part in filter(None, (p.strip() for p in text.split(";"))):
             key, _, value = part.partition("=")
             key = key.strip()
@@ -192,12 +200,20 @@ class CompressionConfig(BaseModel):
                     stages.append(TokenStage(layer=int(layer), tokens=int(n)))
             elif key == "merge":
                 spans.extend(map(_parse_span, items))
+            elif key == "proportional":
+                if value.strip() not in ("on", "off"):
+                    raise ValueError(f"proportional={value.strip()!r}: use on or off")
+                proportional = value.strip() == "on"
             else:
                 raise ValueError(
-                    f"unknown compression key {key!r} (use static=..., tokens=..., merge=...)"
+                    f"unknown compression key {key!r} "
+                    "(use static=..., tokens=..., merge=..., proportional=...)"
                 )
         return cls(
-            static_layers=tuple(static), token_schedule=tuple(stages), merge_schedule=tuple(spans)
+            static_layers=tuple(static),
+            token_schedule=tuple(stages),
+            merge_schedule=tuple(spans),
+            proportional_attention=proportional,
         )
 
     def __str__(self) -> str:
@@ -208,6 +224,8 @@ class CompressionConfig(BaseModel):
             parts.append("tokens=" + ",".join(f"{s.tokens}@{s.layer}" for s in self.token_schedule))
         if self.merge_schedule:
             parts.append("merge=" + ",".join(map(str, self.merge_schedule)))
+        if not self.proportional_attention:
+            parts.append("proportional=off")
         return ";".join(parts) or "dense"
 
     def merge_r(self, depth: int) -> list[int]:

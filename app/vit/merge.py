@@ -191,11 +191,12 @@ class MergeBlock(nn.Module):
     """timm ``Block`` that merges ``r`` tokens between attention and MLP, as ToMe does.
 
     Used for every block from the first merging one on (``r`` may be 0 there: the block
-    still needs the sizes for proportional attention). Same submodules and names as the
-    dense block, so the weights load unchanged.
+    still needs the sizes for proportional attention), or with ``proportional=False`` for
+    the merging blocks only (sizes still weight the merges). Same submodules and names as
+    the dense block, so the weights load unchanged.
     """
 
-    def __init__(self, dense: Block, r: int) -> None:
+    def __init__(self, dense: Block, r: int, *, proportional: bool = True) -> None:
         super().__init__()
         if type(dense) is not Block:
             raise TypeError(f"token merging needs timm's Block, got {type(dense).__name__}")
@@ -204,6 +205,7 @@ class MergeBlock(nn.Module):
         if r < 0:
             raise ValueError(f"r must be >= 0, got {r}")
         self.r = r
+        self.proportional = proportional
         self.norm1 = dense.norm1
         self.attn = MergeAttention(dense.attn)
         self.ls1 = dense.ls1
@@ -216,7 +218,8 @@ class MergeBlock(nn.Module):
     def forward(self, x_BNC: torch.Tensor, state: MergeState) -> torch.Tensor:
         """``[B, N, C] -> [B, N - r, C]``; updates ``state.size_BN1`` when it merges."""
         size_BN1 = state.size_BN1
-        log_size_BN1 = None if size_BN1 is None else size_BN1.log()
+        sized = size_BN1 is not None and self.proportional
+        log_size_BN1 = size_BN1.log() if sized else None
         attn_BNC, keys_BNK = self.attn(self.norm1(x_BNC), log_size_BN1, keys=self.r > 0)
         x_BNC = x_BNC + self.drop_path1(self.ls1(attn_BNC))
         if keys_BNK is not None:
@@ -225,4 +228,4 @@ class MergeBlock(nn.Module):
         return x_BNC + self.drop_path2(self.ls2(self.mlp(self.norm2(x_BNC))))
 
     def extra_repr(self) -> str:
-        return f"r={self.r}"
+        return f"r={self.r}" + ("" if self.proportional else ", proportional=False")
