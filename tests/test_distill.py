@@ -81,10 +81,11 @@ def test_phase1_trains_only_compression_weights(photos: list[Path]) -> None:
     assert changed == {"blocks.0.attn.attn_matrix", "aggregation.2.weight", "aggregation.3.weight"}
 
 
-def test_merging_student_distils(photos: list[Path]) -> None:
+@pytest.mark.parametrize("text", ["static=0;merge=3@2-", "merge=3@0,2@2;proportional=off"])
+def test_merging_student_distils(photos: list[Path], text: str) -> None:
     """ToMe blocks change the token count per block: features fall back to CLS there."""
     teacher = tiny_teacher()
-    student = compress(teacher, CompressionConfig.parse("static=0;merge=3@2-"))
+    student = compress(teacher, CompressionConfig.parse(text))
     result = distill(teacher, student, photos, quick_opts(steps=2), data_config=DATA_CONFIG)
     assert result.steps_done == 2 and result.final_loss is not None
 
@@ -158,6 +159,7 @@ def test_run_compress_writes_a_loadable_entry(tmp_path: Path) -> None:
     assert manifest.variant == "compressed" and manifest.compression == cfg
     assert manifest.source.kind == "compress" and manifest.source.ref == "teacher"
     assert manifest.source.details["steps"] == 4 and manifest.source.details["seed"] == 0
+    assert "calibration" in manifest.source.details  # static blocks were calibrated
     fidelity, speed = manifest.metrics["fidelity"], manifest.metrics["speed"]
     assert fidelity["n_images"] == 4 and fidelity["n_labelled"] == 4
     assert speed["speedup"] > 0 and speed["weights"] == "random (speed only)"

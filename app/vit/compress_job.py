@@ -155,7 +155,11 @@ def run_compress(
             "final_loss": result.final_loss,
             "train_dirs": [str(train_dir), *map(str, extra_train_dirs)],
             "train_images": len(train_images),
-            "calibration": f"teacher attention averaged over {train_dir} (eval transform)",
+            **(
+                {"calibration": f"teacher attention averaged over {train_dir} (eval transform)"}
+                if cfg.static_layers
+                else {}
+            ),
         },
     )
 
