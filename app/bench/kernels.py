@@ -28,7 +28,7 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from app.bench.arch import DENSE, build_arch_models, fmt, release
-from app.bench.models import resolve_configs
+from app.bench.models import mode_name, resolve_configs
 from app.bench.timing import device_slug, environment, prepare, random_inputs
 
 # First match wins; names are lower-cased. cuBLAS/CUTLASS GEMMs, SDPA back-ends, ours.
@@ -158,8 +158,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     device = torch.device("cuda")
     names = resolve_configs(args.configs)
     arch_models = build_arch_models(args.arch, names)
-    models = {DENSE: arch_models.dense}
-    models.update({names[text]: m for text, m in arch_models.compressed.items()})
+    models = {names.get(text, text): m for text, m in arch_models.all().items()}
     results = profile_models(
         models,
         input_shape=arch_models.input_shape,
@@ -171,12 +170,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     print(format_table(results))
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    mode = "compiled" if args.compiled else "eager"
+    mode = mode_name(args.compiled, cuda_graphs=False)
     out = Path(args.out_dir) / f"kernels-{device_slug(device)}-{stamp}-{mode}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     report = {
         **environment(device),
-        "date": datetime.now().astimezone().isoformat(timespec="seconds"),
         "arch": args.arch,
         "dtype": args.dtype,
         "batch": args.batch,

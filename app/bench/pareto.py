@@ -12,6 +12,7 @@ config run at the same speed and are two points.
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 from collections.abc import Iterable, Mapping, Sequence
@@ -161,15 +162,30 @@ def plot_pareto(
     """Scatter speedup (x) vs top-1 agreement (y, %) for one (arch, dtype, batch, compiled)
     slice of a speed report, draw the Pareto front and the target corners; write a PNG."""
     report = _load(speed_json)
-    points, missing = speed_points(
-        report,
-        fidelity,
-        arch=arch,
-        dtype=dtype,
-        batch=batch,
-        compiled=compiled,
-        cuda_graphs=cuda_graphs,
-    )
+    slice_ = {
+        "arch": arch,
+        "dtype": dtype,
+        "batch": batch,
+        "compiled": compiled,
+        "cuda_graphs": cuda_graphs,
+    }
+    points, missing = speed_points(report, fidelity, **slice_)
+    return _draw_front(points, missing, out_png, device=report["device"], **slice_)
+
+
+def _draw_front(
+    points: Sequence[ParetoPoint],
+    missing: Sequence[str],
+    out_png: Path,
+    *,
+    device: str,
+    arch: str,
+    dtype: str,
+    batch: int,
+    compiled: bool,
+    cuda_graphs: bool,
+) -> Path:
+    """The PNG of :func:`plot_pareto` from points already collected."""
     if len(points) == 1:
         raise ValueError(
             f"no config has both a speed row ({arch}, {dtype}, batch {batch}, "
@@ -209,7 +225,7 @@ def plot_pareto(
             fontsize=8,
         )
     mode = "compiled" if compiled else "CUDA graphs" if cuda_graphs else "eager"
-    ax.set_title(f"{arch}, {dtype_name(dtype)}, batch {batch}, {mode} — {report['device']}")
+    ax.set_title(f"{arch}, {dtype_name(dtype)}, batch {batch}, {mode} — {device}")
     ax.set_xlabel("throughput speedup vs dense (same run)")
     ax.set_ylabel("top-1 agreement with dense (%)")
     ax.grid(alpha=0.3)
@@ -261,8 +277,8 @@ def write_front(
             key = (row["arch"], row["config"], row["dtype"], row["batch"], row["compiled"])
             rows.setdefault((*key, row.get("cuda_graphs", False)), row)
     pooled = {"device": speed_reports[0]["device"], "rows": list(rows.values())}
-    plot_pareto(pooled, fidelity, out_png, **slice_)
     points, missing = speed_points(pooled, fidelity, **slice_)
+    _draw_front(points, missing, out_png, device=pooled["device"], **slice_)
     front = set(pareto_front(points))
     return {
         "slice": {k: dtype_name(v) if k == "dtype" else v for k, v in slice_.items()},
@@ -283,8 +299,6 @@ def write_front(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    import argparse
-
     parser = argparse.ArgumentParser(
         prog="python -m app.bench.pareto",
         description="Speed (a models-bench JSON) against fidelity: PNG of the front + JSON.",

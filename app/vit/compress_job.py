@@ -131,6 +131,20 @@ def run_compress(
     if launched_rank() != 0:
         return None
 
+    details = {
+        "command": reproduce_command(
+            teacher_name, cfg, train_dir, extra_train_dirs, eval_dir, out_name, opts
+        ),
+        "recipe": opts.model_dump(mode="json"),
+        "seed": opts.seed,
+        "steps": result.steps_done,
+        "stopped": result.stopped,
+        "final_loss": result.final_loss,
+        "train_dirs": [str(train_dir), *map(str, extra_train_dirs)],
+        "train_images": len(train_images),
+    }
+    if cfg.static_layers:  # only static blocks are calibrated
+        details["calibration"] = f"teacher attention averaged over {train_dir} (eval transform)"
     return _measure_and_store(
         store,
         teacher_name,
@@ -144,23 +158,7 @@ def run_compress(
         seed=opts.seed,
         speed_arch=speed_arch,
         description=f"{teacher_name} compressed ({cfg}), distilled {result.steps_done} steps",
-        details={
-            "command": reproduce_command(
-                teacher_name, cfg, train_dir, extra_train_dirs, eval_dir, out_name, opts
-            ),
-            "recipe": opts.model_dump(mode="json"),
-            "seed": opts.seed,
-            "steps": result.steps_done,
-            "stopped": result.stopped,
-            "final_loss": result.final_loss,
-            "train_dirs": [str(train_dir), *map(str, extra_train_dirs)],
-            "train_images": len(train_images),
-            **(
-                {"calibration": f"teacher attention averaged over {train_dir} (eval transform)"}
-                if cfg.static_layers
-                else {}
-            ),
-        },
+        details=details,
     )
 
 

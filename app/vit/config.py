@@ -201,9 +201,10 @@ class CompressionConfig(BaseModel):
             elif key == "merge":
                 spans.extend(map(_parse_span, items))
             elif key == "proportional":
-                if value.strip() not in ("on", "off"):
-                    raise ValueError(f"proportional={value.strip()!r}: use on or off")
-                proportional = value.strip() == "on"
+                flag = value.strip()
+                if flag not in ("on", "off"):
+                    raise ValueError(f"proportional={flag!r}: use on or off")
+                proportional = flag == "on"
             else:
                 raise ValueError(
                     f"unknown compression key {key!r} "
