@@ -17,6 +17,7 @@ from typing import Any
 import aiohttp
 
 from app.bench.images import content_type
+from app.heap import frozen_heap
 
 Images = list[tuple[str, bytes]]
 
@@ -96,30 +97,32 @@ async def _drive(
     samples = Samples()
     connector = aiohttp.TCPConnector(limit=concurrency)
     timeout = aiohttp.ClientTimeout(total=120)
-    async with aiohttp.ClientSession(base, connector=connector, timeout=timeout) as http:
-        started = time.perf_counter()
-        until = started + seconds
-        if rate is None:
+    # frozen: a client paused by a full collection would add its pause to the latencies
+    with frozen_heap():
+        async with aiohttp.ClientSession(base, connector=connector, timeout=timeout) as http:
+            started = time.perf_counter()
+            until = started + seconds
+            if rate is None:
 
-            async def worker(k: int) -> None:
-                i = k * load.per_request
-                while time.perf_counter() < until:
-                    await _request(http, _params(model), load.files(i), samples)
+                async def worker(k: int) -> None:
+                    i = k * load.per_request
+                    while time.perf_counter() < until:
+                        await _request(http, _params(model), load.files(i), samples)
+                        i += load.per_request
+
+                await asyncio.gather(*(worker(first + k) for k in range(concurrency)))
+            else:
+                arrivals, tasks = random.Random(first), []
+                due, i = started, first * load.per_request
+                while due < until:
+                    await asyncio.sleep(max(0.0, due - time.perf_counter()))
+                    tasks.append(
+                        asyncio.create_task(_request(http, _params(model), load.files(i), samples))
+                    )
                     i += load.per_request
-
-            await asyncio.gather(*(worker(first + k) for k in range(concurrency)))
-        else:
-            arrivals, tasks = random.Random(first), []
-            due, i = started, first * load.per_request
-            while due < until:
-                await asyncio.sleep(max(0.0, due - time.perf_counter()))
-                tasks.append(
-                    asyncio.create_task(_request(http, _params(model), load.files(i), samples))
-                )
-                i += load.per_request
-                due += arrivals.expovariate(rate)
-            await asyncio.gather(*tasks)
-        return samples, time.perf_counter() - started
+                    due += arrivals.expovariate(rate)
+                await asyncio.gather(*tasks)
+            return samples, time.perf_counter() - started
 
 
 def _drive_in_process(*args: Any) -> tuple[Samples, float]:

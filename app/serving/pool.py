@@ -18,6 +18,7 @@ import torch
 
 from app.config import Settings
 from app.devices import resolve_device, resolve_dtype
+from app.heap import freeze_heap, thaw_heap
 from app.serving.batcher import DynamicBatcher
 from app.serving.cuda_graphs import bucket_sizes
 from app.serving.decode import BatchDecoder
@@ -93,6 +94,7 @@ class ModelPool:
             self._loader.cancel()
         await asyncio.gather(*(m.batcher.stop() for m in self.models.values() if m.batcher))
         self.decode_pool.shutdown(wait=True)
+        thaw_heap()
 
     # ---- queries -------------------------------------------------------------------------
     def get(self, name: str) -> ServedModel:
@@ -123,6 +125,8 @@ class ModelPool:
     async def _load_all(self, names: list[str]) -> None:
         for name in names:
             await self._load(self.models[name])
+        frozen = freeze_heap()  # the models and imports stay: full collections skip them
+        log.info("%d objects frozen out of garbage collection", frozen)
         self.metrics.workers_ready.set(1 if self.readiness()[0] else 0)
 
     async def _load(self, model: ServedModel) -> None:
