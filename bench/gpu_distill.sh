@@ -6,10 +6,11 @@
 # Jobs go round-robin over the visible GPUs. When jobs share a GPU they would time each
 # other, so their speed is left to `vitserve bench models` (--speed-arch none); so does
 # SPEED_ARCH=none (a merged model's compile takes minutes, longer than a call may have).
+# WHEELS: the folder of wheels to install (default .whl; distillation needs only pydantic's).
 set -uo pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_CACHE=$PWD/.carry/hf-cache HF_HUB_OFFLINE=1
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-  --target /tmp/site .whl/*.whl || exit 1
+  --target /tmp/site "${WHEELS:-.whl}"/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD
 out=${OUT:-runs}; store=/tmp/store; mkdir -p "$out"
 python3 -m app store pull deit_tiny_patch16_224 --store $store

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from app.bench.decode_ceiling import decode_ceiling
-from app.bench.images import load_images
+from app.bench.decode_ceiling import decode_ceiling, stage_times
+from app.bench.images import load_images, photo_like_jpeg
 from app.bench.service import batch_totals, main, speedups
 from app.config import Settings
 from app.store import ModelStore
@@ -25,6 +25,7 @@ RESULT_KEYS = {
     "speedups",
     "decode_ceiling_img_s",
     "decode_ceiling_processes",
+    "decode_stage_steps",
     "best_img_s",
     "levels",
     "plots",
@@ -96,9 +97,13 @@ def test_bench_service_writes_json_and_plots_with_a_litserve_baseline(tmp_path, 
     assert result["litserve"]["ours_over_litserve"] > 0
     assert result["best_img_s"]["litserve:tiny"] > 0
     assert all(v > 0 for v in result["decode_ceiling_img_s"].values())
+    for stage in result["decode_stage_steps"].values():
+        assert stage["path"] == "pillow" and stage["images"] > 0
+        assert all(ms > 0 for ms in stage["ms_per_image"].values())
     for png in result["plots"].values():
         assert (out / png).stat().st_size > 0
-    assert "img/s" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "img/s" in printed and "resize_crop" in printed
 
 
 def test_the_decode_ceiling_runs_in_as_many_processes_as_the_server_has_workers():
@@ -109,3 +114,17 @@ def test_the_decode_ceiling_runs_in_as_many_processes_as_the_server_has_workers(
     one = decode_ceiling(TINY_PREPROCESSING, settings, images, **common)
     two = decode_ceiling(TINY_PREPROCESSING, settings, images, processes=2, **common)
     assert one > 0 and two > 0
+
+
+def test_the_decode_stage_is_timed_step_by_step_and_bigger_photos_cost_more_to_decode():
+    """The split of the service table's decode column: probe, decode, resize + crop and
+    normalise, per image. Photos four times the pixels take longer to decode and resize."""
+    settings = Settings(decode_workers=1)
+    small = load_images(None, count=4)  # camera-like sizes up to 1024x768
+    big = [(f"big{k}.jpg", photo_like_jpeg(k, size=(2048, 1536))) for k in range(4)]
+    common = {"device": "cpu", "batch_size": 4, "repeats": 3}
+    fast = stage_times(TINY_PREPROCESSING, settings, small, **common)
+    slow = stage_times(TINY_PREPROCESSING, settings, big, **common)
+    assert fast["path"] == slow["path"] == "pillow" and fast["images"] == 4
+    assert list(fast["ms_per_image"]) == ["probe", "decode", "resize_crop", "normalize"]
+    assert slow["ms_per_image"]["decode"] > fast["ms_per_image"]["decode"]

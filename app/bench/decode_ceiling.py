@@ -1,16 +1,23 @@
 """The request path's ceiling: the server's decode stage alone, with no model and no HTTP.
 
 ``vitserve bench service`` reports each level's throughput as a share of it, so a reader
-sees how close to the request path's own limit the service runs.
+sees how close to the request path's own limit the service runs, and where the stage's
+time goes per image (:func:`stage_times`: probe, decode, resize + crop, normalise).
 """
 
 from __future__ import annotations
 
 import multiprocessing
+import statistics
 import time
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
+
+import torch
+from torchvision.transforms.functional import pil_to_tensor
 
 from app.bench.load_client import Images
 from app.devices import resolve_device, resolve_dtype
@@ -81,3 +88,68 @@ def decode_ceiling(
         futures = [executor.submit(_decode_rate, job, barrier) for _ in range(processes)]
         rates = [future.result() for future in futures]
     return sum(done for done, _ in rates) / max(elapsed for _, elapsed in rates)
+
+
+def stage_times(
+    preprocessing: Any,
+    settings: Any,
+    images: Images,
+    *,
+    device: str,
+    batch_size: int,
+    repeats: int = 5,
+) -> dict[str, Any]:
+    """Milliseconds per image of each step of the decode stage on one batch, the steps run
+    one after another in one thread and each synchronised (the GPU's share is timed, not
+    queued): medians over ``repeats``. The path is the server's: nvjpeg for the JPEGs it
+    takes on a CUDA device, Pillow otherwise (a server spreads Pillow over its decode
+    threads; this is one thread's cost)."""
+    pre = Preprocessor(preprocessing, settings.max_image_pixels)
+    dev = resolve_device(device)
+    datas = [data for _, data in images]
+    batch = (datas * (batch_size // len(datas) + 1))[:batch_size]
+    nvjpeg = settings.gpu_decode and dev.type == "cuda"
+    if nvjpeg:
+        batch = [d for d in batch if pre.probe(d).nvjpeg_ok] or batch
+
+    def timed(run: Callable[[], Any]) -> tuple[Any, float]:
+        started = time.perf_counter()
+        out = run()
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        return out, time.perf_counter() - started
+
+    def pillow_decode() -> list[Any]:
+        return [pre.decode(d) for d in batch]
+
+    def pillow_resize(decoded: list[Any]) -> list[torch.Tensor]:
+        return [pil_to_tensor(pre.resize_crop(image)) for image in decoded]
+
+    samples: dict[str, list[float]] = {
+        s: [] for s in ("probe", "decode", "resize_crop", "normalize")
+    }
+    with ThreadPoolExecutor(1) as pool:
+        decoder = BatchDecoder(
+            pre, device=dev, dtype=resolve_dtype(settings.dtype, dev), pool=pool, nvjpeg=nvjpeg
+        )
+        decoder.warm_up()
+
+        def nvjpeg_decode() -> list[torch.Tensor]:
+            return decoder.nvjpeg_decode(batch)
+
+        def normalize(crops: list[torch.Tensor]) -> torch.Tensor:
+            return pre.normalize(torch.stack(crops).to(dev)).to(decoder.dtype)
+
+        decode = nvjpeg_decode if nvjpeg else pillow_decode
+        resize = decoder.resize_crop if nvjpeg else pillow_resize
+        for round_ in range(repeats + 1):  # the first round warms caches and is dropped
+            _, probe_s = timed(lambda: [pre.probe(d) for d in batch])
+            decoded, decode_s = timed(decode)
+            crops, resize_s = timed(partial(resize, decoded))
+            _, normalize_s = timed(partial(normalize, crops))
+            if round_:
+                steps = (probe_s, decode_s, resize_s, normalize_s)
+                for step, seconds in zip(samples, steps, strict=True):
+                    samples[step].append(seconds)
+    ms = {step: 1e3 * statistics.median(v) / len(batch) for step, v in samples.items()}
+    return {"path": "nvjpeg" if nvjpeg else "pillow", "images": len(batch), "ms_per_image": ms}

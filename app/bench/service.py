@@ -37,7 +37,7 @@ import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
 from app.bench.arch import fmt
-from app.bench.decode_ceiling import decode_ceiling
+from app.bench.decode_ceiling import decode_ceiling, stage_times
 from app.bench.images import load_images
 from app.bench.load_client import Client, Load
 from app.bench.server import running_server
@@ -181,6 +181,16 @@ def format_table(levels: list[Level], ceilings: dict[str, float]) -> str:
     return "\n".join(rows)
 
 
+def format_steps(stages: dict[str, dict[str, Any]]) -> str:
+    """One line per model: the decode stage's steps in ms per image (one thread, each step
+    synchronised), the split of the table's ``dec`` column."""
+    lines = ["decode stage per image, step by step (one thread, each step synchronised):"]
+    for model, stage in stages.items():
+        steps = ", ".join(f"{step} {ms:.3f}" for step, ms in stage["ms_per_image"].items())
+        lines.append(f"  {model}: {stage['path']}, {stage['images']} images: {steps} ms")
+    return "\n".join(lines)
+
+
 def plot(levels: list[Level], model: str, ceiling: float | None, path: Path) -> None:
     """Latency (p50/p95/p99) against throughput, one point per concurrency level."""
     import matplotlib
@@ -247,6 +257,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             seconds=args.ceiling_seconds,
             processes=settings.workers,
         )
+    stages = {  # where the decode stage's time goes, step by step, per image
+        model: stage_times(
+            store.manifest(model).preprocessing,
+            settings,
+            load.images,
+            device=args.device,
+            batch_size=settings.max_batch_size,
+        )
+        for model in args.models
+    }
     levels: list[Level] = []
     names = list(args.models)
     with contextlib.closing(Client(args.client_processes)) as client:
@@ -269,7 +289,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     model,
                     load,
                     2 * max(args.concurrency),
-                    args.seconds,
+                    args.half_load_seconds or args.seconds,
                     args.warmup,
                     offered_img_s=best / 2,
                 )
@@ -294,12 +314,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "reference": args.models[0],
         "concurrency": list(args.concurrency),
         "seconds_per_level": args.seconds,
+        "half_load_seconds": args.half_load_seconds or args.seconds,
         "images": len(load.images),
         "images_dir": str(args.images) if args.images else None,
         "images_per_request": args.images_per_request,
         "server": {k: v for k, v in env.items() if k != "VITSERVE_STORE_DIR"},
         "decode_ceiling_img_s": ceilings,
         "decode_ceiling_processes": settings.workers,
+        "decode_stage_steps": stages,
         "best_img_s": best,
         "speedups": ratios,
         "speedup": next(iter(ratios.values()), None),
@@ -407,6 +429,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="finish with an open-loop level at half the best throughput (latency at half load)",
     )
     p.add_argument(
+        "--half-load-seconds",
+        dest="half_load_seconds",
+        type=float,
+        help="measured seconds of the half-load level (default: --seconds); its p99 rests "
+        "on 1%% of its requests, so a longer level gives a steadier figure",
+    )
+    p.add_argument(
         "--client-processes",
         dest="client_processes",
         type=int,
@@ -426,6 +455,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     result = run(args)
     levels = [Level(**lv) for lv in result["levels"]]
     print(format_table(levels, result["decode_ceiling_img_s"]))
+    print(format_steps(result["decode_stage_steps"]))
     if result["speedup"] is not None:
         print(f"speedup {result['speedups']} (best img/s over {result['reference']})")
     args.out.mkdir(parents=True, exist_ok=True)

@@ -173,7 +173,7 @@ class BatchDecoder:
         on_gpu = [i for i, p in encoded.items() if self.nvjpeg and p.probe.nvjpeg_ok]
         if on_gpu:
             try:
-                decoded = self._nvjpeg([encoded[i].data for i in on_gpu])
+                decoded = self.resize_crop(self.nvjpeg_decode([encoded[i].data for i in on_gpu]))
                 crops.update(zip(on_gpu, decoded, strict=True))
                 decoders.update(dict.fromkeys(on_gpu, "nvjpeg"))
             except Exception as exc:  # noqa: BLE001 - one bad image fails nvjpeg's whole batch
@@ -190,9 +190,14 @@ class BatchDecoder:
                 crops[i], decoders[i] = result, "pillow"
         return crops, decoders, errors
 
-    def _nvjpeg(self, jpegs: Sequence[bytes]) -> list[torch.Tensor]:
+    def nvjpeg_decode(self, jpegs: Sequence[bytes]) -> list[torch.Tensor]:
+        """JPEGs → full-size uint8 images [3, H, W] on the device, decoded as one batch."""
         encoded = [torch.frombuffer(bytearray(data), dtype=torch.uint8) for data in jpegs]
-        return self._resize_crop(decode_jpeg(encoded, mode=ImageReadMode.RGB, device=self.device))
+        return decode_jpeg(encoded, mode=ImageReadMode.RGB, device=self.device)
+
+    def resize_crop(self, images_3HW: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """The eval transform's resize and centre crop of decoded images, on their device."""
+        return self._resize_crop(images_3HW)
 
     def _pillow(self, data: bytes) -> torch.Tensor | Exception:
         try:
