@@ -126,7 +126,8 @@ class BatchDecoder:
     ) -> None:
         self.preprocessor, self.device, self.dtype, self.pool = preprocessor, device, dtype, pool
         self.nvjpeg = nvjpeg and device.type == "cuda"
-        self._resize_crop = TensorResizeCrop(preprocessor.resize_crop)
+        # the eval transform's resize and centre crop of decoded images, on their device
+        self.resize_crop = TensorResizeCrop(preprocessor.resize_crop)
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 
     def warm_up(self) -> None:
@@ -194,10 +195,6 @@ class BatchDecoder:
         """JPEGs → full-size uint8 images [3, H, W] on the device, decoded as one batch."""
         encoded = [torch.frombuffer(bytearray(data), dtype=torch.uint8) for data in jpegs]
         return decode_jpeg(encoded, mode=ImageReadMode.RGB, device=self.device)
-
-    def resize_crop(self, images_3HW: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """The eval transform's resize and centre crop of decoded images, on their device."""
-        return self._resize_crop(images_3HW)
 
     def _pillow(self, data: bytes) -> torch.Tensor | Exception:
         try:
