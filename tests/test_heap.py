@@ -1,9 +1,9 @@
 """What start-up creates is frozen out of garbage collection while a server runs.
 
-A full collection walks every tracked object with the GIL held (150-300 ms once torch and a
-model are loaded), stalling every request of the process. A server freezes its heap once its
-models are loaded and thaws it when it stops, so a process that starts many servers (this
-test suite) can still collect what a stopped one left.
+A full collection walks every tracked object with the GIL held (256-277 ms on the CI
+machine once torch and a model are loaded), stalling every request of the process. A server
+freezes its heap once its models are loaded and thaws it when it stops, so a process that
+starts many servers (this test suite) can still collect what a stopped one left.
 """
 
 from __future__ import annotations

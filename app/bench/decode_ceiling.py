@@ -11,7 +11,7 @@ import multiprocessing
 import statistics
 import time
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -37,6 +37,23 @@ class _Job:
     seconds: float
 
 
+def _batch_of(images: Images, batch_size: int) -> list[bytes]:
+    """``batch_size`` image bodies, cycling through ``images``."""
+    datas = [data for _, data in images]
+    return (datas * (batch_size // len(datas) + 1))[:batch_size]
+
+
+def _warm_decoder(
+    pre: Preprocessor, settings: Any, dev: torch.device, pool: Executor, *, nvjpeg: bool
+) -> BatchDecoder:
+    """The decode stage as the server builds it (``settings``' dtype), warmed up."""
+    decoder = BatchDecoder(
+        pre, device=dev, dtype=resolve_dtype(settings.dtype, dev), pool=pool, nvjpeg=nvjpeg
+    )
+    decoder.warm_up()
+    return decoder
+
+
 def _decode_rate(job: _Job, barrier: Any = None) -> tuple[int, float]:
     """(images decoded, seconds) of one process running the server's decode stage flat out;
     ``barrier`` (a manager's) lines processes up after their start-up, before timing."""
@@ -44,16 +61,8 @@ def _decode_rate(job: _Job, barrier: Any = None) -> tuple[int, float]:
     pre = Preprocessor(job.preprocessing, settings.max_image_pixels)
     dev = resolve_device(job.device)
     with ThreadPoolExecutor(settings.decode_workers) as pool:
-        decoder = BatchDecoder(
-            pre,
-            device=dev,
-            dtype=resolve_dtype(settings.dtype, dev),
-            pool=pool,
-            nvjpeg=settings.gpu_decode,
-        )
-        decoder.warm_up()
-        datas = [data for _, data in job.images]
-        batch = (datas * (job.batch_size // len(datas) + 1))[: job.batch_size]
+        decoder = _warm_decoder(pre, settings, dev, pool, nvjpeg=settings.gpu_decode)
+        batch = _batch_of(job.images, job.batch_size)
         if barrier is not None:
             barrier.wait()
         done = 0
@@ -106,8 +115,7 @@ def stage_times(
     threads; this is one thread's cost)."""
     pre = Preprocessor(preprocessing, settings.max_image_pixels)
     dev = resolve_device(device)
-    datas = [data for _, data in images]
-    batch = (datas * (batch_size // len(datas) + 1))[:batch_size]
+    batch = _batch_of(images, batch_size)
     nvjpeg = settings.gpu_decode and dev.type == "cuda"
     if nvjpeg:
         batch = [d for d in batch if pre.probe(d).nvjpeg_ok] or batch
@@ -129,18 +137,12 @@ def stage_times(
         s: [] for s in ("probe", "decode", "resize_crop", "normalize")
     }
     with ThreadPoolExecutor(1) as pool:
-        decoder = BatchDecoder(
-            pre, device=dev, dtype=resolve_dtype(settings.dtype, dev), pool=pool, nvjpeg=nvjpeg
-        )
-        decoder.warm_up()
-
-        def nvjpeg_decode() -> list[torch.Tensor]:
-            return decoder.nvjpeg_decode(batch)
+        decoder = _warm_decoder(pre, settings, dev, pool, nvjpeg=nvjpeg)
 
         def normalize(crops: list[torch.Tensor]) -> torch.Tensor:
             return pre.normalize(torch.stack(crops).to(dev)).to(decoder.dtype)
 
-        decode = nvjpeg_decode if nvjpeg else pillow_decode
+        decode = partial(decoder.nvjpeg_decode, batch) if nvjpeg else pillow_decode
         resize = decoder.resize_crop if nvjpeg else pillow_resize
         for round_ in range(repeats + 1):  # the first round warms caches and is dropped
             _, probe_s = timed(lambda: [pre.probe(d) for d in batch])

@@ -246,27 +246,28 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         settings = Settings()
     store = ModelStore(args.store)
     load = Load(load_images(args.images, count=args.generated), args.images_per_request)
-    ceilings: dict[str, float] = {}
-    for model in args.models:  # before the server starts: it must not compete for CPU
-        ceilings[model] = decode_ceiling(
-            store.manifest(model).preprocessing,
-            settings,
-            load.images,
-            device=args.device,
-            batch_size=settings.max_batch_size,
-            seconds=args.ceiling_seconds,
-            processes=settings.workers,
-        )
-    stages = {  # where the decode stage's time goes, step by step, per image
-        model: stage_times(
-            store.manifest(model).preprocessing,
-            settings,
-            load.images,
-            device=args.device,
-            batch_size=settings.max_batch_size,
-        )
-        for model in args.models
-    }
+    # The request path alone (its ceiling, and where its time goes step by step), before
+    # the server starts: it must not compete for CPU. Once per distinct preprocessing:
+    # models that share one (dense and its compressed variants) share the decode stage.
+    preprocessing = {m: store.manifest(m).preprocessing for m in args.models}
+    request_path: dict[str, tuple[float, dict[str, Any]]] = {}
+    for pre in preprocessing.values():
+        key = pre.model_dump_json()
+        if key not in request_path:
+            common = {"device": args.device, "batch_size": settings.max_batch_size}
+            request_path[key] = (
+                decode_ceiling(
+                    pre,
+                    settings,
+                    load.images,
+                    seconds=args.ceiling_seconds,
+                    processes=settings.workers,
+                    **common,
+                ),
+                stage_times(pre, settings, load.images, **common),
+            )
+    ceilings = {m: request_path[p.model_dump_json()][0] for m, p in preprocessing.items()}
+    stages = {m: request_path[p.model_dump_json()][1] for m, p in preprocessing.items()}
     levels: list[Level] = []
     names = list(args.models)
     with contextlib.closing(Client(args.client_processes)) as client:
