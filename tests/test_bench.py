@@ -415,3 +415,30 @@ def test_graph_rows_follow_the_eager_rows_and_time_the_same_models(tmp_path: Pat
     modes = [(r["config"], r["compiled"], r["cuda_graphs"]) for r in report["rows"]]
     assert [m[1:] for m in modes] == [(False, False)] * 2 + [(False, True)] * 2
     assert all(r["error"] is None and r["speedup"] > 0 for r in report["rows"])
+
+
+def test_compiled_merge_rows_with_matching_left_eager(tmp_path: Path):
+    """The option that makes compiled merge rows affordable: rows compile and time, and the
+    report says the matching ran outside the graph."""
+    report = run_models_bench(
+        ["merge=2@1-2"],
+        archs=["vit_tiny_patch16_224"],
+        arch_kwargs={**TINY_VIT, "depth": 3},
+        device="cpu",
+        threads=1,
+        batches=(2,),
+        compiled=(True,),
+        eager_matching=True,
+        per_layer=False,
+        warmup=1,
+        repeats=2,
+        out_dir=tmp_path,
+        progress=False,
+    )
+    assert report["method"]["compile"]["merge_matching"].startswith("eager")
+    assert [(r["config"], r["compiled"], r["error"]) for r in report["rows"]] == [
+        ("dense", True, None),
+        ("merge=2@1-2", True, None),
+    ]
+    assert all(r["speedup"] > 0 for r in report["rows"])
+    assert _parse_args(["--eager-matching"]).eager_matching

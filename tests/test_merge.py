@@ -14,6 +14,7 @@ import pytest
 import timm
 import timm.data
 import torch
+import torch._dynamo
 import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
@@ -38,6 +39,7 @@ from app.vit.merge import (
     MergeBlock,
     MergeState,
     bipartite_soft_matching,
+    leave_matching_eager,
     merge_weighted,
 )
 from tests.helpers import DEV_IMAGES, HF_CACHE, TINY_VIT, require_shared
@@ -418,6 +420,22 @@ def test_compiles_fullgraph() -> None:
     compiled = torch.compile(model.eval(), fullgraph=True)
     with torch.no_grad():
         torch.testing.assert_close(compiled(images(3)), model(images(3)), atol=1e-5, rtol=1e-5)
+
+
+def test_compiles_with_matching_left_eager() -> None:
+    """The bench's way to compile merged models fast: one graph break per merging block (the
+    matching runs eager between graphs), and the same output as the eager model."""
+    dense = tiny_dense(embed_dim=32, depth=3, num_heads=2)
+    model = compress(dense, CompressionConfig.parse("merge=4@1,2@2")).eval()
+    assert leave_matching_eager(model) == 2
+    reasons = [str(b.reason) for b in torch._dynamo.explain(model)(images(3)).break_reasons]
+    assert len(reasons) == 2
+    assert all("bipartite_soft_matching" in r for r in reasons)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            torch.compile(model)(images(3)), model(images(3)), atol=1e-5, rtol=1e-5
+        )
 
 
 def test_deit_tiny_architecture() -> None:

@@ -52,6 +52,7 @@ from app.bench.timing import (
     timing_device,
 )
 from app.vit.builder import PRESETS, resolve_config
+from app.vit.merge import leave_matching_eager
 
 WEIGHTS_LABEL = "random (speed only)"
 DEFAULT_ARCHS = ("deit_small_patch16_224",)
@@ -247,6 +248,7 @@ def run_models_bench(
     arch_kwargs: Mapping[str, Any] | None = None,
     progress: bool = True,
     cuda_graphs: bool = False,
+    eager_matching: bool = False,
 ) -> dict[str, Any]:
     """Time dense and every config for each arch and (dtype, batch, compiled); write JSON.
 
@@ -257,6 +259,9 @@ def run_models_bench(
     section runs in the eager pass, at the largest batch, for each (arch, dtype).
     ``cuda_graphs`` (CUDA only) adds a pass of eager models replayed from CUDA graphs, as
     the server runs them: a forward then costs its GPU time, not its kernel launches.
+    ``eager_matching`` leaves token merging's matching out of compiled graphs
+    (:func:`app.vit.merge.leave_matching_eager`): merged models then compile in a minute
+    or two instead of tens of minutes.
 
     Returns the report as written to ``out_dir/models-<device>-<YYYYMMDD-HHMMSS>.json``,
     plus ``"path"``, the file written.
@@ -298,7 +303,13 @@ def run_models_bench(
                 "inputs": "3 random normal sets, rotated per round",
                 "precision": "model.to(dtype) and inputs in dtype, no autocast",
                 "interleaved": "dense and every config round-robin in one loop per row group",
-                "compile": {"mode": compile_mode, "dynamic": False},
+                "compile": {
+                    "mode": compile_mode,
+                    "dynamic": False,
+                    "merge_matching": "eager, a graph break per merging block"
+                    if eager_matching
+                    else "in the graph",
+                },
                 "cuda_graphs": "rows with cuda_graphs: the eager model replayed from one CUDA "
                 "graph per batch size, captured in warm-up (the server's predict stage)",
             },
@@ -314,6 +325,9 @@ def run_models_bench(
             for arch in archs:
                 if arch not in masters:
                     masters[arch] = build_arch_models(arch, names, arch_kwargs)
+                    if eager_matching:
+                        for model in masters[arch].compressed.values():
+                            leave_matching_eager(model)
                 for dtype, dtype_batches in plans[is_compiled]:
                     bar.set_postfix_str(f"{arch} {dtype} {mode_name(is_compiled, graphs)}")
                     for rows in _sweep_group(
@@ -378,6 +392,11 @@ def _parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="add rows of eager models replayed from CUDA graphs, as served (CUDA only)",
     )
+    parser.add_argument(
+        "--eager-matching",
+        action="store_true",
+        help="compiled rows leave token merging's matching eager (fast to compile)",
+    )
     parser.add_argument("--compiled-batches", nargs="+", type=int, help="batches compiled rows use")
     parser.add_argument("--compiled-dtypes", nargs="+", help="dtypes compiled rows use")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -410,6 +429,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         compiled_dtypes=args.compiled_dtypes,
         progress=not args.no_progress,
         cuda_graphs=args.cuda_graphs,
+        eager_matching=args.eager_matching,
     )
 
 
