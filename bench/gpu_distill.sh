@@ -3,6 +3,8 @@
 # seeded), on imagenet-train + imagenet-extra; evaluate on the held-out dev copies.
 # Usage: bench/gpu_distill.sh "<config>[::<DistillOptions JSON members>]" ...
 #   e.g. bench/gpu_distill.sh glad-t3 'tome-r13::"steps": 1000, "lr": 1e-4'
+# A job with its own options gets its index in the entry name (deit_tiny-tome-r13-job1);
+# its seed is 0 unless its options name one.
 # Jobs go round-robin over the visible GPUs. When jobs share a GPU they would time each
 # other, so their speed is left to `vitserve bench models` (--speed-arch none); so does
 # SPEED_ARCH=none (a merged model's compile takes minutes, longer than a call may have).
@@ -21,10 +23,12 @@ i=0
 for job in "$@"; do
   cfg=${job%%::*}; extra=""; [ "$job" != "$cfg" ] && extra="${job#*::}, "
   name="deit_tiny-$(echo "$cfg" | sed 's/@/at/g' | tr -c 'a-z0-9\n' '-' | tr -s '-' | sed 's/-$//')"
+  [ -n "$extra" ] && name="$name-job$i"  # one config may run with several recipes
+  seed=(--seed 0); [[ "$extra" == *'"seed"'* ]] && seed=()  # a job's own seed wins
   CUDA_VISIBLE_DEVICES=$((i % gpus)) python3 -m app compress --store $store --teacher deit_tiny_patch16_224 \
     --config "$cfg" --images .carry/images/imagenet-train \
     --extra-images .carry/images/imagenet-extra --eval-images .carry/images/imagenet-dev-256 \
-    --out "$name" --seed 0 --time-budget "${BUDGET_S:-330}" --speed-arch $speed \
+    --out "$name" "${seed[@]}" --time-budget "${BUDGET_S:-330}" --speed-arch $speed \
     --options "{${extra}\"num_workers\": $workers, \"log_every\": 100}" \
     > "$out/distill-$i.log" 2>&1 &
   i=$((i + 1))

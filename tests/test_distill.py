@@ -19,6 +19,7 @@ from app.vit.compress_job import run_compress
 from app.vit.config import CompressionConfig
 from app.vit.data import EvalImages, eval_transform, list_images, read_labels
 from app.vit.distill import CHECKPOINT_FILE, DistillOptions, distill
+from app.vit.distill_losses import logit_kl, nudge_towards_disagreement
 from app.vit.evaluate import evaluate
 from tests.helpers import DEV_IMAGES, HF_CACHE, add_tiny_entry, require_shared
 from tests.test_evaluate import DATA_CONFIG, tiny_teacher, write_images, write_labels
@@ -90,22 +91,30 @@ def test_merging_student_distils(photos: list[Path], text: str) -> None:
     assert result.steps_done == 2 and result.final_loss is not None
 
 
-def test_resume_continues_exactly(photos: list[Path], tmp_path: Path) -> None:
-    """Crash in step 6 (after the step-4 checkpoint), resume: same weights as no crash."""
+@pytest.mark.parametrize(
+    ("extra", "teacher_calls_per_step"),
+    [({}, 1), ({"ema_decay": 0.5, "adversarial_share": 0.5}, 2)],
+    ids=["plain", "ema-and-nudged-views"],
+)
+def test_resume_continues_exactly(
+    photos: list[Path], tmp_path: Path, extra: dict, teacher_calls_per_step: int
+) -> None:
+    """Crash in step 6 (after the step-4 checkpoint), resume: same weights as no crash
+    (with EMA: the average is checkpointed too, and it is what the run returns)."""
     teacher = tiny_teacher()
     straight = calibrated_student(teacher, photos)
     resumed = calibrated_student(teacher, photos)
-    distill(teacher, straight, photos, quick_opts(), data_config=DATA_CONFIG)
+    distill(teacher, straight, photos, quick_opts(**extra), data_config=DATA_CONFIG)
 
     calls = 0
 
     def crash_on_sixth_call(_module: nn.Module, _args: tuple) -> None:
         nonlocal calls
         calls += 1
-        if calls == 6:
+        if calls == 6 * teacher_calls_per_step:
             raise KeyboardInterrupt
 
-    opts = quick_opts(checkpoint_dir=tmp_path, checkpoint_every=2, resume=True)
+    opts = quick_opts(checkpoint_dir=tmp_path, checkpoint_every=2, resume=True, **extra)
     handle = teacher.register_forward_pre_hook(crash_on_sixth_call)
     with pytest.raises(KeyboardInterrupt):
         distill(teacher, resumed, photos, opts, data_config=DATA_CONFIG)
@@ -117,6 +126,40 @@ def test_resume_continues_exactly(photos: list[Path], tmp_path: Path) -> None:
     assert [h["step"] for h in result.history] == [2, 4, 6, 8]
     for key, value in straight.state_dict().items():
         torch.testing.assert_close(resumed.state_dict()[key], value, rtol=0, atol=1e-6)
+
+
+def test_ema_returns_the_average_not_the_last_weights(photos: list[Path]) -> None:
+    teacher = tiny_teacher()
+    last, averaged = calibrated_student(teacher, photos), calibrated_student(teacher, photos)
+    distill(teacher, last, photos, quick_opts(), data_config=DATA_CONFIG)
+    distill(teacher, averaged, photos, quick_opts(ema_decay=0.9), data_config=DATA_CONFIG)
+    weight = "blocks.3.mlp.fc1.weight"  # trained in phase 2 only: the average lags behind
+    start = calibrated_student(teacher, photos).state_dict()[weight]
+    moved_last = (last.state_dict()[weight] - start).norm()
+    moved_average = (averaged.state_dict()[weight] - start).norm()
+    assert 0 < moved_average < moved_last
+
+
+def test_nudged_views_move_one_step_towards_disagreement(photos: list[Path]) -> None:
+    teacher = tiny_teacher().eval()
+    student = calibrated_student(teacher, photos).eval()
+    x = torch.randn(6, *DATA_CONFIG["input_size"])
+    step_C = torch.tensor([0.01, 0.02, 0.03])
+    nudged = nudge_towards_disagreement(
+        teacher, student, x, 0.5, step_C, temperature=1.0, amp=False
+    )
+    moved = (nudged - x).abs()
+    assert torch.equal(nudged[3:], x[3:])  # only the first half is nudged
+    per_channel = moved[:3].amax(dim=(0, 2, 3))
+    torch.testing.assert_close(per_channel, step_C)
+    with torch.no_grad():
+        kl_before = logit_kl(teacher(x[:3]), student(x[:3]), 1.0)
+        kl_after = logit_kl(teacher(nudged[:3]), student(nudged[:3]), 1.0)
+    assert kl_after > kl_before
+    assert (
+        nudge_towards_disagreement(teacher, student, x, 0.0, step_C, temperature=1.0, amp=False)
+        is x
+    )
 
 
 def test_resume_refuses_other_view_stream(photos: list[Path], tmp_path: Path) -> None:

@@ -16,6 +16,10 @@ Why the recipe looks like this (plain logit KL plateaus near 76 % top-1 agreemen
   matrix is pulled towards the teacher's per-image attention of that block (DGSSA's
   dynamic guidance). All terms are per-sample means, so a batch split over DDP ranks
   gives the same gradient as one process.
+* Two extras, off by default: ``adversarial_share`` of each batch is first nudged one
+  signed-gradient step up the teacher-student KL (views where the two disagree say most
+  about the teacher's decision boundaries; under DDP each rank nudges that share of its
+  own part), and ``ema_decay`` returns a moving average of the weights.
 
 Under ``torchrun`` each rank takes its share of every global batch and DDP averages the
 gradients; only rank 0 prints, logs and writes checkpoints.
@@ -34,13 +38,19 @@ import timm.data
 import torch
 import torch.distributed as dist
 from pydantic import BaseModel, ConfigDict, Field
+from timm.utils import ModelEmaV3
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from app.vit.data import DistillViews, StepBatches, ViewAugment, normalize_views
-from app.vit.distill_losses import distill_loss, static_layers, tapped
+from app.vit.distill_losses import (
+    distill_loss,
+    nudge_towards_disagreement,
+    static_layers,
+    tapped,
+)
 from app.vit.distill_schedule import (
     Schedule,
     _set_rng_state,
@@ -96,6 +106,15 @@ class DistillOptions(BaseModel):
         None, ge=0, description="Loader processes per rank; None: the CPU cores, shared by ranks."
     )
     log_every: int = Field(25, ge=1, description="Steps per history entry / progress update.")
+    adversarial_share: float = Field(
+        0.0, ge=0, le=1, description="Share of each batch nudged to where the two disagree."
+    )
+    adversarial_step: float = Field(
+        2 / 255, gt=0, description="That nudge's size in pixel units (0-1 scale)."
+    )
+    ema_decay: float | None = Field(
+        None, gt=0, lt=1, description="Return an exponential moving average of the weights."
+    )
 
 
 class DistillResult(BaseModel):
@@ -252,6 +271,7 @@ def _run(
     has_special = any(compression_params(student).values())
     schedule = Schedule(opts.steps, min(opts.phase1_steps, opts.steps) * has_special, opts.warmup)
     optimizer, scheduler = build_optimizer(student, opts, schedule)
+    ema = ModelEmaV3(student, decay=opts.ema_decay) if opts.ema_decay else None
 
     step, history = 0, []
     ckpt_path = opts.checkpoint_dir / CHECKPOINT_FILE if opts.checkpoint_dir else None
@@ -260,6 +280,8 @@ def _run(
         student.load_state_dict(ckpt["student"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
+        if ema is not None:
+            ema.module.load_state_dict(ckpt["ema"])
         _set_rng_state(ckpt["rng"])
         step, history = ckpt["step"], ckpt["history"]
 
@@ -273,11 +295,13 @@ def _run(
                 scheduler=scheduler,
                 history=history,
                 opts=opts,
+                ema=None if ema is None else ema.module,
             )
 
     static = sorted(static_layers(student))
     blocks = range(len(student.blocks)) if opts.feature_weight else range(0)
     use_amp = opts.amp and device.type == "cuda"
+    nudge_C = torch.tensor(data_config["std"], device=device).reciprocal() * opts.adversarial_step
     set_phase(student, step, schedule)
     model = _wrap(student, ctx)
     running, stopped = _Running(), "completed"
@@ -295,6 +319,15 @@ def _run(
                 set_phase(student, step, schedule)
                 model = _wrap(student, ctx)
             x = normalize_views(views_u8.to(device, non_blocking=True), data_config)
+            x = nudge_towards_disagreement(
+                teacher,
+                student,
+                x,
+                opts.adversarial_share,
+                nudge_C,
+                temperature=opts.temperature,
+                amp=use_amp,
+            )
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
                 with torch.no_grad():
                     t_BK = teacher(x)
@@ -308,6 +341,8 @@ def _run(
             optimizer.step()
             scheduler.step()
             step += 1
+            if ema is not None:
+                ema.update(student, step=step)
             last_loss = loss.parts["loss"]
             running.add(loss.parts)
             now = time.monotonic()
@@ -325,6 +360,8 @@ def _run(
     bar.close()
     if step % opts.checkpoint_every or stopped != "completed":
         checkpoint()
+    if ema is not None:
+        student.load_state_dict(ema.module.state_dict())
     student.eval()
     return DistillResult(
         steps_done=step,

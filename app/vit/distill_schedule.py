@@ -137,6 +137,7 @@ def save_checkpoint(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     history: list[dict[str, float]],
     opts: DistillOptions,
+    ema: nn.Module | None = None,
 ) -> None:
     """Everything a resumed run needs, written to a temp file then renamed (never torn)."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -150,6 +151,7 @@ def save_checkpoint(
             "rng": _rng_state(),
             "history": history,
             "options": opts.model_dump(mode="json"),
+            **({} if ema is None else {"ema": ema.state_dict()}),
         },
         tmp,
     )
