@@ -140,6 +140,23 @@ def test_ema_returns_the_average_not_the_last_weights(photos: list[Path]) -> Non
     assert 0 < moved_average < moved_last
 
 
+def test_ema_can_start_when_a_run_resumes(photos: list[Path], tmp_path: Path) -> None:
+    """A checkpoint made without an average: resuming with one starts it there."""
+    teacher = tiny_teacher()
+    student = calibrated_student(teacher, photos)
+    opts = quick_opts(checkpoint_dir=tmp_path, checkpoint_every=2, resume=True)
+    distill(teacher, student, photos, opts.model_copy(update={"steps": 4}), data_config=DATA_CONFIG)
+    result = distill(
+        teacher,
+        student,
+        photos,
+        opts.model_copy(update={"ema_decay": 0.9}),
+        data_config=DATA_CONFIG,
+    )
+    assert result.steps_done == 8
+    assert "ema" in torch.load(tmp_path / CHECKPOINT_FILE, weights_only=True)
+
+
 def test_nudged_views_move_one_step_towards_disagreement(photos: list[Path]) -> None:
     teacher = tiny_teacher().eval()
     student = calibrated_student(teacher, photos).eval()

@@ -271,19 +271,21 @@ def _run(
     has_special = any(compression_params(student).values())
     schedule = Schedule(opts.steps, min(opts.phase1_steps, opts.steps) * has_special, opts.warmup)
     optimizer, scheduler = build_optimizer(student, opts, schedule)
-    ema = ModelEmaV3(student, decay=opts.ema_decay) if opts.ema_decay else None
 
-    step, history = 0, []
+    step, history, ckpt = 0, [], {}
     ckpt_path = opts.checkpoint_dir / CHECKPOINT_FILE if opts.checkpoint_dir else None
     if opts.resume and ckpt_path and ckpt_path.is_file():
         ckpt = load_checkpoint(ckpt_path, opts)
         student.load_state_dict(ckpt["student"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
-        if ema is not None:
-            ema.module.load_state_dict(ckpt["ema"])
         _set_rng_state(ckpt["rng"])
         step, history = ckpt["step"], ckpt["history"]
+    # The average starts from the weights the run starts from (a checkpoint without an
+    # average, made before ema_decay was set, starts it from its weights).
+    ema = ModelEmaV3(student, decay=opts.ema_decay) if opts.ema_decay else None
+    if ema is not None and "ema" in ckpt:
+        ema.module.load_state_dict(ckpt["ema"])
 
     def checkpoint() -> None:
         if ckpt_path and ctx.is_main:
