@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Device call: compiled rows of token merging and its hybrids (torch.compile, matching left
 # eager: --eager-matching), DeiT-S and DeiT-B (random weights: speed only), bf16, batch 256,
-# each ratio against compiled dense in the same process.
+# each ratio against compiled dense in the same process; with the default compile mode also
+# compiled+graphs rows (the compiled models replayed from CUDA graphs, as the server runs
+# them with VITSERVE_COMPILE=1: no host work at the graph breaks).
 # Compiling is CPU work and dominates: phase 1 compiles every config at once, one process
 # each (one timed call), which fills Inductor's on-disk caches; phase 2 then times one
 # config at a time on a quiet machine, its compile mostly served from those caches. Each
@@ -18,6 +20,7 @@ read -ra archs <<< "${ARCHS:-deit_small_patch16_224 deit_base_patch16_224}"
 bench=(python3 -m app.bench.models --archs "${archs[@]}" --dtypes bfloat16 --batches 256
   --device cuda --compile on --compile-mode "${COMPILE_MODE:-default}" --eager-matching
   --no-per-layer --no-progress)
+[ "${COMPILE_MODE:-default}" = default ] && bench+=(--cuda-graphs)
 start=$SECONDS
 for c in "${configs[@]}"; do
   timeout "${WARM_S:-300}" "${bench[@]}" --configs "$c" --warmup 0 --repeats 1 --out-dir /tmp/warm \

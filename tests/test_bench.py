@@ -12,7 +12,7 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from app.bench.models import _parse_args, resolve_configs, run_models_bench
+from app.bench.models import _parse_args, mode_name, resolve_configs, run_models_bench
 from app.bench.pareto import (
     collect_fidelity,
     fidelity_from_report,
@@ -27,6 +27,7 @@ from app.bench.timing import (
     BenchError,
     Timing,
     environment,
+    prepare,
     throughput_ratio,
     time_forward,
     time_interleaved,
@@ -414,6 +415,48 @@ def test_graph_rows_follow_the_eager_rows_and_time_the_same_models(tmp_path: Pat
     )
     modes = [(r["config"], r["compiled"], r["cuda_graphs"]) for r in report["rows"]]
     assert [m[1:] for m in modes] == [(False, False)] * 2 + [(False, True)] * 2
+    assert all(r["error"] is None and r["speedup"] > 0 for r in report["rows"])
+
+
+def test_compile_modes_that_capture_graphs_themselves_are_not_replayed():
+    """Replaying a reduce-overhead model from our own CUDA graphs would nest captures."""
+    for mode in ("reduce-overhead", "max-autotune"):
+        with pytest.raises(ValueError, match="captures CUDA graphs itself"):
+            prepare(
+                nn.Linear(2, 2),
+                device=torch.device("cuda"),
+                dtype="float32",
+                compiled=True,
+                compile_mode=mode,
+                cuda_graphs=True,
+            )
+    names = [mode_name(c, g) for c in (False, True) for g in (False, True)]
+    assert names == ["eager", "graphs", "compiled", "compiled+graphs"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (CUDA graphs)")
+def test_compiled_models_are_replayed_from_graphs_across_graph_breaks(tmp_path: Path):
+    """As the server runs a compiled merged model: Inductor's kernels and the eager
+    matching between them, all in one CUDA graph per batch size."""
+    report = run_models_bench(
+        ["merge=2@1-2"],
+        archs=["vit_tiny_patch16_224"],
+        device="cuda",
+        dtypes=["bfloat16"],
+        batches=[4],
+        compiled=(False, True),
+        cuda_graphs=True,
+        eager_matching=True,
+        per_layer=False,
+        out_dir=tmp_path,
+        repeats=3,
+        warmup=1,
+        arch_kwargs={**TINY_VIT, "depth": 3},
+        progress=False,
+    )
+    modes = [mode_name(r["compiled"], r["cuda_graphs"]) for r in report["rows"]]
+    assert modes == [m for m in ("eager", "graphs", "compiled", "compiled+graphs") for _ in "12"]
     assert all(r["error"] is None and r["speedup"] > 0 for r in report["rows"])
 
 

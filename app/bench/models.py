@@ -134,8 +134,10 @@ def _write_json(path: Path, report: Mapping[str, Any]) -> None:
 
 
 def mode_name(compiled: bool, cuda_graphs: bool) -> str:
-    """eager, graphs (eager replayed from CUDA graphs) or compiled."""
-    return "compiled" if compiled else "graphs" if cuda_graphs else "eager"
+    """eager, graphs (eager replayed from CUDA graphs), compiled, or compiled+graphs."""
+    if compiled:
+        return "compiled+graphs" if cuda_graphs else "compiled"
+    return "graphs" if cuda_graphs else "eager"
 
 
 def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
@@ -143,14 +145,14 @@ def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
     arch_w = max([4, *(len(r["arch"]) for r in rows)])
     name_w = max([6, *(len(r["name"]) for r in rows)])
     head = (
-        f"{'arch':<{arch_w}} {'config':<{name_w}} {'dtype':<8} {'batch':>5} {'mode':>8} "
+        f"{'arch':<{arch_w}} {'config':<{name_w}} {'dtype':<8} {'batch':>5} {'mode':>15} "
         f"{'img/s':>9} {'ms':>8} {'speedup':>7}"
     )
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(
             f"{r['arch']:<{arch_w}} {r['name']:<{name_w}} {r['dtype']:<8} {r['batch']:>5} "
-            f"{mode_name(r['compiled'], r.get('cuda_graphs', False)):>8} "
+            f"{mode_name(r['compiled'], r.get('cuda_graphs', False)):>15} "
             f"{fmt(r['img_s'], '.1f'):>9} "
             f"{fmt(r['median_ms'], '.3f'):>8} {fmt(r['speedup'], '.3f'):>7}"
             + (f"  ERROR {r['error'][:80]}" if r["error"] else "")
@@ -257,8 +259,9 @@ def run_models_bench(
     restrict the compiled rows (compile time dominates a GPU sweep). ``arch_kwargs`` go to
     ``timm.create_model`` (e.g. a tiny ``img_size``/``depth`` for tests). The per-layer
     section runs in the eager pass, at the largest batch, for each (arch, dtype).
-    ``cuda_graphs`` (CUDA only) adds a pass of eager models replayed from CUDA graphs, as
-    the server runs them: a forward then costs its GPU time, not its kernel launches.
+    ``cuda_graphs`` (CUDA only) adds, for each of eager and compiled, a pass of the same
+    models replayed from CUDA graphs, as the server runs them: a forward then costs its GPU
+    time, not its kernel launches or the host's work at graph breaks.
     ``eager_matching`` leaves token merging's matching out of compiled graphs
     (:func:`app.vit.merge.leave_matching_eager`): merged models then compile in a minute
     or two instead of tens of minutes.
@@ -276,10 +279,12 @@ def run_models_bench(
     batches = list(batches or defaults.batches)
     if cuda_graphs and dev.type != "cuda":
         raise ValueError("CUDA graph rows need a CUDA device")
-    # (compiled, cuda_graphs), eager first
-    passes = [(c, False) for c in sorted(set(defaults.compiled if compiled is None else compiled))]
-    if cuda_graphs:
-        passes.insert(sum(not c for c, _ in passes), (False, True))
+    # (compiled, cuda_graphs): eager, graphs, compiled, compiled+graphs
+    passes = [
+        (c, g)
+        for c in sorted(set(defaults.compiled if compiled is None else compiled))
+        for g in ((False, True) if cuda_graphs else (False,))
+    ]
     default_warmup, default_repeats = default_counts(dev)
     warmup = default_warmup if warmup is None else warmup
     repeats = default_repeats if repeats is None else repeats
@@ -310,8 +315,8 @@ def run_models_bench(
                     if eager_matching
                     else "in the graph",
                 },
-                "cuda_graphs": "rows with cuda_graphs: the eager model replayed from one CUDA "
-                "graph per batch size, captured in warm-up (the server's predict stage)",
+                "cuda_graphs": "rows with cuda_graphs: the eager or compiled model replayed from "
+                "one CUDA graph per batch size, captured in warm-up (the server's predict stage)",
             },
             "archs": list(archs),
             "configs": dict(names),
@@ -390,7 +395,7 @@ def _parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--cuda-graphs",
         action="store_true",
-        help="add rows of eager models replayed from CUDA graphs, as served (CUDA only)",
+        help="add rows of the eager (and compiled) models replayed from CUDA graphs, as served",
     )
     parser.add_argument(
         "--eager-matching",

@@ -39,6 +39,7 @@ from app.serving.cuda_graphs import GraphedForward
 # "reduce-overhead" and "max-autotune" replay CUDA graphs: small-token blocks of a
 # compressed model are launch-bound otherwise, so graphs are how it is served at speed.
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")
+GRAPH_CAPTURING_MODES = ("reduce-overhead", "max-autotune")
 INPUT_SETS = 3
 IMAGE_SHAPE = (3, 224, 224)
 # Enough cache entries for every (batch size x model) a sweep compiles, see _strict_dynamo.
@@ -104,23 +105,25 @@ def prepare(
     cuda_graphs: bool = False,
 ) -> nn.Module:
     """Cast and move ``model`` in place (as ``nn.Module.to`` does), optionally compile it,
-    or (eager, CUDA only) replay it from CUDA graphs as the server does.
+    and optionally (CUDA only) replay it from CUDA graphs as the server does.
 
     Compilation is lazy: a compile error surfaces at the first call, which the timing loop
     catches. ``dynamic=False`` keeps one specialised graph per batch size, the kernels a
-    server with fixed batch sizes would run.
+    server with fixed batch sizes would run. A compiled model replayed from CUDA graphs is
+    what the server runs with ``VITSERVE_COMPILE=1``: Inductor's kernels, and no host work
+    between them (graph breaks included); modes that capture graphs themselves are refused.
     """
     if compile_mode not in COMPILE_MODES:
         raise ValueError(f"compile_mode must be one of {COMPILE_MODES}, not {compile_mode!r}")
-    if cuda_graphs and (compiled or device.type != "cuda"):
-        raise ValueError("CUDA graph rows replay the eager model on a CUDA device")
+    if cuda_graphs and device.type != "cuda":
+        raise ValueError("CUDA graph rows need a CUDA device")
+    if cuda_graphs and compiled and compile_mode in GRAPH_CAPTURING_MODES:
+        raise ValueError(f"compile mode {compile_mode!r} captures CUDA graphs itself")
     model = model.to(device=device, dtype=resolve_dtype(dtype)).eval()
-    if cuda_graphs:
-        return GraphReplay(model)
-    if not compiled:
-        return model
-    mode = None if compile_mode == "default" else compile_mode
-    return torch.compile(model, mode=mode, dynamic=False)
+    if compiled:
+        mode = None if compile_mode == "default" else compile_mode
+        model = torch.compile(model, mode=mode, dynamic=False)
+    return GraphReplay(model) if cuda_graphs else model
 
 
 class GraphReplay(nn.Module):

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from app.serving.cuda_graphs import GraphedForward
+from app.vit.merge import leave_matching_eager
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,8 @@ class ModelRunner:
         empty: eager). A model that cannot be captured stays eager, with a warning."""
         self.device, self.dtype, self.input_size = device, dtype, input_size
         module = module.eval().to(device=device, dtype=dtype)
+        if compile:
+            leave_matching_eager(module)  # merged models: minutes less to compile
         self.forward: Callable[[torch.Tensor], torch.Tensor] = (
             torch.compile(module) if compile else module
         )
