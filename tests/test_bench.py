@@ -485,3 +485,27 @@ def test_compiled_merge_rows_with_matching_left_eager(tmp_path: Path):
     ]
     assert all(r["speedup"] > 0 for r in report["rows"])
     assert _parse_args(["--eager-matching"]).eager_matching
+
+
+@pytest.mark.parametrize(
+    ("flag", "speedup"), [("--eager", 2.1), ("--cuda-graphs", 2.2), ("--compiled-graphs", 2.4)]
+)
+def test_pareto_cli_picks_the_rows_of_one_mode(tmp_path: Path, flag: str, speedup: float):
+    modes = {(False, False): 2.1, (False, True): 2.2, (True, False): 2.3, (True, True): 2.4}
+    rows = []
+    for (compiled, graphs), ratio in modes.items():
+        for r in _speed_report()["rows"][:3:2]:  # dense and glad-t3
+            ratio_here = 1.0 if r["name"] == "dense" else ratio
+            rows.append({**r, "compiled": compiled, "cuda_graphs": graphs, "speedup": ratio_here})
+    speed, fidelity = tmp_path / "speed.json", tmp_path / "fidelity.json"
+    speed.write_text(json.dumps({"device": "test", "rows": rows}))
+    fidelity.write_text(
+        json.dumps({"rows": [{"entry": "t3", "config": "glad-t3", "agreement_top1": 0.7}]})
+    )
+    out_json = tmp_path / "front.json"
+    argv = ["--speed", str(speed), "--fidelity", str(fidelity), flag]
+    assert (
+        pareto_main([*argv, "--out-png", str(tmp_path / "f.png"), "--out-json", str(out_json)]) == 0
+    )
+    summary = json.loads(out_json.read_text())
+    assert {p["label"]: p["speedup"] for p in summary["points"]}["t3"] == speedup
