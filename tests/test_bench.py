@@ -395,29 +395,6 @@ def test_cuda_graph_rows_are_refused_without_cuda(tmp_path: Path):
     assert _parse_args(["--cuda-graphs"]).cuda_graphs
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (CUDA graphs)")
-def test_graph_rows_follow_the_eager_rows_and_time_the_same_models(tmp_path: Path):
-    report = run_models_bench(
-        ["static=0;tokens=9@2"],
-        archs=["vit_tiny_patch16_224"],
-        device="cuda",
-        dtypes=["bfloat16"],
-        batches=[4],
-        compiled=(False,),
-        cuda_graphs=True,
-        per_layer=False,
-        out_dir=tmp_path,
-        repeats=3,
-        warmup=1,
-        arch_kwargs=TINY_VIT,
-        progress=False,
-    )
-    modes = [(r["config"], r["compiled"], r["cuda_graphs"]) for r in report["rows"]]
-    assert [m[1:] for m in modes] == [(False, False)] * 2 + [(False, True)] * 2
-    assert all(r["error"] is None and r["speedup"] > 0 for r in report["rows"])
-
-
 def test_compile_modes_that_capture_graphs_themselves_are_not_replayed():
     """Replaying a reduce-overhead model from our own CUDA graphs would nest captures."""
     for mode in ("reduce-overhead", "max-autotune"):
@@ -436,28 +413,39 @@ def test_compile_modes_that_capture_graphs_themselves_are_not_replayed():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (CUDA graphs)")
-def test_compiled_models_are_replayed_from_graphs_across_graph_breaks(tmp_path: Path):
-    """As the server runs a compiled merged model: Inductor's kernels and the eager
-    matching between them, all in one CUDA graph per batch size."""
+@pytest.mark.parametrize(
+    ("config", "compiled", "modes"),
+    [
+        ("static=0;tokens=9@2", (False,), ("eager", "graphs")),
+        # as the server runs a compiled merged model: Inductor's kernels and the eager
+        # matching between them, all in one CUDA graph per batch size
+        ("merge=2@1-2", (False, True), ("eager", "graphs", "compiled", "compiled+graphs")),
+    ],
+)
+def test_graph_rows_follow_their_pass_and_time_the_same_models(
+    tmp_path: Path, config: str, compiled: tuple[bool, ...], modes: tuple[str, ...]
+):
     report = run_models_bench(
-        ["merge=2@1-2"],
+        [config],
         archs=["vit_tiny_patch16_224"],
         device="cuda",
         dtypes=["bfloat16"],
         batches=[4],
-        compiled=(False, True),
+        compiled=compiled,
         cuda_graphs=True,
         eager_matching=True,
         per_layer=False,
         out_dir=tmp_path,
         repeats=3,
         warmup=1,
-        arch_kwargs={**TINY_VIT, "depth": 3},
+        arch_kwargs=TINY_VIT,
         progress=False,
     )
-    modes = [mode_name(r["compiled"], r["cuda_graphs"]) for r in report["rows"]]
-    assert modes == [m for m in ("eager", "graphs", "compiled", "compiled+graphs") for _ in "12"]
-    assert all(r["error"] is None and r["speedup"] > 0 for r in report["rows"])
+    rows = report["rows"]
+    assert [mode_name(r["compiled"], r["cuda_graphs"]) for r in rows] == [
+        mode for mode in modes for _model in ("dense", config)
+    ]
+    assert all(r["error"] is None and r["speedup"] > 0 for r in rows)
 
 
 def test_compiled_merge_rows_with_matching_left_eager(tmp_path: Path):
