@@ -56,6 +56,20 @@ def tiny_vit(depth: int = 4) -> VisionTransformer:
     return VisionTransformer(**{**TINY_VIT, "depth": depth}).eval()
 
 
+def tiny_sweep(tmp_path: Path, configs: list[str], **overrides) -> dict:
+    """``run_models_bench`` on a tiny ViT, one warm-up round, no per-layer section, quiet;
+    a test passes only the knobs it is about."""
+    defaults = {
+        "archs": ["vit_tiny_patch16_224"],
+        "arch_kwargs": TINY_VIT,
+        "per_layer": False,
+        "warmup": 1,
+        "out_dir": tmp_path,
+        "progress": False,
+    }
+    return run_models_bench(configs, **{**defaults, **overrides})
+
+
 class Broken(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         raise RuntimeError("no kernel for this op")
@@ -153,17 +167,8 @@ def test_resolve_configs_keeps_preset_names_and_drops_dense():
 
 def test_run_models_bench_writes_json(tmp_path: Path):
     configs = ["static=0;tokens=9@2,5@3", "dgssa-s2", "merge=2@1-2"]
-    report = run_models_bench(
-        configs,
-        archs=["vit_tiny_patch16_224"],
-        arch_kwargs=TINY_VIT,
-        device="cpu",
-        threads=1,
-        batches=(1, 4),
-        warmup=1,
-        repeats=3,
-        out_dir=tmp_path,
-        progress=False,
+    report = tiny_sweep(
+        tmp_path, configs, device="cpu", threads=1, batches=(1, 4), repeats=3, per_layer=True
     )
     path = Path(report["path"])
     assert path.parent == tmp_path and path.name.startswith("models-cpu-")
@@ -425,21 +430,16 @@ def test_compile_modes_that_capture_graphs_themselves_are_not_replayed():
 def test_graph_rows_follow_their_pass_and_time_the_same_models(
     tmp_path: Path, config: str, compiled: tuple[bool, ...], modes: tuple[str, ...]
 ):
-    report = run_models_bench(
+    report = tiny_sweep(
+        tmp_path,
         [config],
-        archs=["vit_tiny_patch16_224"],
         device="cuda",
         dtypes=["bfloat16"],
         batches=[4],
         compiled=compiled,
         cuda_graphs=True,
         eager_matching=True,
-        per_layer=False,
-        out_dir=tmp_path,
         repeats=3,
-        warmup=1,
-        arch_kwargs=TINY_VIT,
-        progress=False,
     )
     rows = report["rows"]
     assert [mode_name(r["compiled"], r["cuda_graphs"]) for r in rows] == [
@@ -451,20 +451,16 @@ def test_graph_rows_follow_their_pass_and_time_the_same_models(
 def test_compiled_merge_rows_with_matching_left_eager(tmp_path: Path):
     """The option that makes compiled merge rows affordable: rows compile and time, and the
     report says the matching ran outside the graph."""
-    report = run_models_bench(
+    report = tiny_sweep(
+        tmp_path,
         ["merge=2@1-2"],
-        archs=["vit_tiny_patch16_224"],
         arch_kwargs={**TINY_VIT, "depth": 3},
         device="cpu",
         threads=1,
         batches=(2,),
         compiled=(True,),
         eager_matching=True,
-        per_layer=False,
-        warmup=1,
         repeats=2,
-        out_dir=tmp_path,
-        progress=False,
     )
     assert report["method"]["compile"]["merge_matching"].startswith("eager")
     assert [(r["config"], r["compiled"], r["error"]) for r in report["rows"]] == [
