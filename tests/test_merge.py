@@ -246,8 +246,9 @@ def test_cls_is_never_merged_even_when_it_matches_best() -> None:
     keys_BNK = torch.randn(2, 17, 4)
     keys_BNK[:, 0] = keys_BNK[:, 1]  # CLS identical to a B token: the best match there is
     matching = bipartite_soft_matching(keys_BNK, 8)  # every other A token is merged
-    assert (matching.src_A != 0).all()
-    assert (matching.keep_A[:, :, 0] == 0).all()  # CLS is the only A token kept, first
+    assert (matching.src_pos != 0).all()
+    assert (matching.slot_pos[:, :1, 0] == 0).all()  # CLS kept, first
+    assert matching.slot_pos.shape[1] == 17 - 8 and (matching.slot_pos[:, 1:] % 2 == 1).all()
     x_BNC = torch.randn(2, 17, 6)
     out_BNC, size_BN1 = merge_weighted(x_BNC, None, matching)
     assert torch.equal(out_BNC[:, 0], x_BNC[:, 0]) and (size_BN1[:, 0] == 1).all()
