@@ -16,6 +16,7 @@ from app.bench.models import _parse_args, mode_name, resolve_configs, run_models
 from app.bench.pareto import (
     collect_fidelity,
     fidelity_from_report,
+    off_front,
     pareto_front,
     plot_pareto,
     speed_points,
@@ -225,6 +226,12 @@ def test_pareto_front_keeps_only_undominated_points():
     ]
     assert [p[2] for p in pareto_front(points)] == ["dense", "a", "b", "c"]
     assert pareto_front([]) == []
+
+
+def test_points_off_the_front_are_keyed_by_speed_then_agreement():
+    points = [(1.0, 1.0, "dense"), (2.0, 0.9, "a"), (2.0, 0.8, "a, worse run"), (1.5, 0.7, "x")]
+    keyed = off_front(points, pareto_front(points))
+    assert [p[2] for p in keyed] == ["x", "a, worse run"]
 
 
 def _speed_report() -> dict:

@@ -174,6 +174,14 @@ def plot_pareto(
     return _draw_front(points, missing, out_png, device=report["device"], **slice_)
 
 
+def off_front(points: Sequence[P], front: Sequence[P]) -> list[P]:
+    """The points not on ``front``, by speed then agreement: the plot numbers them and keys
+    the numbers below it, since several runs of one config often share one speed and their
+    labels would print over each other; front points carry their own label."""
+    on_front = set(front)
+    return sorted((p for p in points if p not in on_front), key=lambda p: (p[0], p[1]))
+
+
 def _draw_front(
     points: Sequence[ParetoPoint],
     missing: Sequence[str],
@@ -193,9 +201,17 @@ def _draw_front(
             f"compiled={compiled}) and fidelity; fidelity lacks: {missing}"
         )
     front = pareto_front(points)
+    others = off_front(points, front)
+    key = [
+        f"{i}: {p.label}  {p.speedup:.2f}x, {100 * p.agreement:.1f}%"
+        for i, p in enumerate(others, 1)
+    ]
+    if missing:
+        key.append("no fidelity yet: " + ", ".join(missing))
+    key_height = 0.15 * len(key) + 0.1  # inches: a line of 7-pt text per entry
 
-    fig = Figure(figsize=(8, 6), layout="constrained")
-    ax = fig.add_subplot()
+    fig = Figure(figsize=(9, 6 + key_height), layout="constrained")
+    ax, key_ax = fig.subplots(2, 1, height_ratios=(6, key_height))
     x_max = max(max(p.speedup for p in points), *(t[0] for t in TARGETS)) * 1.25  # room for labels
     y_min = min(min(p.agreement for p in points), *(t[1] for t in TARGETS)) * 100 - 3
     ax.set_xlim(min(0.9, min(p.speedup for p in points) - 0.1), x_max)
@@ -217,7 +233,7 @@ def _draw_front(
         color="tab:green",
         label="Pareto front",
     )
-    for p in points:
+    for p in front:
         ax.annotate(
             p.label,
             (p.speedup, 100 * p.agreement),
@@ -225,14 +241,23 @@ def _draw_front(
             xytext=(5, 4),
             fontsize=8,
         )
+    for i, p in enumerate(others, 1):
+        ax.annotate(
+            str(i),
+            (p.speedup, 100 * p.agreement),
+            textcoords="offset points",
+            xytext=(-4, -11),
+            fontsize=7,
+            color="0.35",
+        )
     mode = mode_name(compiled, cuda_graphs)
-    ax.set_title(f"{arch}, {dtype_name(dtype)}, batch {batch}, {mode} — {device}")
+    ax.set_title(f"{arch}, {dtype_name(dtype)}, batch {batch}, {mode}\n{device}")
     ax.set_xlabel("throughput speedup vs dense (same run)")
     ax.set_ylabel("top-1 agreement with dense (%)")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower left")
-    if missing:
-        fig.text(0.01, 0.005, "no fidelity yet: " + ", ".join(missing), fontsize=7)
+    key_ax.axis("off")
+    key_ax.text(0, 1, "\n".join(key), va="top", fontsize=7, transform=key_ax.transAxes)
 
     out_png = Path(out_png)
     out_png.parent.mkdir(parents=True, exist_ok=True)
