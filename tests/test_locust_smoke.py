@@ -64,6 +64,9 @@ def test_headless_locust_mixed_traffic_has_no_server_errors(server, tmp_path):
         command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60
     )
     output = (done.stdout + done.stderr)[-3000:]
+    assert Path(f"{prefix}_stats.csv").exists(), (
+        f"locust wrote no CSV (rc {done.returncode})\n{output}"
+    )
 
     failures = read_csv(Path(f"{prefix}_failures.csv"))
     server_errors = [f for f in failures if f["Error"].lstrip("'\"").startswith("HTTP 5")]
