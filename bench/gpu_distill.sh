@@ -23,6 +23,7 @@ i=0
 for job in "$@"; do
   cfg=${job%%::*}; extra=""; [ "$job" != "$cfg" ] && extra="${job#*::}, "
   name="deit_tiny-$(echo "$cfg" | sed 's/@/at/g' | tr -c 'a-z0-9\n' '-' | tr -s '-' | sed 's/-$//')"
+  [ "${#name}" -gt 58 ] && name="deit_tiny-cfg-$(echo "$cfg" | sha1sum | cut -c1-8)"  # 64-char names
   [ -n "$extra" ] && name="$name-job$i"  # one config may run with several recipes
   seed=(--seed 0); [[ "$extra" == *'"seed"'* ]] && seed=()  # a job's own seed wins
   CUDA_VISIBLE_DEVICES=$((i % gpus)) python3 -m app compress --store $store --teacher deit_tiny_patch16_224 \

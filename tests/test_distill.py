@@ -5,6 +5,7 @@ checkpoints resume bit-for-bit, the time budget stops cleanly; the compress job 
 from __future__ import annotations
 
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from torch import nn
 from app.store import ModelStore
 from app.store.pull import import_checkpoint
 from app.vit.builder import CompressedViT, calibrate, compress
-from app.vit.compress_job import run_compress
+from app.vit.compress_job import run_compress, run_training_free
 from app.vit.config import CompressionConfig
 from app.vit.data import EvalImages, eval_transform, list_images, read_labels
 from app.vit.distill import CHECKPOINT_FILE, DistillOptions, distill
@@ -227,6 +228,26 @@ def test_run_compress_writes_a_loadable_entry(tmp_path: Path) -> None:
     assert isinstance(loaded.module, CompressedViT)
     with pytest.raises(ValueError, match="training images"):
         run_compress(store, "teacher", cfg, train_dir, train_dir, "x", quick_opts(steps=1))
+
+
+def test_run_compress_refuses_a_bad_entry_name_before_training(tmp_path: Path) -> None:
+    """A name no manifest accepts fails at once, not after the distillation it would waste."""
+    store = ModelStore(tmp_path / "store")
+    add_tiny_entry(store, "teacher")
+    train_dir = tmp_path / "train"
+    write_images(train_dir, 2, seed=1)
+    cfg = CompressionConfig.parse("tokens=9@1")
+    too_long = "teacher-" + "x" * 60
+    started = time.perf_counter()
+    with pytest.raises(ValueError, match="at most 64 chars"):
+        opts = quick_opts(steps=100_000, time_budget_s=2.0)
+        run_compress(store, "teacher", cfg, train_dir, None, too_long, opts)
+    assert time.perf_counter() - started < 1.0  # nothing was trained
+    with pytest.raises(ValueError, match="at most 64 chars"):
+        run_training_free(
+            store, "teacher", CompressionConfig.parse("merge=2"), None, "Bad Name", speed_arch=None
+        )
+    assert store.names() == ["teacher"]
 
 
 @pytest.mark.slow

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import pickle
 import re
+import shlex
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,6 +22,7 @@ from app.store.errors import (
 )
 from app.store.pull import import_checkpoint
 from app.store.store import build_module
+from app.vit.builder import resolve_config
 from tests.helpers import TINY_ARCH, add_tiny_entry, tiny_manifest
 
 
@@ -184,3 +187,23 @@ def test_random_entries_serve_speed_tests_where_no_weights_exist(store, config):
     random_entry(store, "vit_tiny_patch16_224", name="r2", config=config, seed=3)
     first, again = store.load("r").module.state_dict(), store.load("r2").module.state_dict()
     assert all(torch.equal(first[k], again[k]) for k in first)  # seeded
+
+
+DECLARED = ModelStore(Path(__file__).resolve().parents[1] / "model_store")
+
+
+@pytest.mark.parametrize(
+    "name", [n for n in DECLARED.names() if DECLARED.manifest(n).source.kind == "compress"]
+)
+def test_declared_compressed_entries_say_how_they_were_made(name):
+    """The repo's store declares distilled entries without their weights: each manifest's
+    command must make exactly that entry, with the config the manifest describes."""
+    manifest = DECLARED.manifest(name)
+    command = shlex.split(manifest.source.details["command"])
+    args = dict(zip(command, command[1:], strict=False))
+    assert args["--out"] == name
+    assert resolve_config(args["--config"]) == manifest.compression
+    assert args["--teacher"] == manifest.source.ref
+    fidelity = manifest.metrics["fidelity"]
+    assert 0 < fidelity["agreement_top1"] <= 1 and fidelity["n_images"] == 250
+    assert manifest.metrics["speed"]["speedup"] > 1

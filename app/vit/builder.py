@@ -47,6 +47,8 @@ from app.vit.token_pyramid import TokenAggregation, pyramid_grids
 # best of 30 milder schedules (block cost 0.42 of dense, merge-t6 0.30; picked on extra):
 # 83.2% / 82.3% untrained. A CPU sweep of 29 schedules at merge-t6's cost found none better
 # than it; merging must start at block 0, and block 2 is the worst place for a merge.
+# "merge-t5-c<cost>": merge-t5's blocks with every r scaled up, to block cost 0.37 / 0.34 of
+# dense (down to 41 / 34 tokens): 80.0% / 77.0% and 75.6% / 71.8% untrained.
 PRESETS: dict[str, str] = {
     "dense": "",
     "dgssa-s2": "static=0-1",
@@ -64,6 +66,8 @@ PRESETS: dict[str, str] = {
     "merge-t4": "merge=49@0-1,49@4,24@7;proportional=off",
     "merge-t6": "merge=49@0-1,25@3-4,12@6-7;proportional=off",
     "merge-t5": "merge=44@0,34@1,27@3,21@4,16@7;proportional=off",
+    "merge-t5-c37": "merge=48@0,37@1,30@3,23@4,18@7;proportional=off",
+    "merge-t5-c34": "merge=51@0,39@1,31@3,24@4,18@7;proportional=off",
 }
 
 

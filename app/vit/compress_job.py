@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from app.bench.timing import throughput_ratio
-from app.store.manifest import Manifest, Source
+from app.store.manifest import Manifest, Source, check_model_name
 from app.store.store import ModelStore
 from app.vit.builder import calibrate, compress, create_model
 from app.vit.config import CompressionConfig
@@ -111,6 +111,7 @@ def run_compress(
     writes, and the other ranks return None. ``eval_dir`` must not share photos with the
     training folders (fidelity on trained-on photos would flatter the student).
     """
+    check_model_name(out_name)
     train_images = train_pool(Path(train_dir), [Path(d) for d in extra_train_dirs])
     eval_images = list_images(eval_dir) if eval_dir else []
     overlap = {p.resolve() for p in train_images} & {p.resolve() for p in eval_images}
@@ -178,6 +179,7 @@ def run_training_free(
     Nothing is trained or calibrated, so no training photos are needed; fidelity is
     measured when ``eval_dir`` is given, speed always.
     """
+    check_model_name(out_name)
     if cfg.static_layers or cfg.token_schedule:
         raise ValueError(
             f"{cfg} has static attention or aggregation maps to calibrate and train: "
