@@ -238,9 +238,9 @@ def test_run_compress_refuses_a_bad_entry_name_before_training(tmp_path: Path) -
     write_images(train_dir, 2, seed=1)
     cfg = CompressionConfig.parse("tokens=9@1")
     too_long = "teacher-" + "x" * 60
+    opts = quick_opts(steps=100_000, time_budget_s=2.0)  # would train 2 s if it started
     started = time.perf_counter()
     with pytest.raises(ValueError, match="at most 64 chars"):
-        opts = quick_opts(steps=100_000, time_budget_s=2.0)
         run_compress(store, "teacher", cfg, train_dir, None, too_long, opts)
     assert time.perf_counter() - started < 1.0  # nothing was trained
     with pytest.raises(ValueError, match="at most 64 chars"):
