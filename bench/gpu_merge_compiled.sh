@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Device call: compiled rows of token merging and its hybrids (torch.compile, matching left
-# eager: --eager-matching), DeiT-S and DeiT-B (random weights: speed only), bf16, batch 256,
+# Device call: compiled rows of token merging and its hybrids (torch.compile, the matching's
+# sorts left eager: --eager-matching), DeiT-S and DeiT-B (random weights: speed only), bf16, batch 256,
 # each ratio against compiled dense in the same process; with the default compile mode also
 # compiled+graphs rows (the compiled models replayed from CUDA graphs, as the server runs
 # them with VITSERVE_COMPILE=1: no host work at the graph breaks).

@@ -95,3 +95,4 @@ def test_a_model_that_cannot_be_captured_serves_eagerly(caplog) -> None:
         runner.warm_up((2,))
     assert runner.graphed is None and "runs eagerly" in caplog.text
     torch.testing.assert_close(runner.predict(torch.ones(2, 2)), torch.full((2, 2), 0.5))
+    torch.randn(4, device="cuda")  # the aborted capture left the device's RNG usable

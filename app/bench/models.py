@@ -262,7 +262,7 @@ def run_models_bench(
     ``cuda_graphs`` (CUDA only) adds, for each of eager and compiled, a pass of the same
     models replayed from CUDA graphs, as the server runs them: a forward then costs its GPU
     time, not its kernel launches or the host's work at graph breaks.
-    ``eager_matching`` leaves token merging's matching out of compiled graphs
+    ``eager_matching`` leaves the sorts of token merging's matching out of compiled graphs
     (:func:`app.vit.merge.leave_matching_eager`): merged models then compile in a minute
     or two instead of tens of minutes.
 
@@ -311,7 +311,7 @@ def run_models_bench(
                 "compile": {
                     "mode": compile_mode,
                     "dynamic": False,
-                    "merge_matching": "eager, a graph break per merging block"
+                    "merge_matching": "eager: its sorts, a graph break per merging block"
                     if eager_matching
                     else "in the graph",
                 },
@@ -400,7 +400,7 @@ def _parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--eager-matching",
         action="store_true",
-        help="compiled rows leave token merging's matching eager (fast to compile)",
+        help="compiled rows leave token merging's sorts eager (fast to compile)",
     )
     parser.add_argument("--compiled-batches", nargs="+", type=int, help="batches compiled rows use")
     parser.add_argument("--compiled-dtypes", nargs="+", help="dtypes compiled rows use")

@@ -33,6 +33,19 @@ def bucket_sizes(max_batch_size: int) -> tuple[int, ...]:
     return tuple(sorted(size for size in sizes if size < max_batch_size)) + (max_batch_size,)
 
 
+def end_rng_capture(device: torch.device) -> None:
+    """Take the device's random generator out of capture mode after an aborted capture.
+
+    A capture that fails never reaches the step that ends the generator's capture, and
+    then every random op on the device raises ("Offset increment outside graph capture",
+    torch 2.11). A capture of one trivial kernel begins and ends it again, cleanly.
+    """
+    with torch.cuda.device(device):
+        scratch = torch.zeros(1, device=device)
+        with torch.cuda.graph(torch.cuda.CUDAGraph()):
+            scratch.add_(1)
+
+
 class GraphedForward:
     """``forward`` captured once per bucket on ``device``; call it like the forward.
 
@@ -66,9 +79,13 @@ class GraphedForward:
                     forward(x)
                 torch.cuda.current_stream(device).wait_stream(side)
                 graph = torch.cuda.CUDAGraph()
-                # thread_local: other threads (a model already serving) may keep using CUDA
-                with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
-                    out = forward(x)
+                try:
+                    # thread_local: other threads (a model already serving) keep using CUDA
+                    with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+                        out = forward(x)
+                except Exception:
+                    end_rng_capture(device)
+                    raise
                 pool = graph.pool()
                 self._graphs[size] = (graph, out)
 

@@ -16,12 +16,14 @@ graphs and ``torch.compile(fullgraph=True)`` keep working. Matching is ``argsort
 ``gather``/``scatter_add_`` on fixed-size index tensors; nothing reads a value on the host.
 The CLS token is never merged and stays at index 0.
 
-Compiling the matching is what makes Inductor slow on a merged model (a DeiT-Tiny with
-``merge=13`` did not compile in 4 minutes on CPU; with the matching left eager it took
-48 s, and a merged DeiT-S or DeiT-B about a minute on an H200), so
-:func:`leave_matching_eager` trades ``fullgraph`` for a graph break per merging block:
-everything around the matching is still compiled. On a small model those breaks can cost
-more than compiling gains (the host works between graphs while the GPU waits).
+Compiling the matching's sorts is what makes Inductor slow on a merged model (a DeiT-Tiny
+with ``merge=13`` did not compile in 4 minutes on CPU), so :func:`leave_matching_eager`
+trades ``fullgraph`` for a graph break per merging block around :func:`rank_matches`, the
+two sorts: everything else is compiled, the normalised key mean and the similarities fused
+with their neighbours (DeiT-Tiny ``merge-t5`` compiled in 33 s on two CPU cores, 39 s with
+the whole matching left eager). On a small model those breaks can cost more than
+compiling gains (the host works between graphs while the GPU waits), unless the compiled
+model is replayed from CUDA graphs, as the server does.
 """
 
 from __future__ import annotations
@@ -53,34 +55,67 @@ class Matching:
     dst_slot: torch.Tensor
 
 
-@torch.no_grad()
-def bipartite_soft_matching(keys_BNK: torch.Tensor, r: int) -> Matching:
-    """Match the ``r`` most similar A tokens (even positions) to B tokens (odd positions).
+def best_matches(keys_BNK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each A token's (even positions) best cosine similarity to a B token (odd positions),
+    and which B token that is, ``[B, A]`` each.
 
     ``keys_BNK`` is the block's attention keys averaged over heads; index 0 is CLS, which
     gets -inf similarity so it always ranks last and is kept. Discrete, so no gradient.
     """
-    B, num_tokens, _ = keys_BNK.shape
-    if not 0 <= r <= max_merge(num_tokens):
-        raise ValueError(
-            f"cannot merge {r} of {num_tokens} tokens (at most {max_merge(num_tokens)})"
-        )
-    metric_BNK = F.normalize(keys_BNK, dim=-1)
+    metric_BNK = F.normalize(keys_BNK.detach(), dim=-1)
     scores_BAB = metric_BNK[:, ::2] @ metric_BNK[:, 1::2].transpose(-1, -2)
     scores_BAB[:, 0] = -math.inf  # protect CLS
-    best_BA, match_BA = scores_BAB.max(dim=-1)
+    return scores_BAB.max(dim=-1)
+
+
+def rank_matches(best_BA: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``r`` A tokens with the best matches (merged away) and the others, ascending
+    (kept), as ``[B, r, 1]`` and ``[B, A - r, 1]`` indices into A.
+
+    The matching's only sorts, and what makes Inductor slow to compile a merged model, so
+    :func:`leave_matching_eager` leaves just this out of the graph.
+    """
     order_BA1 = best_BA.argsort(dim=-1, descending=True).unsqueeze(-1)
-    src_Br1 = order_BA1[:, :r]
     # Ascending, as ToMe: CLS stays first, and the token order (which decides the next
     # block's A/B split) is ToMe's, so its accuracy figures carry over.
-    keep_BK1 = order_BA1[:, r:].sort(dim=1).values
+    return order_BA1[:, :r], order_BA1[:, r:].sort(dim=1).values
+
+
+_eager_rank_matches = torch.compiler.disable(rank_matches)
+
+
+def matching_positions(
+    match_BA: torch.Tensor, src_Br1: torch.Tensor, keep_BK1: torch.Tensor, num_tokens: int
+) -> Matching:
+    """The :class:`Matching` of ranked A tokens (:func:`rank_matches`) to their best B
+    tokens (:func:`best_matches`) in a ``num_tokens`` sequence."""
+    B = match_BA.shape[0]
     dst_Br1 = match_BA.unsqueeze(-1).gather(dim=1, index=src_Br1)
-    b_pos_BB1 = torch.arange(1, num_tokens, 2, device=keys_BNK.device).view(1, -1, 1)
+    b_pos_BB1 = torch.arange(1, num_tokens, 2, device=match_BA.device).view(1, -1, 1)
     return Matching(
         slot_pos=torch.cat([2 * keep_BK1, b_pos_BB1.expand(B, -1, 1)], dim=1),
         src_pos=2 * src_Br1,
         dst_slot=keep_BK1.shape[1] + dst_Br1,
     )
+
+
+def check_merge(num_tokens: int, r: int) -> None:
+    """Refuse an ``r`` that bipartite matching cannot merge out of ``num_tokens``."""
+    if not 0 <= r <= max_merge(num_tokens):
+        raise ValueError(
+            f"cannot merge {r} of {num_tokens} tokens (at most {max_merge(num_tokens)})"
+        )
+
+
+def bipartite_soft_matching(keys_BNK: torch.Tensor, r: int) -> Matching:
+    """Match the ``r`` most similar A tokens (even positions) to B tokens (odd positions).
+
+    The three steps in one call; a :class:`MergeBlock` calls them itself, so that compiling
+    can leave the middle one eager.
+    """
+    check_merge(keys_BNK.shape[1], r)
+    best_BA, match_BA = best_matches(keys_BNK)
+    return matching_positions(match_BA, *rank_matches(best_BA, r), keys_BNK.shape[1])
 
 
 def merge_sum(x_BNC: torch.Tensor, matching: Matching) -> torch.Tensor:
@@ -112,9 +147,6 @@ def merge_weighted(
         weighted_BNC = x_BNC * size_BN1
     size_BM1 = merge_sum(size_BN1, matching)
     return merge_sum(weighted_BNC, matching) / size_BM1, size_BM1
-
-
-_eager_matching = torch.compiler.disable(bipartite_soft_matching)
 
 
 @dataclass
@@ -228,7 +260,7 @@ class MergeBlock(nn.Module):
             raise ValueError(f"r must be >= 0, got {r}")
         self.r = r
         self.proportional = proportional
-        self.matching_in_graph = True  # False: torch.compile leaves the matching eager
+        self.matching_in_graph = True  # False: torch.compile leaves its sorts eager
         self.norm1 = dense.norm1
         self.attn = MergeAttention(dense.attn)
         self.ls1 = dense.ls1
@@ -246,8 +278,13 @@ class MergeBlock(nn.Module):
         attn_BNC, keys_BNK = self.attn(self.norm1(x_BNC), log_size_BN1, keys=self.r > 0)
         x_BNC = x_BNC + self.drop_path1(self.ls1(attn_BNC))
         if keys_BNK is not None:
-            match = bipartite_soft_matching if self.matching_in_graph else _eager_matching
-            matching = match(keys_BNK, self.r)
+            # The three steps of bipartite_soft_matching, called here so that a graph
+            # break around the sorts (leave_matching_eager) splits only this frame.
+            num_tokens = keys_BNK.shape[1]
+            check_merge(num_tokens, self.r)
+            best_BA, match_BA = best_matches(keys_BNK)
+            rank = rank_matches if self.matching_in_graph else _eager_rank_matches
+            matching = matching_positions(match_BA, *rank(best_BA, self.r), num_tokens)
             x_BNC, state.size_BN1 = merge_weighted(x_BNC, size_BN1, matching)
         return x_BNC + self.drop_path2(self.ls2(self.mlp(self.norm2(x_BNC))))
 
@@ -256,7 +293,8 @@ class MergeBlock(nn.Module):
 
 
 def leave_matching_eager(model: nn.Module) -> int:
-    """Make ``torch.compile`` skip every merging block's matching; returns how many blocks.
+    """Make ``torch.compile`` skip every merging block's sorts (:func:`rank_matches`);
+    returns how many blocks.
 
     The output is unchanged; only what a compiled graph contains differs.
     """
