@@ -156,7 +156,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--compiled",
         action="store_true",
-        help="torch.compile (default mode), token merging's matching left eager as served",
+        help="torch.compile (default mode), token merging's sorts left eager as served",
     )
     parser.add_argument("--forwards", type=int, default=10, help="profiled forwards per model")
     parser.add_argument("--out-dir", default="bench/results")
