@@ -31,8 +31,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    from app.api.app import create_app
-
     # uvicorn drains on SIGTERM, then re-raises the signal under the handler that was in
     # place before it started: make that one exit 0, since the shutdown was graceful.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
@@ -42,17 +40,34 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "log_level": settings.log_level,
         "timeout_graceful_shutdown": int(settings.request_timeout_s) + 5,
     }
-    if settings.workers == 1:
-        uvicorn.run(create_app(settings), **common)
-        return 0
     # Worker processes build their own app from the environment: hand the flags down, and
-    # give the metrics a shared folder so /metrics answers for the whole server.
+    # give the metrics a shared folder so /metrics answers for the whole server (engines
+    # included).
     for key, value in overrides.items():
         os.environ[f"VITSERVE_{key.upper()}"] = str(value)
-    metrics_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     with tempfile.TemporaryDirectory(prefix="vitserve-metrics-") as scratch:
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir or scratch
-        uvicorn.run("app.api.app:create_app", factory=True, workers=settings.workers, **common)
+        os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", scratch)
+        supervisor = None
+        if settings.engine == "process":
+            from app.serving.engine.supervisor import EngineSupervisor
+
+            supervisor = EngineSupervisor(settings)
+            supervisor.start()
+            os.environ.update(supervisor.sockets_env)
+        try:
+            if settings.workers == 1:
+                # imported only now: prometheus_client picks its value store (files in
+                # the multiprocess folder) when it is first imported
+                from app.api.app import create_app
+
+                uvicorn.run(create_app(settings), **common)
+            else:
+                uvicorn.run(
+                    "app.api.app:create_app", factory=True, workers=settings.workers, **common
+                )
+        finally:
+            if supervisor:  # after the workers drained: nothing is left in the engines' queues
+                supervisor.stop(timeout_s=settings.request_timeout_s + 5)
     return 0
 
 

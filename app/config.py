@@ -57,6 +57,14 @@ class Settings(BaseSettings):
     decode_workers: int = Field(
         4, ge=1, description="Threads decoding with Pillow (each batch's non-nvjpeg images)."
     )
+    decode_threads: int = Field(
+        2,
+        ge=1,
+        le=16,
+        description="Batches one replica decodes at once, each on its own thread (and CUDA "
+        "stream): one engine decodes for every HTTP worker, so one thread would cap the "
+        "service at what one thread decodes.",
+    )
     gpu_decode: bool = Field(
         True,
         description="On CUDA replicas, decode baseline JPEGs with nvjpeg (batched, on the GPU); "
@@ -66,6 +74,13 @@ class Settings(BaseSettings):
     # input limits
     max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1024)
     max_image_pixels: int = Field(40_000_000, ge=1, description="Width x height cap (bombs).")
+    max_request_pixels: int = Field(
+        100_000_000,
+        ge=1,
+        description="Decoded-pixel budget of one request (sum of width x height over its "
+        "images); beyond: 413. Keeps a few requests of many large images from taking every "
+        "core and the memory.",
+    )
     max_images_per_request: int = Field(64, ge=1)
     max_top_k: int = Field(20, ge=1, le=1000)
 
@@ -102,9 +117,15 @@ class Settings(BaseSettings):
     workers: int = Field(
         1,
         ge=1,
-        description="HTTP worker processes (uvicorn --workers), each with its own replicas and "
-        "batchers: HTTP parsing and the decode stage scale past one Python process. Metrics "
-        "aggregate across them through PROMETHEUS_MULTIPROC_DIR (a temporary one is made).",
+        description="HTTP worker processes (uvicorn --workers). With the process engine they "
+        "only speak HTTP and all feed the engine; inline, each holds its own models. Metrics "
+        "aggregate across processes through PROMETHEUS_MULTIPROC_DIR (a temporary one is made).",
+    )
+    engine: Literal["process", "inline"] = Field(
+        "process",
+        description="process: `vitserve serve` runs one engine process per device that owns "
+        "the models, batching and decoding for every HTTP worker (restarted if it dies); "
+        "inline: each HTTP worker loads and runs its own models in process.",
     )
     log_level: str = "info"
 

@@ -37,7 +37,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         metrics: Metrics = app.state.metrics
-        pool = ModelPool(settings, ModelStore(settings.store_dir), metrics)
+        pool = serving_pool(settings, ModelStore(settings.store_dir), metrics)
         app.state.ab_router = experiments(settings, pool.selected_names(), metrics)
         app.state.pool = pool
         app.state.pipeline = ClassifyPipeline(pool)
@@ -65,6 +65,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(RequestMetrics, metrics=app.state.metrics, known_models=known_models)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes)
     return app
+
+
+def serving_pool(settings: Settings, store: ModelStore, metrics: Metrics) -> ModelPool:
+    """The engines' models when ``vitserve serve`` started engines for this worker (it says
+    where in the environment), else models loaded in this process."""
+    from app.serving.engine.pool import EnginePool, engine_sockets
+
+    sockets = engine_sockets()
+    if settings.engine == "process" and sockets:
+        return EnginePool(settings, store, metrics, sockets)
+    return ModelPool(settings, store, metrics)
 
 
 def experiments(settings: Settings, served: list[str], metrics: Metrics) -> AbRouter | None:

@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.serving.batcher import BatcherStopped, DeadlineExceeded, QueueFull
+from app.serving.engine.wire import EngineUnavailable
 from app.serving.metrics import Metrics
 from app.serving.pipeline import ModelUnavailable
 from app.serving.preprocess import InputError
@@ -43,6 +44,8 @@ def as_api_error(exc: Exception) -> ApiError:
         return ApiError(exc.status, exc.code, str(exc))
     if isinstance(exc, UnknownModel):
         return ApiError(404, "unknown_model", str(exc))
+    if isinstance(exc, EngineUnavailable):
+        return ApiError(503, "engine_unavailable", str(exc), headers={"Retry-After": "2"})
     if isinstance(exc, ModelUnavailable | BatcherStopped):
         return ApiError(503, "model_unavailable", str(exc), headers={"Retry-After": "5"})
     if isinstance(exc, QueueFull):

@@ -117,10 +117,8 @@ async def models(request: Request) -> ModelsResponse:
                 variant=man.variant if man else None,
                 architecture=man.architecture if man else None,
                 compression=str(man.compression) if man and man.compression else None,
-                device=",".join(str(r.device) for r in m.runners)
-                if m.state is ModelState.READY
-                else None,
-                dtype=str(pool.dtype).removeprefix("torch.") if m.runner else None,
+                device=",".join(m.devices) if m.state is ModelState.READY else None,
+                dtype=m.dtype if m.state is ModelState.READY else None,
                 metrics=man.metrics if man else {},
             )
         )
@@ -142,7 +140,10 @@ async def readyz(request: Request) -> JSONResponse:
     pool = request.app.state.pool
     ready, detail = pool.readiness()
     body = Readiness(
-        ready=ready, detail=detail, models={n: m.state.value for n, m in pool.models.items()}
+        ready=ready,
+        detail=detail,
+        models={n: m.state.value for n, m in pool.models.items()},
+        engines=pool.engines(),
     )
     return JSONResponse(body.model_dump(), status_code=200 if ready else 503)
 

@@ -125,10 +125,20 @@ class ModelsResponse(BaseModel):
     models: list[ModelInfo]
 
 
+class EngineState(BaseModel):
+    socket: str
+    up: bool
+    pid: int | None = Field(None, description="The engine process, while it is up.")
+    restarts: int = Field(0, description="Times this worker reconnected to a new engine.")
+
+
 class Readiness(BaseModel):
     ready: bool
     detail: str
     models: dict[str, str]
+    engines: list[EngineState] | None = Field(
+        None, description="The engine processes (one per device), with `vitserve serve`."
+    )
 
 
 class ErrorBody(BaseModel):

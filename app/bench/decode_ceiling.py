@@ -35,6 +35,7 @@ class _Job:
     device: str
     batch_size: int
     seconds: float
+    threads: int = 1
 
 
 def _batch_of(images: Images, batch_size: int) -> list[bytes]:
@@ -55,8 +56,9 @@ def _warm_decoder(
 
 
 def _decode_rate(job: _Job, barrier: Any = None) -> tuple[int, float]:
-    """(images decoded, seconds) of one process running the server's decode stage flat out;
-    ``barrier`` (a manager's) lines processes up after their start-up, before timing."""
+    """(images decoded, seconds) of one process running the server's decode stage flat out,
+    on ``job.threads`` threads at once as an engine's decode threads do; ``barrier`` (a
+    manager's) lines processes up after their start-up, before timing."""
     settings = job.settings
     pre = Preprocessor(job.preprocessing, settings.max_image_pixels)
     dev = resolve_device(job.device)
@@ -65,11 +67,17 @@ def _decode_rate(job: _Job, barrier: Any = None) -> tuple[int, float]:
         batch = _batch_of(job.images, job.batch_size)
         if barrier is not None:
             barrier.wait()
-        done = 0
         started = time.perf_counter()
-        while time.perf_counter() - started < job.seconds:
-            decoder([Encoded(d, pre.probe(d)) for d in batch])
-            done += len(batch)
+
+        def flat_out(_: int) -> int:
+            done = 0
+            while time.perf_counter() - started < job.seconds:
+                decoder([Encoded(d, pre.probe(d)) for d in batch])
+                done += len(batch)
+            return done
+
+        with ThreadPoolExecutor(job.threads) as lanes:
+            done = sum(lanes.map(flat_out, range(job.threads)))
         return done, time.perf_counter() - started
 
 
@@ -82,12 +90,14 @@ def decode_ceiling(
     batch_size: int,
     seconds: float,
     processes: int = 1,
+    threads: int = 1,
 ) -> float:
     """Images/s of the server's own decode stage (probe + batch decode + resize + crop +
     normalise, nvjpeg or Pillow as the server would choose), no model, no HTTP: the most
     the request path could deliver. With ``processes`` (the server's workers), that many
-    processes run it at once on the same device, as the workers' decode stages do."""
-    job = _Job(preprocessing, settings, images, device, batch_size, seconds)
+    processes run it at once on the same device, as inline workers' decode stages do; with
+    ``threads``, each runs that many batches at once, as an engine's decode threads do."""
+    job = _Job(preprocessing, settings, images, device, batch_size, seconds, threads)
     if processes == 1:
         done, elapsed = _decode_rate(job)
         return done / elapsed

@@ -101,6 +101,7 @@ class Baseline:
     max_batch_size: int = 64
     batch_timeout: float = 0.005  # seconds
     workers_per_device: int = 1
+    api_servers: int = 1  # LitServe's HTTP processes, in front of its inference workers
 
     def flags(self) -> list[str]:
         """The CLI flags that rebuild this object in ``main``."""
@@ -139,6 +140,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--max-batch-size", type=int, default=64)
     parser.add_argument("--batch-timeout", type=float, default=0.005, help="Seconds.")
     parser.add_argument("--workers-per-device", type=int, default=1)
+    parser.add_argument("--api-servers", type=int, default=1)
     parser.add_argument(
         "--log-level", default="warning", help="warning: no per-request access log."
     )
@@ -149,6 +151,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         host=args["host"],
         port=args["port"],
         log_level=args["log_level"],
+        num_api_servers=args["api_servers"],
         generate_client_file=False,
     )
 

@@ -225,6 +225,8 @@ def server_env(args: argparse.Namespace) -> dict[str, str]:
         "VITSERVE_QUEUE_SIZE": args.queue_size,
         "VITSERVE_WORKERS": args.workers,
         "VITSERVE_DECODE_WORKERS": args.decode_workers,
+        "VITSERVE_DECODE_THREADS": args.decode_threads,
+        "VITSERVE_ENGINE": args.engine,
         "VITSERVE_REPLICA_DEVICES": args.replica_devices,
         "VITSERVE_GPU_DECODE": None if args.gpu_decode is None else str(args.gpu_decode).lower(),
     }
@@ -235,6 +237,17 @@ def server_env(args: argparse.Namespace) -> dict[str, str]:
         "VITSERVE_DEVICE": args.device,
         **{k: str(v) for k, v in optional.items() if v is not None},
     }
+
+
+def decoding_processes(settings: Any) -> dict[str, int]:
+    """Who decodes in the server: each engine (one per device) on its decode threads, or,
+    inline, every HTTP worker on one thread."""
+    if settings.engine == "process":
+        return {
+            "processes": len(settings.replica_devices or [None]),
+            "threads": settings.decode_threads,
+        }
+    return {"processes": settings.workers, "threads": 1}
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -261,7 +274,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     settings,
                     load.images,
                     seconds=args.ceiling_seconds,
-                    processes=settings.workers,
+                    **decoding_processes(settings),
                     **common,
                 ),
                 stage_times(pre, settings, load.images, **common),
@@ -321,7 +334,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "images_per_request": args.images_per_request,
         "server": {k: v for k, v in env.items() if k != "VITSERVE_STORE_DIR"},
         "decode_ceiling_img_s": ceilings,
-        "decode_ceiling_processes": settings.workers,
+        "decode_ceiling_processes": decoding_processes(settings),
         "decode_stage_steps": stages,
         "best_img_s": best,
         "speedups": ratios,
@@ -338,8 +351,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         result["litserve"] = {
             "model": litserve,
             "workers_per_device": args.litserve_workers,
-            "max_batch_size": settings.max_batch_size,
-            "batch_timeout_s": settings.max_delay_ms / 1000,
+            "api_servers": args.litserve_api_servers,
+            "max_batch_size": args.litserve_max_batch_size or settings.max_batch_size,
+            "batch_timeout_s": (args.litserve_timeout_ms or settings.max_delay_ms) / 1000,
             "images_per_request": 1,
             "ours_over_litserve": best[args.models[0]] / best[litserve] if best[litserve] else None,
         }
@@ -357,9 +371,10 @@ def run_litserve(
         args.store,
         args.models[0],
         device="cuda" if timing_device(args.device).type == "cuda" else "cpu",
-        max_batch_size=settings.max_batch_size,
-        batch_timeout=settings.max_delay_ms / 1000,
+        max_batch_size=args.litserve_max_batch_size or settings.max_batch_size,
+        batch_timeout=(args.litserve_timeout_ms or settings.max_delay_ms) / 1000,
         workers_per_device=args.litserve_workers,
+        api_servers=args.litserve_api_servers,
     )
     with running_litserve(baseline, timeout_s=args.start_timeout) as base:
         for concurrency in args.concurrency:
@@ -399,6 +414,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--queue-size", dest="queue_size", type=int, help="images a model queues")
     p.add_argument("--workers", type=int, help="server worker processes (default 1)")
     p.add_argument(
+        "--engine", choices=["process", "inline"], help="where models run (server default: process)"
+    )
+    p.add_argument(
+        "--decode-threads", dest="decode_threads", type=int, help="an engine's decode threads"
+    )
+    p.add_argument(
         "--images-per-request",
         dest="images_per_request",
         type=int,
@@ -422,6 +443,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="also serve the reference model with LitServe (same client, images, batching)",
     )
     p.add_argument("--litserve-workers", dest="litserve_workers", type=int, default=1)
+    p.add_argument("--litserve-api-servers", dest="litserve_api_servers", type=int, default=1)
+    p.add_argument(
+        "--litserve-max-batch-size",
+        dest="litserve_max_batch_size",
+        type=int,
+        help="default: the server's --max-batch-size",
+    )
+    p.add_argument(
+        "--litserve-timeout-ms",
+        dest="litserve_timeout_ms",
+        type=float,
+        help="LitServe's batch timeout; default: the server's max delay",
+    )
     p.add_argument(
         "--half-load",
         dest="half_load",

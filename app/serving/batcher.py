@@ -5,7 +5,8 @@ image arrived, whichever is first. The queue holds payloads as clients sent them
 (compressed bytes); a closed batch is decoded as a whole (``decode``, e.g.
 :class:`~app.serving.decode.BatchDecoder`: nvjpeg on a GPU), then computed. Each replica
 has one decode thread and one inference thread, and two batch slots: while one batch
-computes the next one decodes, so neither the device nor the decoder waits on the other.
+computes the next ones decode (``decode_threads`` at once), so neither the device nor the
+decoder waits on the other.
 A batch is only closed once a slot is free, so under load batches grow to the size the
 device drains. With several replicas (one per GPU, say) there is still one queue; a
 batch goes to the replica whose slot freed.
@@ -35,7 +36,7 @@ class QueueFull(Exception):
 
     def __init__(self, model: str, retry_after_s: float) -> None:
         super().__init__(f"model {model!r} queue is full; retry in {retry_after_s:.0f}s")
-        self.retry_after_s = retry_after_s
+        self.model, self.retry_after_s = model, retry_after_s
 
 
 class DeadlineExceeded(Exception):
@@ -44,9 +45,6 @@ class DeadlineExceeded(Exception):
 
 class BatcherStopped(Exception):
     """The batcher is shutting down and takes no new work (HTTP 503)."""
-
-
-SLOTS_PER_REPLICA = 2  # one batch computing, the next one decoding
 
 
 @dataclass
@@ -85,11 +83,13 @@ class DynamicBatcher:
         max_delay_s: float,
         queue_size: int,
         metrics: Metrics,
+        decode_threads: int = 1,
     ) -> None:
         """``predict`` and ``decode``: one each per replica (a single one: one replica;
         the default ``decode`` stacks ready tensors). ``top_k``: the most classes a caller may
         ask for; they are ranked for the whole batch on the inference thread, so the event
-        loop never touches a tensor per image."""
+        loop never touches a tensor per image. ``decode_threads``: batches a replica decodes
+        at once (``decode`` must be safe to call from that many threads)."""
         self.name = name
         self.top_k = top_k
         self._replicas = list(predict) if isinstance(predict, Sequence) else [predict]
@@ -106,11 +106,11 @@ class DynamicBatcher:
             for i in range(len(self._replicas))
         ]
         self._decode_executors = [
-            ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"decode-{name}-{i}")
+            ThreadPoolExecutor(max_workers=decode_threads, thread_name_prefix=f"decode-{name}-{i}")
             for i in range(len(self._replicas))
         ]
         self._free: asyncio.Queue[int] = asyncio.Queue()  # a free batch slot, by replica
-        for _ in range(SLOTS_PER_REPLICA):
+        for _ in range(decode_threads + 1):  # one batch computing, the next ones decoding
             for i in range(len(self._replicas)):
                 self._free.put_nowait(i)
         self._in_flight: set[asyncio.Task[None]] = set()

@@ -67,6 +67,8 @@ async def compare(
     by_key: dict[str, ServedModel] = {}
     for model in models:
         by_key.setdefault(preprocessing_key(model), model)
+    for model in by_key.values():
+        pipeline.probe_all(model, images)  # refuse bad images and the pixel budget up front
     flat = await all_or_nothing(
         pipeline.decode_crop(model, image) for model in by_key.values() for image in images
     )

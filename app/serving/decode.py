@@ -9,8 +9,8 @@ WebP, progressive, CMYK or EXIF-rotated JPEGs, and every image of a CPU replica 
 through Pillow in the decode thread pool, with draft-mode downscaling of large JPEGs. Both
 paths give uint8 crops, normalised together on the model's device.
 
-On a GPU the stage runs on its own CUDA stream, so the next batch decodes while the
-current one computes.
+On a GPU each decode thread runs on its own CUDA stream, so the next batches decode while
+the current one computes.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Sequence
@@ -128,7 +129,15 @@ class BatchDecoder:
         self.nvjpeg = nvjpeg and device.type == "cuda"
         # the eval transform's resize and centre crop of decoded images, on their device
         self.resize_crop = TensorResizeCrop(preprocessor.resize_crop)
-        self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._streams = threading.local()  # one CUDA stream per decode thread
+
+    @property
+    def _stream(self) -> torch.cuda.Stream | None:
+        if self.device.type != "cuda":
+            return None
+        if not hasattr(self._streams, "stream"):
+            self._streams.stream = torch.cuda.Stream(self.device)
+        return self._streams.stream
 
     def warm_up(self) -> None:
         """One image through each path, so nvjpeg's start-up is not a request's."""
@@ -141,15 +150,15 @@ class BatchDecoder:
 
     def __call__(self, payloads: Sequence[Payload]) -> DecodedBatch:
         started = time.perf_counter()
-        stream = torch.cuda.stream(self._stream) if self._stream else contextlib.nullcontext()
-        with stream:
+        own = self._stream
+        with torch.cuda.stream(own) if own else contextlib.nullcontext():
             crops, decoders, errors = self._crops(payloads)
             rows = sorted(crops)
             inputs = None
             if rows:
                 inputs = self.preprocessor.normalize(self._gather(crops, rows)).to(self.dtype)
-        if self._stream:
-            self._stream.synchronize()  # ready before the inference thread reads it
+        if own:
+            own.synchronize()  # ready before the inference thread reads it
         return DecodedBatch(inputs, rows, errors, time.perf_counter() - started, decoders)
 
     def _gather(self, crops: dict[int, torch.Tensor], rows: list[int]) -> torch.Tensor:

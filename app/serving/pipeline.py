@@ -16,6 +16,7 @@ import torch
 from app.serving.batcher import Prediction
 from app.serving.decode import Encoded, Payload
 from app.serving.pool import ModelPool, ModelState, ServedModel
+from app.serving.preprocess import ImageTooLarge
 
 
 class ModelUnavailable(Exception):
@@ -62,7 +63,7 @@ class ClassifyPipeline:
         self, name: str, images: list[ImageInput], top_k: int, deadline: float
     ) -> list[ImageResult]:
         model = self.serving(name)
-        payloads = [self.probe(model, image) for image in images]  # all checked before any queues
+        payloads = self.probe_all(model, images)  # all checked before any queues
         return list(
             await asyncio.gather(
                 *(
@@ -71,6 +72,19 @@ class ClassifyPipeline:
                 )
             )
         )
+
+    def probe_all(self, model: ServedModel, images: list[ImageInput]) -> list[Encoded]:
+        """Every image's header checked, and the request's decoded-pixel budget: many
+        large images that pass one by one could still take every core and the memory."""
+        payloads = [self.probe(model, image) for image in images]
+        budget = self.pool.settings.max_request_pixels
+        pixels = sum(p.probe.width * p.probe.height for p in payloads)
+        if pixels > budget:
+            raise ImageTooLarge(
+                f"the request's images decode to {pixels:,} pixels, over the budget of "
+                f"{budget:,} a request (VITSERVE_MAX_REQUEST_PIXELS); send fewer or smaller"
+            )
+        return payloads
 
     @staticmethod
     def probe(model: ServedModel, image: ImageInput) -> Encoded:

@@ -52,11 +52,23 @@ class ServedModel:
     batcher: DynamicBatcher | None = None
     preprocessor: Preprocessor | None = None
     labels: tuple[str, ...] = ()
+    devices: list[str] = field(default_factory=list)  # where it serves, once ready
+    dtype: str | None = None
 
 
 class ModelPool:
-    def __init__(self, settings: Settings, store: ModelStore, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        store: ModelStore,
+        metrics: Metrics,
+        *,
+        reports_worker_ready: bool = True,
+    ) -> None:
+        """``reports_worker_ready``: this pool is an HTTP worker's own (inline), so its
+        readiness counts in ``vitserve_workers_ready``; an engine's pool does not."""
         self.settings, self.store, self.metrics = settings, store, metrics
+        self.reports_worker_ready = reports_worker_ready
         self.device = resolve_device(settings.device)
         self.dtype = resolve_dtype(settings.dtype, self.device)
         self.models: dict[str, ServedModel] = {}
@@ -109,6 +121,10 @@ class ModelPool:
         model = self.models.get(name)
         return model is not None and model.state is ModelState.READY
 
+    def engines(self) -> list[dict] | None:
+        """The engine processes behind this pool: none, its models run in this process."""
+        return None
+
     def readiness(self) -> tuple[bool, str]:
         """Ready when the default model serves and no entry with weights is still loading."""
         default = self.models.get(self.settings.default_model)
@@ -127,7 +143,8 @@ class ModelPool:
             await self._load(self.models[name])
         frozen = freeze_heap()  # the models and imports stay: full collections skip them
         log.info("%d objects frozen out of garbage collection", frozen)
-        self.metrics.workers_ready.set(1 if self.readiness()[0] else 0)
+        if self.reports_worker_ready:
+            self.metrics.workers_ready.set(1 if self.readiness()[0] else 0)
 
     async def _load(self, model: ServedModel) -> None:
         try:
@@ -150,8 +167,11 @@ class ModelPool:
             max_delay_s=s.max_delay_ms / 1000,
             queue_size=s.queue_size,
             metrics=self.metrics,
+            decode_threads=s.decode_threads,
         )
         model.batcher.start()
+        model.devices = [str(runner.device) for runner in model.runners]
+        model.dtype = str(self.dtype).removeprefix("torch.")
         model.state = ModelState.READY
         self.metrics.model_ready(model.name, model.manifest, self.device, self.dtype)
         if self.device.type == "cuda":

@@ -1,0 +1,5 @@
+import sys
+
+from app.serving.engine.server import main
+
+sys.exit(main())

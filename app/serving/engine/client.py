@@ -1,0 +1,195 @@
+"""An HTTP worker's side of the engine: one link per engine, and the batcher it presents.
+
+A link reconnects by itself. While its engine is down every call fails at once with
+:class:`EngineUnavailable` (HTTP 503), and a request in flight when the engine died fails
+the same way: no request waits on an engine that will not answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from app.serving.batcher import Prediction
+from app.serving.decode import Encoded, Payload
+from app.serving.engine.arena import ShmArena
+from app.serving.engine.wire import (
+    EngineUnavailable,
+    FrameWriter,
+    decode_error,
+    frame,
+    read_frame,
+)
+
+log = logging.getLogger(__name__)
+
+RECONNECT_S = 0.2
+# Past its deadline the engine answers 504 itself; this is only for an engine that hangs.
+ANSWER_GRACE_S = 5.0
+
+
+def payload_item(payload: Payload) -> tuple[memoryview | bytes, dict[str, Any]]:
+    """What of ``payload`` goes into the arena, and what the engine needs to rebuild it."""
+    if isinstance(payload, Encoded):
+        p = payload.probe
+        return payload.data, {
+            "kind": "encoded",
+            "probe": [p.format, p.width, p.height, p.nvjpeg_ok],
+        }
+    array = payload.detach().contiguous().cpu().numpy()
+    dtype = str(payload.dtype).removeprefix("torch.")
+    item = {"kind": "tensor", "dtype": dtype, "shape": list(array.shape)}
+    return memoryview(array).cast("B"), item
+
+
+def prediction(head: dict[str, Any], blob: bytes) -> Prediction:
+    probs = torch.from_numpy(np.frombuffer(blob, dtype=np.float32).copy())
+    return Prediction(
+        probs,
+        head["scores"],
+        head["indices"],
+        head["queue_s"],
+        head["decode_s"],
+        head["inference_s"],
+        head["batch_size"],
+        head["decoder"],
+    )
+
+
+class EngineLink:
+    """One worker's connection to one engine, kept up across engine restarts."""
+
+    def __init__(
+        self, socket_path: Path, arena: ShmArena, on_status: Callable[[], None] = lambda: None
+    ) -> None:
+        """``on_status``: called whenever the engine's word changes (a status frame, or the
+        link going down)."""
+        self.socket_path, self.arena, self.on_status = socket_path, arena, on_status
+        self.status: dict[str, Any] | None = None  # the engine's last word; None while down
+        self._out: FrameWriter | None = None
+        self._pending: dict[int, tuple[asyncio.Future, int]] = {}  # id -> (answer, region)
+        self._ids = itertools.count()
+        self._task: asyncio.Task[None] | None = None
+        self.restarts = -1  # connections made, less the first
+
+    @property
+    def up(self) -> bool:
+        return self._out is not None and self.status is not None
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._pending)
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name=f"engine-link-{self.socket_path}")
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                reader, writer = await asyncio.open_unix_connection(str(self.socket_path))
+            except OSError:
+                await asyncio.sleep(RECONNECT_S)
+                continue
+            out = FrameWriter(writer)
+            out.send(frame({"op": "hello", "arena": self.arena.name, "pid": os.getpid()}))
+            self._out = out
+            self.restarts += 1
+            try:
+                while True:
+                    head, blob = await read_frame(reader)
+                    if head.get("op") == "status":
+                        self.status = head
+                        self.on_status()
+                    else:
+                        self._answer(head, blob)
+            except (asyncio.IncompleteReadError, ConnectionError):
+                log.warning("engine at %s went away", self.socket_path)
+            finally:
+                self._out, self.status = None, None
+                self.on_status()
+                self._fail_pending()
+                await out.close()
+            await asyncio.sleep(RECONNECT_S)
+
+    def _answer(self, head: dict[str, Any], blob: bytes) -> None:
+        pending = self._pending.pop(head["id"], None)
+        if pending is None:
+            return
+        future, region = pending
+        self.arena.free(region)
+        if future.done():  # the request was cancelled (client went away)
+            return
+        if "error" in head:
+            future.set_exception(decode_error(head["error"]))
+        else:
+            future.set_result(prediction(head, blob))
+
+    def _fail_pending(self) -> None:
+        pending, self._pending = self._pending, {}
+        for future, region in pending.values():
+            self.arena.free(region)
+            if not future.done():
+                future.set_exception(
+                    EngineUnavailable("the engine stopped while computing this image")
+                )
+
+    async def infer(self, model: str, payload: Payload, deadline: float) -> Prediction:
+        if not self.up:
+            raise EngineUnavailable("the engine is down (being restarted)")
+        data, item = payload_item(payload)
+        region = await self.arena.put(data, deadline)
+        if self._out is None:  # went down while waiting for arena space
+            self.arena.free(region)
+            raise EngineUnavailable("the engine is down (being restarted)")
+        rid = next(self._ids)
+        future = asyncio.get_running_loop().create_future()
+        self._pending[rid] = (future, region)
+        head = {"id": rid, "model": model, "deadline": deadline, "off": region}
+        self._out.send(frame(head | item | {"len": len(data)}))
+        timeout = max(0.0, deadline - time.monotonic()) + ANSWER_GRACE_S
+        try:
+            return await asyncio.wait_for(future, timeout)
+        except TimeoutError:
+            raise EngineUnavailable(f"the engine did not answer within {timeout:.0f} s") from None
+
+
+class RemoteBatcher:
+    """What the request path sees of a model served by engines: ``submit`` and ``depth``,
+    as :class:`~app.serving.batcher.DynamicBatcher` offers in process."""
+
+    def __init__(self, name: str, links: Sequence[EngineLink]) -> None:
+        self.name, self._links = name, list(links)
+
+    def _ready_links(self) -> list[EngineLink]:
+        return [
+            link
+            for link in self._links
+            if link.up and link.status["models"].get(self.name, {}).get("state") == "ready"
+        ]
+
+    async def submit(self, payload: Payload, deadline: float) -> Prediction:
+        links = self._ready_links() or self._links  # none ready: the link says why
+        link = min(links, key=lambda link: link.in_flight)  # one engine per device
+        return await link.infer(self.name, payload, deadline)
+
+    @property
+    def depth(self) -> int:
+        return sum(
+            link.status["models"].get(self.name, {}).get("depth", 0)
+            for link in self._links
+            if link.up
+        )

@@ -1,0 +1,168 @@
+"""The engine: one process per device that owns the models and answers every HTTP worker.
+
+It is the in-process model pool (store → runners with CUDA graphs → one dynamic batcher and
+decode stage per model) behind a Unix socket. Each worker connects once, names its
+shared-memory arena, and sends one small frame per image; the engine reads the image out of
+the arena, queues it with every other worker's images of that model, and answers with the
+image's top-k, timings and probabilities.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import time
+from multiprocessing.shared_memory import SharedMemory
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from app.config import Settings
+from app.serving.decode import Encoded, Payload
+from app.serving.engine.arena import attach
+from app.serving.engine.wire import FrameWriter, encode_error, frame, read_frame
+from app.serving.metrics import Metrics
+from app.serving.pipeline import ModelUnavailable
+from app.serving.pool import ModelPool, ModelState
+from app.serving.preprocess import Probe
+from app.store import ModelStore
+
+log = logging.getLogger(__name__)
+
+STATUS_EVERY_S = 0.5  # how stale a worker's view of model states and queue depths may be
+
+
+def read_payload(item: dict[str, Any], shm: SharedMemory) -> Payload:
+    """The payload an infer frame points at, copied out of the worker's arena (the region
+    is reused once the image is answered, and a batch may outlive that)."""
+    start, stop = item["off"], item["off"] + item["len"]
+    if item["kind"] == "encoded":
+        return Encoded(bytes(shm.buf[start:stop]), Probe(*item["probe"]))
+    dtype = getattr(torch, item["dtype"])
+    data = bytearray(shm.buf[start:stop])
+    return torch.frombuffer(data, dtype=dtype).reshape(item["shape"])
+
+
+class EngineServer:
+    def __init__(self, settings: Settings, socket_path: Path) -> None:
+        self.socket_path = socket_path
+        self.metrics = Metrics()
+        self.pool = ModelPool(
+            settings, ModelStore(settings.store_dir), self.metrics, reports_worker_ready=False
+        )
+        self._writers: set[FrameWriter] = set()
+        self._requests: set[asyncio.Task[None]] = set()
+
+    def status(self) -> dict[str, Any]:
+        models = {
+            m.name: {
+                "state": m.state.value,
+                "reason": m.reason,
+                "devices": m.devices,
+                "dtype": m.dtype,
+                "depth": m.batcher.depth if m.batcher else 0,
+            }
+            for m in self.pool.models.values()
+        }
+        return {"op": "status", "pid": os.getpid(), "models": models}
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+        # Ctrl+C in a terminal reaches every process of the group: the HTTP workers drain
+        # first, and the supervisor stops the engine after them.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        self.socket_path.unlink(missing_ok=True)
+        await self.pool.start()
+        server = await asyncio.start_unix_server(self._serve, path=str(self.socket_path))
+        log.info("engine %d listening on %s", os.getpid(), self.socket_path)
+        broadcaster = asyncio.create_task(self._broadcast_status())
+        await stop.wait()
+        log.info("engine stopping: finishing queued images")
+        server.close()
+        await self.pool.stop()
+        await asyncio.gather(*self._requests, return_exceptions=True)
+        broadcaster.cancel()
+        for writer in list(self._writers):
+            await writer.close()
+        self.socket_path.unlink(missing_ok=True)
+        self.metrics.process_exiting()
+
+    async def _broadcast_status(self) -> None:
+        while True:
+            data = frame(self.status())
+            for writer in self._writers:
+                writer.send(data)
+            await asyncio.sleep(STATUS_EVERY_S)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        out = FrameWriter(writer)
+        shm: SharedMemory | None = None
+        try:
+            hello, _ = await read_frame(reader)
+            shm = attach(hello["arena"])
+            self._writers.add(out)
+            out.send(frame(self.status()))
+            while True:
+                head, _ = await read_frame(reader)
+                try:
+                    payload = read_payload(head, shm)
+                except (KeyError, TypeError, ValueError) as exc:
+                    out.send(frame({"id": head.get("id"), "error": encode_error(exc)}))
+                    continue
+                task = asyncio.create_task(self._infer(head, payload, out))
+                self._requests.add(task)
+                task.add_done_callback(self._requests.discard)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass  # the worker went away; its queued images still run, their answers are lost
+        finally:
+            self._writers.discard(out)
+            if shm is not None:
+                shm.close()
+
+    async def _infer(self, head: dict[str, Any], payload: Payload, out: FrameWriter) -> None:
+        try:
+            model = self.pool.get(head["model"])
+            if model.state is not ModelState.READY:
+                raise ModelUnavailable(f"model {model.name!r} is {model.state}")
+            p = await model.batcher.submit(payload, head["deadline"])
+        except Exception as exc:  # noqa: BLE001 - every failure goes back to its request
+            out.send(frame({"id": head["id"], "error": encode_error(exc)}))
+            return
+        answer = {
+            "id": head["id"],
+            "scores": p.top_scores,
+            "indices": p.top_indices,
+            "queue_s": p.queue_s,
+            "decode_s": p.decode_s,
+            "inference_s": p.inference_s,
+            "batch_size": p.batch_size,
+            "decoder": p.decoder,
+        }
+        out.send(frame(answer, p.probs.float().numpy().tobytes()))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m app.serving.engine")
+    parser.add_argument("--socket", type=Path, required=True)
+    args = parser.parse_args(argv)
+    # The supervisor hands the engine the server's settings whole (flags included).
+    settings = Settings(**json.loads(os.environ.get("VITSERVE_ENGINE_SETTINGS", "{}")))
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format=f"%(asctime)s %(levelname)s engine[{os.getpid()}] %(name)s: %(message)s",
+    )
+    started = time.monotonic()
+    try:  # one event loop carries every worker's images: the faster one where installed
+        from uvloop import run
+    except ImportError:
+        run = asyncio.run
+    run(EngineServer(settings, args.socket).run())
+    log.info("engine stopped after %.0f s", time.monotonic() - started)
+    return 0

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Device call: the service through the engine (one engine process per GPU, HTTP workers that
+# only speak HTTP) on one H200, end to end with real imagenet-dev JPEGs, one per request,
+# 64 and 256 clients; DeiT-S with random weights (none offline), dense vs $CONFIG
+# (default merge-t5); then LitServe at its best set-up (12 workers x 1 torch thread, 4 API
+# servers, batch 64, 10 ms) in the same run, same client and images.
+# Reproduces: the service table of docs/performance.md. Takes ~6 min; PARTS picks the runs
+# (default "tests s litserve"; "b" adds DeiT-B, "inline" the per-worker design of before).
+# Carry: .whl (fastapi, uvicorn, pydantic, litserve, ... for python3.12) and
+# .carry/images/imagenet-dev.
+set -uo pipefail
+export PYTHONUNBUFFERED=1
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+  --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PWD
+out=${OUT:-bench/results}/service; store=/tmp/store; cfg=${CONFIG:-merge-t5}; mkdir -p "$out"
+for arch in small base; do
+  python3 -m app store random deit_${arch}_patch16_224 --name deit_$arch --store $store
+  python3 -m app store random deit_${arch}_patch16_224 --name deit_$arch-$cfg --config $cfg \
+    --store $store
+done
+common=(--store $store --images .carry/images/imagenet-dev --device cuda --seconds 5
+  --warmup 1.5 --client-processes 4 --max-batch-size 256 --queue-size 4096
+  --images-per-request 1 --concurrency 64 256 --start-timeout 240 --out "$out")
+for part in ${PARTS:-tests s litserve}; do
+  case $part in
+    tests) timeout 150 python3 -m pytest -q -m gpu --tb=short -p no:cacheprovider \
+        tests/test_decode.py tests/test_cuda_graphs.py tests/test_gpu_metrics.py \
+        2>&1 | grep -v "Warning\|warn\|^$\|^  " ;;
+    s) python3 -m app bench service "${common[@]}" --workers "${WORKERS:-12}" \
+        --decode-threads "${DECODE_THREADS:-2}" --models deit_small "deit_small-$cfg" \
+        --half-load-seconds 10 ;;
+    b) python3 -m app bench service "${common[@]}" --workers "${WORKERS:-12}" \
+        --decode-threads "${DECODE_THREADS:-2}" --models deit_base "deit_base-$cfg" \
+        --no-half-load ;;
+    inline) python3 -m app bench service "${common[@]}" --engine inline --workers 6 \
+        --models deit_small "deit_small-$cfg" --no-half-load ;;
+    litserve) python3 -m app bench service "${common[@]}" --workers "${WORKERS:-12}" \
+        --decode-threads "${DECODE_THREADS:-2}" --models deit_small --no-half-load \
+        --litserve --litserve-workers 12 --litserve-api-servers 4 \
+        --litserve-max-batch-size 64 --litserve-timeout-ms 10 ;;
+  esac
+done
+(cd "$out" && ls ./*.png > /dev/null 2>&1 && tar czf service-plots.tgz ./*.png && rm ./*.png)

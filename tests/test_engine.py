@@ -1,0 +1,222 @@
+"""The engine: HTTP workers hand images over shared memory to one engine process per device,
+which is restarted when it dies while the workers answer 503 instead of hanging."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+
+import httpx
+import numpy as np
+import pytest
+import torch
+
+from app.bench.server import running_server
+from app.serving.batcher import BatcherStopped, DeadlineExceeded, QueueFull
+from app.serving.decode import Encoded
+from app.serving.engine.arena import ShmArena, attach
+from app.serving.engine.client import EngineLink, payload_item
+from app.serving.engine.wire import decode_error, encode_error, frame, read_frame
+from app.serving.pipeline import ModelUnavailable
+from app.serving.preprocess import ImageTooLarge, InputError, Probe
+from app.store import ModelStore
+from app.store.errors import UnknownModel
+from tests.helpers import add_tiny_entry, image_bytes, serve_env
+
+JPEG = {"content-type": "image/jpeg"}
+
+
+# ---- the arena ----------------------------------------------------------------------
+@pytest.fixture
+def arena():
+    arena = ShmArena(1000)
+    yield arena
+    arena.close()
+
+
+def test_arena_hands_out_regions_in_ring_order_and_reclaims_only_behind_the_oldest(arena):
+    a, b, c = arena.allocate(400), arena.allocate(400), arena.allocate(150)
+    assert (a, b, c) == (0, 400, 800)
+    assert arena.allocate(100) is None  # 50 bytes left at the end, none at the start
+    arena.free(b)  # answered out of order: a still holds the start of the ring
+    assert arena.allocate(100) is None
+    arena.free(a)  # now the ring's start is free: the next region wraps around
+    assert arena.allocate(700) == 0
+    assert arena.allocate(150) is None  # would overrun c, still live at 800
+    assert arena.allocate(100) == 700  # fits exactly up to c
+    arena.free(c)
+    arena.free(0)
+    arena.free(700)
+    assert arena.used == 0 and arena.allocate(1000) == 0
+
+
+async def test_a_full_arena_waits_for_space_then_gives_up_at_the_deadline(arena):
+    region = await arena.put(b"x" * 900, time.monotonic() + 1)
+    waiting = asyncio.create_task(arena.put(b"y" * 200, time.monotonic() + 5))
+    await asyncio.sleep(0.05)
+    assert not waiting.done()
+    arena.free(region)
+    assert await asyncio.wait_for(waiting, 1) == 0
+    with pytest.raises(DeadlineExceeded):
+        await arena.put(b"z" * 900, time.monotonic() + 0.05)
+
+
+def test_the_engine_reads_what_the_worker_wrote(arena):
+    region = arena.allocate(5)
+    arena.shm.buf[region : region + 5] = b"hello"
+    view = attach(arena.name)
+    try:
+        assert bytes(view.buf[region : region + 5]) == b"hello"
+    finally:
+        view.close()
+
+
+# ---- the wire -----------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "exc",
+    [
+        QueueFull("m", 3.0),
+        DeadlineExceeded("late"),
+        BatcherStopped("stopping"),
+        ModelUnavailable("loading"),
+        UnknownModel("who?"),
+    ],
+)
+def test_errors_raised_in_the_engine_are_raised_again_as_the_same_kind(exc):
+    again = decode_error(encode_error(exc))
+    assert type(again) is type(exc) and str(again) == str(exc)
+
+
+def test_an_input_error_keeps_its_status_and_code_and_a_full_queue_its_retry_time():
+    again = decode_error(encode_error(ImageTooLarge("big")))
+    assert isinstance(again, InputError) and (again.status, again.code) == (413, "image_too_large")
+    assert decode_error(encode_error(QueueFull("m", 3.0))).retry_after_s == 3.0
+
+
+async def test_a_request_frame_carries_where_the_image_is_not_the_image(tmp_path):
+    """Image bytes go through shared memory: the frame on the socket stays small whatever
+    the image's size, and the engine finds the exact bytes in the worker's arena."""
+    data = os.urandom(200_000)
+    payload = Encoded(data, Probe("JPEG", 640, 480, True))
+    seen: list[int] = []
+
+    async def engine(reader, writer):
+        hello, _ = await read_frame(reader)
+        shm = attach(hello["arena"])
+        status = {"op": "status", "pid": 1, "models": {"m": {"state": "ready"}}}
+        writer.write(frame(status))
+        head, blob = await read_frame(reader)
+        seen.append(len(frame(head, blob)))
+        assert bytes(shm.buf[head["off"] : head["off"] + head["len"]]) == data
+        assert head["probe"] == ["JPEG", 640, 480, True]
+        answer = {
+            "id": head["id"],
+            "scores": [0.9],
+            "indices": [7],
+            "queue_s": 0.0,
+            "decode_s": 0.0,
+            "inference_s": 0.0,
+            "batch_size": 1,
+            "decoder": "pillow",
+        }
+        writer.write(frame(answer, np.full(10, 0.1, np.float32).tobytes()))
+        await writer.drain()
+        shm.close()
+
+    path = tmp_path / "engine.sock"
+    server = await asyncio.start_unix_server(engine, path=str(path))
+    arena = ShmArena(1 << 20)
+    link = EngineLink(path, arena)
+    link.start()
+    try:
+        while not link.up:
+            await asyncio.sleep(0.01)
+        prediction = await link.infer("m", payload, time.monotonic() + 5)
+        assert arena.used == 0  # the answer freed the image's region
+    finally:
+        await link.stop()
+        server.close()
+        arena.close()
+    assert prediction.top_indices == [7] and prediction.probs.shape == (10,)
+    assert seen and seen[0] < 1024
+
+
+def test_decoded_crops_travel_as_raw_tensors():
+    crop = torch.arange(3 * 4 * 5, dtype=torch.uint8).reshape(3, 4, 5)
+    data, item = payload_item(crop)
+    assert item == {"kind": "tensor", "dtype": "uint8", "shape": [3, 4, 5]}
+    assert bytes(data) == crop.numpy().tobytes()
+
+
+# ---- a real server ------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_store(tmp_path_factory) -> ModelStore:
+    store = ModelStore(tmp_path_factory.mktemp("engine-store"))
+    add_tiny_entry(store, "tiny")
+    return store
+
+
+def readyz(base: str) -> httpx.Response:
+    return httpx.get(f"{base}/readyz", timeout=5)
+
+
+def test_every_http_worker_feeds_one_engine(tiny_store):
+    data = image_bytes("JPEG", (64, 48))
+    with running_server(serve_env(tiny_store, max_delay_ms=2), workers=2) as base:
+        pids = {readyz(base).json()["engines"][0]["pid"] for _ in range(20)}
+        for _ in range(8):
+            r = httpx.post(f"{base}/classify", content=data, headers=JPEG, timeout=30)
+            assert r.status_code == 200
+    assert len(pids) == 1 and None not in pids
+
+
+def test_a_dead_engine_means_503s_then_a_restart(tiny_store):
+    data = image_bytes("JPEG", (64, 48))
+    with running_server(serve_env(tiny_store, max_delay_ms=2)) as base:
+        (engine,) = readyz(base).json()["engines"]
+        os.kill(engine["pid"], signal.SIGKILL)
+        seen_down = False
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            started = time.monotonic()
+            r = httpx.post(f"{base}/classify", content=data, headers=JPEG, timeout=30)
+            assert time.monotonic() - started < 5  # an answer, never a hang
+            if r.status_code == 503:
+                seen_down = True
+                assert r.headers["retry-after"]
+                ready = readyz(base)
+                if ready.status_code == 503:
+                    assert "engine" in ready.json()["detail"] or "loading" in ready.json()["detail"]
+            elif r.status_code == 200 and seen_down:
+                break
+            else:
+                assert r.status_code == 200
+            time.sleep(0.05)
+        assert seen_down, "the killed engine was never reported"
+        (restarted,) = readyz(base).json()["engines"]
+        assert restarted["up"] and restarted["pid"] != engine["pid"]
+        assert restarted["restarts"] >= 1
+
+
+def test_a_request_over_the_pixel_budget_is_refused_with_the_budget(tiny_store):
+    small = image_bytes("JPEG", (64, 48))  # 3,072 pixels each
+    env = serve_env(tiny_store, max_delay_ms=2, max_request_pixels=5000)
+    with running_server(env) as base:
+        one = httpx.post(f"{base}/classify", files=[("file", ("a.jpg", small))], timeout=30)
+        two = httpx.post(
+            f"{base}/classify",
+            files=[("file", ("a.jpg", small)), ("file", ("b.jpg", small))],
+            timeout=30,
+        )
+        compared = httpx.post(
+            f"{base}/compare?models=tiny,tiny",
+            files=[("file", ("a.jpg", small)), ("file", ("b.jpg", small))],
+            timeout=30,
+        )
+    assert one.status_code == 200
+    for refused in (two, compared):
+        assert refused.status_code == 413
+        assert "5,000" in refused.json()["error"]["message"]
+        assert "VITSERVE_MAX_REQUEST_PIXELS" in refused.json()["error"]["message"]
