@@ -133,8 +133,8 @@ def cmd_store_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
-    from app.vit.analysis import analyze
-    from app.vit.data import list_images
+    from app.train.analysis import analyze
+    from app.train.data import list_images
 
     loaded = _store(args).load(args.model)
     report = analyze(
@@ -151,9 +151,9 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 
 def cmd_compress(args: argparse.Namespace) -> int:
+    from app.jobs.compress import run_compress, run_training_free
+    from app.train.options import DistillOptions
     from app.vit.builder import resolve_config
-    from app.vit.compress_job import run_compress, run_training_free
-    from app.vit.distill import DistillOptions
 
     options = json.loads(args.options) if args.options else {}
     for key in ("steps", "batch_size", "lr", "seed", "time_budget_s", "device"):
