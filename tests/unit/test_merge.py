@@ -442,7 +442,8 @@ def test_compiles_with_matching_left_eager() -> None:
 
 def test_a_compiling_runner_leaves_the_matching_eager() -> None:
     """``VITSERVE_COMPILE=1`` on a merged model: compiled in seconds, not minutes, and it
-    predicts what the eager model predicts."""
+    predicts what the eager model predicts. The runner asks the model how to compile it
+    (``prepare_for_compile``); it knows no family."""
     model = compress(
         tiny_dense(embed_dim=32, depth=3, num_heads=2), CompressionConfig.parse("merge=4@1,2@2")
     )
