@@ -212,6 +212,12 @@ def cmd_bench_service(args: argparse.Namespace) -> int:
     return service_main(args.extra)
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from app.bench.report import main as report_main
+
+    return report_main(["--check"] if args.check else [])
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vitserve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -312,6 +318,12 @@ def build_parser() -> argparse.ArgumentParser:
         add_help=False,
     )
     service.set_defaults(func=cmd_bench_service, passes_through=True)
+
+    report = sub.add_parser(
+        "report", help="write the docs' tables from bench/results/ (see current.toml there)"
+    )
+    report.add_argument("--check", action="store_true", help="write nothing; exit 1 if stale")
+    report.set_defaults(func=cmd_report)
     return parser
 
 
@@ -330,3 +342,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"error: {exc}", file=sys.stderr)
             sys.exit(2)
         raise
+
+
+if __name__ == "__main__":
+    main()
