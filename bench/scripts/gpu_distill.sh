@@ -1,4 +1,11 @@
 #!/usr/bin/env bash
+# Reproduces: the README's "The variants that ship" (table variants) and docs/compression.md,
+#   "The recipes, and why": the weights of the declared distilled entries, e.g.
+#   bench/scripts/gpu_distill.sh 'merge-t5::"steps": 800, "lr": 1e-4, "warmup": 50,
+#   "augment": {"mix_prob": 0, "rand_augment": null, "crop_scale": [0.5, 1]}, "seed": 1'
+#   (each manifest's source.details.command is the exact recipe).
+# Takes: one nvidia-h200 call: ~2 min of training per 800-step job, BUDGET_S (default 330 s)
+#   at most, plus the teacher pull and the evaluation.
 # Device call: distil compressed DeiT-Tinys in parallel (one `vitserve compress` each,
 # seeded), on imagenet-train + imagenet-extra; evaluate on the held-out dev copies.
 # Usage: bench/scripts/gpu_distill.sh "<config>[::<DistillOptions JSON members>]" ...

@@ -1,4 +1,7 @@
 #!/usr/bin/env bash
+# Reproduces: docs/performance.md, "Model speed, GPU" (table speed-gpu), the eager and graphs
+#   columns of the ToMe and hybrid rows: ARCHS="deit_small_patch16_224 deit_base_patch16_224".
+# Takes: one nvidia-h200 call, at most $LIMIT_S (default 600 s).
 # Device call: token merging and its hybrids on the GPU, eager and eager replayed from CUDA
 # graphs (as the server runs them), DeiT-S (random weights: speed only), bf16, batch 256,
 # each ratio against dense timed in the same run, plus each merging block timed alone

@@ -1,4 +1,9 @@
 #!/usr/bin/env bash
+# Reproduces: docs/performance.md, "Model speed, GPU" (table speed-gpu), the compiled and
+#   compiled+graphs columns: CONFIGS="merge-t5 merge-t5-c37 merge-t5-c34 merge-t6 tome-r16"
+#   (both archs), then CONFIGS="glad-t3 glad-s3-t2" ARCHS=deit_small_patch16_224.
+# Takes: one nvidia-h200 call; ~3 min of compiling for five configs x two archs, then
+#   ~40 s per config (WARM_S / TIME_S bound both).
 # Device call: compiled rows of token merging and its hybrids (torch.compile, the matching's
 # sorts left eager: --eager-matching), DeiT-S and DeiT-B (random weights: speed only), bf16, batch 256,
 # each ratio against compiled dense in the same process; with the default compile mode also

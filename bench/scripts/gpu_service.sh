@@ -1,4 +1,9 @@
 #!/usr/bin/env bash
+# Reproduces: docs/performance.md, "The service end to end" (table service, the H200 rows:
+#   PARTS="s b"), "Against LitServe" (table litserve: PARTS=litserve) and "The decode stage"
+#   (table decode, written by the s run).
+# Takes: 2-4 min per part on one nvidia-h200, most of it the workers' start-up; one call
+#   (10 min) fits two or three parts.
 # Device call: the service end to end on one GPU with real JPEGs (imagenet-dev: ~110 KB,
 # ~500x375), DeiT-S and DeiT-B with random weights (none are available offline; speed does
 # not depend on them), dense vs compressed ($CONFIG, default glad-t3), $WORKERS server

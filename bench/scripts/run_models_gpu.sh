@@ -1,4 +1,8 @@
 #!/usr/bin/env bash
+# Reproduces: docs/performance.md, "Model speed, GPU" (table speed-gpu), the glad rows:
+#   bench/scripts/run_models_gpu.sh --batches 256 --dtypes bfloat16 --cuda-graphs \
+#     --configs glad-t3 glad-s3-t3 glad-s3-t2
+# Takes: one nvidia-h200 call, ~6 minutes (the full sweep below; the glad rows alone less).
 # GPU sweep of dense vs every compressed preset (random weights, speed only), one call:
 #   deit_small and deit_base; bfloat16 and float32; batches 1, 32, 256 eager;
 #   compiled rows (torch.compile, mode default) only for bfloat16 at batch 256, because
