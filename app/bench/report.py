@@ -292,7 +292,10 @@ def variants_table(table: Table, repo: Path) -> list[str]:
         )
         top1 = f"{fid['student_top1_acc']:.1%}" if fid.get("student_top1_acc") else "–"
         rows.append([f"`{m['name']}`", m["variant"], agreement, top1, where])
-    caption = "Generated from `model_store/*/manifest.json`; fidelity measured on CPU, fp32."
+    caption = (
+        "Generated from `model_store/*/manifest.json`: fidelity as each manifest records it, "
+        "on the photo folder named (`imagenet-dev-256`: copies downscaled to short side 256)."
+    )
     return [caption, "", *_markdown(header, rows)]
 
 
