@@ -148,8 +148,8 @@ def cmd_store_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
-    from app.vit.analysis import analyze
-    from app.vit.data import list_images
+    from app.train.analysis import analyze
+    from app.train.data import list_images
 
     loaded = _store(args).load(args.model)
     report = analyze(
@@ -166,9 +166,9 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 
 def cmd_compress(args: argparse.Namespace) -> int:
+    from app.jobs.compress import run_compress, run_training_free
+    from app.train.options import DistillOptions
     from app.vit.builder import resolve_config
-    from app.vit.compress_job import run_compress, run_training_free
-    from app.vit.distill import DistillOptions
 
     options = json.loads(args.options) if args.options else {}
     for key in ("steps", "batch_size", "lr", "seed", "time_budget_s", "device"):
@@ -225,6 +225,12 @@ def cmd_bench_service(args: argparse.Namespace) -> int:
     from app.bench.service import main as service_main
 
     return service_main(args.extra)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from app.bench.report import main as report_main
+
+    return report_main(["--check"] if args.check else [])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -327,6 +333,12 @@ def build_parser() -> argparse.ArgumentParser:
         add_help=False,
     )
     service.set_defaults(func=cmd_bench_service, passes_through=True)
+
+    report = sub.add_parser(
+        "report", help="write the docs' tables from bench/results/ (see current.toml there)"
+    )
+    report.add_argument("--check", action="store_true", help="write nothing; exit 1 if stale")
+    report.set_defaults(func=cmd_report)
     return parser
 
 
@@ -345,3 +357,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"error: {exc}", file=sys.stderr)
             sys.exit(2)
         raise
+
+
+if __name__ == "__main__":
+    main()

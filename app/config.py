@@ -27,7 +27,9 @@ class Settings(BaseSettings):
     )
 
     # compute
-    device: Literal["auto", "cuda", "cpu"] = "auto"
+    device: Literal["auto", "cuda", "cpu"] = Field(
+        "auto", description="auto: CUDA if present, else CPU."
+    )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="auto: bfloat16 on CUDA, float32 on CPU."
     )
@@ -50,7 +52,7 @@ class Settings(BaseSettings):
     )
 
     # batching
-    max_batch_size: int = Field(32, ge=1, le=4096)
+    max_batch_size: int = Field(32, ge=1, le=4096, description="Images per batch, at most.")
     max_delay_ms: float = Field(5.0, ge=0, description="Wait after the first request of a batch.")
     queue_size: int = Field(512, ge=1, description="Images waiting per model; beyond: 429.")
     request_timeout_s: float = Field(30.0, gt=0, description="Deadline; expired before run: 504.")
@@ -72,7 +74,9 @@ class Settings(BaseSettings):
     )
 
     # input limits
-    max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1024)
+    max_upload_bytes: int = Field(
+        20 * 1024 * 1024, ge=1024, description="Request body limit; beyond: 413."
+    )
     max_image_pixels: int = Field(40_000_000, ge=1, description="Width x height cap (bombs).")
     max_request_pixels: int = Field(
         100_000_000,
@@ -81,8 +85,8 @@ class Settings(BaseSettings):
         "images); beyond: 413. Keeps a few requests of many large images from taking every "
         "core and the memory.",
     )
-    max_images_per_request: int = Field(64, ge=1)
-    max_top_k: int = Field(20, ge=1, le=1000)
+    max_images_per_request: int = Field(64, ge=1, description="Multipart parts per request.")
+    max_top_k: int = Field(20, ge=1, le=1000, description="Largest top_k a request may ask.")
 
     # experiments: compare, A/B routing, shadow traffic
     max_compare_models: int = Field(4, ge=2, description="Most variants in one /compare.")
@@ -112,8 +116,8 @@ class Settings(BaseSettings):
     )
 
     # HTTP
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=0, le=65535)
+    host: str = Field("127.0.0.1", description="Bind address.")
+    port: int = Field(8000, ge=0, le=65535, description="Bind port.")
     workers: int = Field(
         1,
         ge=1,
@@ -127,7 +131,7 @@ class Settings(BaseSettings):
         "the models, batching and decoding for every HTTP worker (restarted if it dies); "
         "inline: each HTTP worker loads and runs its own models in process.",
     )
-    log_level: str = "info"
+    log_level: str = Field("info", description="Log level (debug, info, warning, error).")
 
     @field_validator("ab_weights")
     @classmethod

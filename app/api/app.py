@@ -15,11 +15,11 @@ from app.api.limits import BodySizeLimit
 from app.api.observe import RequestMetrics
 from app.api.routes import router
 from app.config import Settings, get_settings
+from app.experiments.routing import AbRouter, check_known
+from app.experiments.shadow import ShadowTraffic
 from app.serving.metrics import Metrics
 from app.serving.pipeline import ClassifyPipeline
 from app.serving.pool import ModelPool
-from app.serving.routing import AbRouter, check_known
-from app.serving.shadow import ShadowTraffic
 from app.store import ModelStore
 
 log = logging.getLogger(__name__)

@@ -11,7 +11,7 @@ from app.api import schemas
 from app.api.errors import ApiError, rejected
 from app.api.routes import ERRORS, image_classification
 from app.api.uploads import IMAGE_BODY, read_images
-from app.serving.compare import Comparison, VariantRun, compare
+from app.experiments.compare import Comparison, VariantRun, compare
 
 router = APIRouter()
 

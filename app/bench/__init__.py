@@ -1,5 +1,6 @@
-"""Speed benchmarks: dense vs compressed DeiT timed in the same run, and the Pareto plot.
+"""Benchmarks: dense vs compressed DeiT timed in the same run, the Pareto plot, the service
+end to end, and the report that writes the docs' tables; imported by the CLI and jobs only.
 
-``timing`` holds the measuring method (warm-up, medians, rotating random inputs, CUDA
-events on the GPU), ``models`` the sweep over configs, ``pareto`` speed vs fidelity.
+``models`` is the sweep over configs (its measuring method is :mod:`app.timing`, shared with
+the compress job), ``pareto`` speed vs fidelity, ``report`` the generated tables.
 """

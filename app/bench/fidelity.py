@@ -5,7 +5,7 @@
 configs built from the teacher on the spot -- token merging needs no training; static
 attention is calibrated on ``--calibrate`` (the teacher's mean attention there), token maps
 start as average pooling -- each against the teacher on every ``--images`` folder (top-1 with its
-``labels.csv``). One JSON under ``bench/results/`` holds every row, so the front compares
+``labels.csv``). One JSON under ``bench/results/fidelity/`` holds every row, so the front compares
 variants measured with the same images, preprocessing and device. A distilled entry is
 only evaluated on folders it was not trained on (its manifest lists them).
 """
@@ -23,11 +23,11 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from app.bench.timing import environment
 from app.store import ModelStore
+from app.timing import environment
+from app.train.data import EvalImages, eval_transform, list_images, read_labels
+from app.train.evaluate import evaluate
 from app.vit.builder import calibrate, compress, resolve_config
-from app.vit.data import EvalImages, eval_transform, list_images, read_labels
-from app.vit.evaluate import evaluate
 
 
 def trained_on(manifest: Any) -> set[str]:
@@ -123,7 +123,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--configs", nargs="*", default=[], help="configs built without training")
     p.add_argument("--calibrate", type=Path, help="folder for static attention's calibration")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--out-dir", type=Path, default=Path("bench/results"))
+    p.add_argument("--out-dir", type=Path, default=Path("bench/results/fidelity"))
     args = p.parse_args(argv)
     report = evaluate_all(
         ModelStore(args.store),

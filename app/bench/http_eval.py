@@ -2,7 +2,7 @@
 
 ``python -m app.bench.http_eval --images DIR --store DIR`` serves the store on CUDA (bf16)
 and on CPU (fp32) in turn, sends every image over HTTP, and reports top-1 accuracy per
-device and how often the two devices agree; the JSON lands in ``bench/results/``.
+device and how often the two devices agree; the JSON lands in ``bench/results/fidelity/``.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ import torch
 from tqdm import tqdm
 
 from app.bench.server import running_server
-from app.bench.timing import environment
-from app.vit.data import list_images, read_labels
+from app.timing import environment
+from app.train.data import list_images, read_labels
 
 
 def classify_folder(
@@ -47,7 +47,7 @@ def main() -> None:
     parser.add_argument("--images", type=Path, required=True, help="folder with labels.csv")
     parser.add_argument("--store", type=Path, required=True)
     parser.add_argument("--model", default="deit_tiny_patch16_224")
-    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    parser.add_argument("--out", type=Path, default=Path("bench/results/fidelity"))
     args = parser.parse_args()
     labels = read_labels(args.images)
     files = list_images(args.images)

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from app.vit.data import list_images
+from app.train.data import list_images
 
 # (width, height): phone photo thumbnails to small web images, portrait and landscape.
 SIZES = ((320, 240), (640, 480), (480, 640), (800, 600), (500, 375), (1024, 768))

@@ -29,7 +29,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from app.bench.arch import DENSE, build_arch_models, fmt, release
 from app.bench.models import mode_name, resolve_configs
-from app.bench.timing import device_slug, environment, prepare, random_inputs
+from app.timing import device_slug, environment, prepare, random_inputs
 from app.vit.merge import leave_matching_eager
 
 # First match wins; names are lower-cased. cuBLAS/CUTLASS GEMMs, SDPA back-ends, ours.
@@ -159,7 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="torch.compile (default mode), token merging's sorts left eager as served",
     )
     parser.add_argument("--forwards", type=int, default=10, help="profiled forwards per model")
-    parser.add_argument("--out-dir", default="bench/results")
+    parser.add_argument("--out-dir", default="bench/results/kernels")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         parser.error("needs a CUDA device: it profiles GPU kernels")

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from app.bench.arch import ArchModels, fmt, randomize_compressed_layers, release
-from app.bench.timing import Failure, Timing, prepare, time_interleaved
+from app.timing import Failure, Timing, prepare, time_interleaved
 from app.vit.builder import CompressedViT
 from app.vit.merge import MergeBlock, MergeState
 from app.vit.static_attention import StaticAttention

@@ -2,7 +2,7 @@
 
 A speedup is only meaningful when both sides share the machine state, so for each
 (arch, dtype, batch, compiled) the dense model and every compressed config are timed
-interleaved in one loop (see :mod:`app.bench.timing`) and each ratio comes from that loop.
+interleaved in one loop (see :mod:`app.timing`) and each ratio comes from that loop.
 Weights are random: speed does not depend on their values, only on their not being the
 zeros/constants of a fresh init (see :func:`randomize_compressed_layers`).
 
@@ -39,7 +39,7 @@ from app.bench.arch import (
     release,
 )
 from app.bench.layers import format_per_layer, per_layer_bench
-from app.bench.timing import (
+from app.timing import (
     COMPILE_MODES,
     Failure,
     Timing,
@@ -240,7 +240,7 @@ def run_models_bench(
     compiled: Sequence[bool] | None = None,
     device: str | torch.device = "auto",
     per_layer: bool = True,
-    out_dir: Path = Path("bench/results"),
+    out_dir: Path = Path("bench/results/models"),
     repeats: int | None = None,
     warmup: int | None = None,
     threads: int | None = None,
@@ -409,7 +409,7 @@ def _parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, help="timed calls per model (CUDA 50, CPU 10)")
     parser.add_argument("--warmup", type=int, help="warm-up rounds (CUDA 10, CPU 3)")
     parser.add_argument("--no-per-layer", action="store_true", help="skip the per-layer section")
-    parser.add_argument("--out-dir", type=Path, default=Path("bench/results"))
+    parser.add_argument("--out-dir", type=Path, default=Path("bench/results/models"))
     parser.add_argument("--no-progress", action="store_true", help="no tqdm bar")
     return parser.parse_args(argv)
 

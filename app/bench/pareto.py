@@ -22,8 +22,8 @@ from typing import Any, NamedTuple, TypeVar
 from matplotlib.figure import Figure
 
 from app.bench.models import mode_name
-from app.bench.timing import dtype_name
 from app.store import ModelStore, StoreError
+from app.timing import dtype_name
 from app.vit.builder import resolve_config
 
 log = logging.getLogger(__name__)
@@ -267,7 +267,7 @@ def _draw_front(
 
 def fidelity_from_distill(report: Mapping[str, Any]) -> dict[str, dict]:
     """``{entry: {'config', 'agreement_top1', 'top1'}}`` from a distillation summary
-    (``bench/gpu_distill.sh``'s JSON: one row per distilled entry)."""
+    (``bench/scripts/gpu_distill.sh``'s JSON: one row per distilled entry)."""
     return {
         row["entry"]: {
             "config": row["config"],

@@ -41,8 +41,8 @@ from app.bench.decode_ceiling import decode_ceiling, stage_times
 from app.bench.images import load_images
 from app.bench.load_client import Client, Load
 from app.bench.server import running_server
-from app.bench.timing import environment, timing_device
 from app.bench.utilisation import Utilisation
+from app.timing import environment, timing_device
 
 DEFAULT_CONCURRENCY = (1, 4, 16, 64)
 
@@ -479,7 +479,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--ceiling-seconds", dest="ceiling_seconds", type=float, default=3.0)
     p.add_argument("--start-timeout", dest="start_timeout", type=float, default=600)
-    p.add_argument("--out", type=Path, default=Path("bench/results"))
+    p.add_argument("--out", type=Path, default=Path("bench/results/service"))
     return p
 
 

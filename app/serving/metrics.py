@@ -23,7 +23,7 @@ from prometheus_client import (
 )
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
-from app.serving.agreement import Agreement
+from app.experiments.agreement import Agreement
 from app.serving.gpu_metrics import GpuCollector
 
 if TYPE_CHECKING:  # the store pulls in timm: too heavy for a metrics-only process

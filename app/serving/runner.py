@@ -15,7 +15,6 @@ import torch
 from torch import nn
 
 from app.serving.cuda_graphs import GraphedForward
-from app.vit.merge import leave_matching_eager
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +43,10 @@ class ModelRunner:
         self.device, self.dtype, self.input_size = device, dtype, input_size
         module = module.eval().to(device=device, dtype=dtype)
         if compile:
-            leave_matching_eager(module)  # merged models: minutes less to compile
+            # The model says what to leave out of the graph (merged models: their sorts).
+            prepare = getattr(module, "prepare_for_compile", None)
+            if callable(prepare):
+                prepare()
         self.forward: Callable[[torch.Tensor], torch.Tensor] = (
             torch.compile(module) if compile else module
         )

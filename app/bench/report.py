@@ -1,0 +1,364 @@
+"""Write the docs' tables from ``bench/results/`` (#24), so no figure is typed by hand.
+
+``bench/results/current.toml`` names each table: the doc it goes in, how it is drawn, the
+result files it is built from (chosen by hand: a newer run becomes current when it is
+listed there, never by date) and the command that reproduces them. A table replaces what
+stands between ``<!-- report:ID -->`` and ``<!-- /report:ID -->`` in its doc; the prose
+around the markers is left alone. ``--check`` writes nothing and fails when a doc differs
+from what would be written, which is what the up-to-date test runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import tomllib
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from app.bench.models import mode_name
+from app.config import Settings
+
+REPO = Path(__file__).resolve().parents[2]
+INDEX = Path("bench/results/current.toml")
+MODES = ("eager", "graphs", "compiled", "compiled+graphs")
+ARCH_NAMES = {
+    "deit_tiny_patch16_224": "DeiT-Ti",
+    "deit_small_patch16_224": "DeiT-S",
+    "deit_base_patch16_224": "DeiT-B",
+}
+
+Table = Mapping[str, Any]
+
+
+def _load(repo: Path, name: str) -> dict[str, Any]:
+    return json.loads((repo / "bench/results" / name).read_text())
+
+
+def _stamp(name: str) -> str:
+    """A result file's short name in a table's source column."""
+    return Path(name).stem
+
+
+def _markdown(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows]
+
+
+def _arch(name: str) -> str:
+    return ARCH_NAMES.get(name, name)
+
+
+def _torch(results: Sequence[Mapping[str, Any]]) -> str:
+    return ", ".join(sorted({r["torch_version"] for r in results if "torch_version" in r}))
+
+
+def models_table(table: Table, repo: Path) -> list[str]:
+    """Speed-up over dense per config, one column per (model, mode) measured; a later file
+    overrides an earlier one's cell. Dense's images/s is its own row."""
+    results = [_load(repo, f) for f in table["files"]]
+    cells: dict[str, dict[tuple[str, str], str]] = {}
+    sources: dict[str, list[str]] = {}
+    batches, dtypes, devices = set(), set(), set()
+    for name, result in zip(table["files"], results, strict=True):
+        devices.add(result["device"])
+        for row in result["rows"]:
+            if row.get("error") or row.get("speedup") is None:
+                continue
+            column = (_arch(row["arch"]), mode_name(row["compiled"], row.get("cuda_graphs", False)))
+            label = row["name"]
+            value = f"{row['img_s']:,.0f} img/s" if label == "dense" else f"{row['speedup']:.2f}×"
+            cells.setdefault(label, {})[column] = value
+            if label != "dense" and _stamp(name) not in sources.setdefault(label, []):
+                sources[label].append(_stamp(name))
+            batches.add(row["batch"])
+            dtypes.add(row["dtype"])
+    columns = sorted(
+        {c for row in cells.values() for c in row}, key=lambda c: (c[0], MODES.index(c[1]))
+    )
+    order = ["dense"] + sorted(k for k in cells if k != "dense")
+    rows = [
+        [f"`{k}`" if k != "dense" else "dense"]
+        + [cells[k].get(c, "–") for c in columns]
+        + [", ".join(sources.get(k, ["each file's own"]))]
+        for k in order
+    ]
+    caption = (
+        f"Device: {', '.join(sorted(devices))} (torch {_torch(results)}); batch "
+        f"{', '.join(map(str, sorted(batches)))}; {', '.join(sorted(dtypes))}; random weights "
+        "(speed does not depend on them). Each ratio is against dense timed in the same run and "
+        "mode; dense's images/s is from the last listed file that measured its column."
+    )
+    header = ["config"] + [f"{arch} {mode}" for arch, mode in columns] + ["source"]
+    return [caption, "", *_markdown(header, rows)]
+
+
+def _service_mode(result: Mapping[str, Any]) -> str:
+    server = result.get("server", {})
+    compiled = server.get("VITSERVE_COMPILE", "false").lower() in {"1", "true"}
+    graphs = result["device_type"] == "cuda" and server.get("VITSERVE_CUDA_GRAPHS", "true") in {
+        "1",
+        "true",
+    }
+    return mode_name(compiled, graphs)
+
+
+def service_table(table: Table, repo: Path) -> list[str]:
+    """End to end through HTTP: best images/s over the concurrency levels, the ratio to the
+    run's reference model, and p99 latency at half that load."""
+    header = [
+        "model",
+        "device",
+        "mode",
+        "server",
+        "images/request",
+        "max batch",
+        "images/s (best)",
+        "× reference",
+        "p99 at half load",
+        "source",
+    ]
+    rows = []
+    results = [_load(repo, f) for f in table["files"]]
+    for name, result in zip(table["files"], results, strict=True):
+        server = result.get("server", {})
+        workers = server.get("VITSERVE_WORKERS", "1")
+        for model, best in result["best_img_s"].items():
+            if model in table.get("exclude", ()):
+                continue
+            ratio = 1.0 if model == result["reference"] else result["speedups"].get(model)
+            half = result.get("half_load", {}).get(model, {})
+            rows.append(
+                [
+                    f"`{model}`",
+                    f"{result['device']} ({result['dtype']})",
+                    _service_mode(result),
+                    f"{workers} process(es)",
+                    str(result["images_per_request"]),
+                    server.get("VITSERVE_MAX_BATCH_SIZE", "32"),
+                    f"{best:,.1f}" if best < 100 else f"{best:,.0f}",
+                    f"{ratio:.2f}×" if ratio else "–",
+                    f"{half['p99_ms']:.0f} ms" if half else "–",
+                    _stamp(name),
+                ]
+            )
+    caption = (
+        f"Random-weight models (speed only), real JPEGs; torch {_torch(results)}. "
+        "Client: closed loop over the listed concurrency levels, then Poisson arrivals at half "
+        "the best rate for the p99."
+    )
+    return [caption, "", *_markdown(header, rows)]
+
+
+def baseline_table(table: Table, repo: Path) -> list[str]:
+    """Ours and the LitServe baseline at each concurrency level of one run."""
+    header = ["server", "model", "device", "mode", "images/request", "concurrency", "images/s"]
+    header += ["p99", "source"]
+    rows = []
+    for name in table["files"]:
+        result = _load(repo, name)
+        server = result.get("server", {})
+        lit = result["litserve"]
+        for level in result["levels"]:
+            ours = not level["model"].startswith("litserve:")
+            who = (
+                f"vitserve, {server.get('VITSERVE_WORKERS', '1')} processes"
+                if ours
+                else f"LitServe, {lit['workers_per_device']} workers"
+            )
+            rows.append(
+                [
+                    who,
+                    f"`{level['model'].removeprefix('litserve:')}`",
+                    f"{result['device']} ({result['dtype']})",
+                    _service_mode(result) if ours else "eager",
+                    str(result["images_per_request"]),
+                    str(level["concurrency"]),
+                    f"{level['img_s']:,.0f}",
+                    f"{level['p99_ms']:.0f} ms",
+                    _stamp(name),
+                ]
+            )
+    caption = (
+        f"Max batch {lit['max_batch_size']} for both. The two set-ups differ in process "
+        "count, so the ratio is of these set-ups, not of the frameworks."
+    )
+    return [caption, "", *_markdown(header, rows)]
+
+
+def decode_table(table: Table, repo: Path) -> list[str]:
+    """The decode stage per image, each step timed alone."""
+    header = ["path", "device", "batch", "probe", "decode", "resize + crop", "normalise", "all"]
+    rows = []
+    for name in table["files"]:
+        result = _load(repo, name)
+        for row in result["rows"]:
+            steps = row["ms_per_image"]
+            rows.append(
+                [row["path"], result["device"], str(row["batch"])]
+                + [
+                    f"{steps[k]:.3f} ms"
+                    for k in ("probe", "decode", "resize_crop", "normalize")
+                    if k in steps
+                ]
+                + [f"{sum(steps.values()):.3f} ms"]
+            )
+    caption = f"Milliseconds per image, model: none (the stage alone); source: {table['files']}."
+    return [caption, "", *_markdown(header, rows)]
+
+
+def fidelity_table(table: Table, repo: Path) -> list[str]:
+    """Agreement with the dense top-1 and top-1 accuracy per variant and image folder."""
+    results = [_load(repo, f) for f in table["files"]]
+    folders = sorted({Path(f).name for r in results for f in r["folders"]})
+    header = ["variant", "training"] + [f"{f}: agreement / top-1" for f in folders] + ["source"]
+    rows, devices, teachers = [], set(), set()
+    for name, result in zip(table["files"], results, strict=True):
+        devices.add(f"{result['device']} ({result['device_type']})")
+        teachers.add(result["teacher"])
+        for row in result["rows"]:
+            cells = []
+            for folder in folders:
+                ev = row["eval"].get(folder)
+                cells.append(
+                    f"{ev['agreement_top1']:.1%} / {ev['student_top1_acc']:.1%}"
+                    f" (n={ev['n_images']})"
+                    if ev
+                    else "–"
+                )
+            rows.append([f"`{row['name']}`", row["training"], *cells, _stamp(name)])
+    dense = {
+        Path(f).name: ev["teacher_top1_acc"]
+        for r in results
+        for row in r["rows"]
+        for f, ev in row["eval"].items()
+    }
+    caption = (
+        f"Model: {', '.join(sorted(teachers))} (real weights) and its variants; mode eager, "
+        f"float32; device {', '.join(sorted(devices))}; every variant on the same photos, "
+        "batch size irrelevant to the figures. Dense top-1: "
+        + ", ".join(f"{k} {v:.1%}" for k, v in sorted(dense.items()))
+        + "."
+    )
+    return [caption, "", *_markdown(header, rows)]
+
+
+def front_table(table: Table, repo: Path) -> list[str]:
+    """The points of a Pareto front JSON (speed of one slice, fidelity of DeiT-Tiny)."""
+    lines = []
+    for name in table["files"]:
+        front = _load(repo, name)
+        s = front["slice"]
+        lines += [
+            f"Speed: {_arch(s['arch'])}, {mode_name(s['compiled'], s['cuda_graphs'])}, batch "
+            f"{s['batch']}, {s['dtype']}, {front['device']}; fidelity: DeiT-Tiny variants "
+            f"(agreement with dense top-1). Source: `{name}`.",
+            "",
+        ]
+        rows = [
+            [p["label"], f"{p['speedup']:.2f}×", f"{p['agreement_top1']:.1%}"]
+            + ["yes" if p["on_front"] else ""]
+            for p in sorted(front["points"], key=lambda p: -p["speedup"])
+            if p["on_front"] or not table.get("front_only", False)
+        ]
+        lines += [*_markdown(["point", "speed-up", "agreement", "on the front"], rows), ""]
+    return lines[:-1]
+
+
+def variants_table(table: Table, repo: Path) -> list[str]:
+    """The store's declared entries with the figures their manifests carry."""
+    header = ["entry", "variant", "agreement with dense (photos)", "top-1"]
+    header += ["speed-up: model, mode, batch, device"]
+    rows = []
+    for path in sorted((repo / "model_store").glob("*/manifest.json")):
+        m = json.loads(path.read_text())
+        fid = m.get("metrics", {}).get("fidelity", {})
+        speed = m.get("metrics", {}).get("speed", {})
+        if speed.get("speedup") is not None:
+            mode = "compiled+graphs" if "replayed" in speed.get("mode", "") else "compiled"
+            where = (
+                f"{speed['speedup']:.2f}×: {_arch(speed['arch'])} stand-in (random weights), "
+                f"{mode}, batch {speed['batch_size']}, {speed['device']}"
+            )
+        else:
+            where = "–"
+        agreement = (
+            f"{fid['agreement_top1']:.1%} ({fid['n_images']}, {Path(fid['eval_dir']).name})"
+            if fid
+            else ("100% (itself)" if m["variant"] == "dense" else "–")
+        )
+        top1 = f"{fid['student_top1_acc']:.1%}" if fid.get("student_top1_acc") else "–"
+        rows.append([f"`{m['name']}`", m["variant"], agreement, top1, where])
+    caption = (
+        "Generated from `model_store/*/manifest.json`: fidelity as each manifest records it, "
+        "on the photo folder named (`imagenet-dev-256`: copies downscaled to short side 256)."
+    )
+    return [caption, "", *_markdown(header, rows)]
+
+
+def settings_table(table: Table, repo: Path) -> list[str]:
+    """Every setting of :class:`app.config.Settings`: variable, default, meaning."""
+    rows = []
+    for name, field in Settings.model_fields.items():
+        default = field.get_default(call_default_factory=True)
+        shown = "unset" if default is None else json.dumps(default, default=str)
+        shown = shown.strip('"') if isinstance(default, str | Path) else shown
+        rows.append([f"`VITSERVE_{name.upper()}`", f"`{shown}`", field.description or ""])
+    return _markdown(["variable", "default", "meaning"], rows)
+
+
+RENDERERS: dict[str, Callable[[Table, Path], list[str]]] = {
+    "models": models_table,
+    "service": service_table,
+    "baseline": baseline_table,
+    "decode": decode_table,
+    "fidelity": fidelity_table,
+    "front": front_table,
+    "variants": variants_table,
+    "settings": settings_table,
+}
+
+
+def render(table: Table, repo: Path) -> str:
+    lines = RENDERERS[table["render"]](table, repo)
+    if "command" in table:
+        lines += ["", f"Reproduce: `{table['command']}`"]
+    return "\n".join(lines)
+
+
+def write_docs(repo: Path = REPO, *, check: bool = False) -> list[str]:
+    """Replace every table's section in its doc; returns the docs that differ (with
+    ``check``, nothing is written)."""
+    index = tomllib.loads((repo / INDEX).read_text())
+    docs: dict[str, str] = {}
+    for table in index["table"]:
+        doc = table["doc"]
+        text = docs.get(doc) or (repo / doc).read_text()
+        start, end = f"<!-- report:{table['id']} -->", f"<!-- /report:{table['id']} -->"
+        pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.DOTALL)
+        if not pattern.search(text):  # a doc without the section: say so, never append
+            raise ValueError(f"{doc} has no {start} ... {end} section")
+        start_at, end_at = pattern.search(text).span()
+        docs[doc] = f"{text[:start_at]}{start}\n{render(table, repo)}\n{end}{text[end_at:]}"
+    stale = [doc for doc, text in docs.items() if (repo / doc).read_text() != text]
+    if not check:
+        for doc in stale:
+            (repo / doc).write_text(docs[doc])
+    return stale
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="vitserve report", description=__doc__)
+    parser.add_argument("--check", action="store_true", help="write nothing; exit 1 if stale")
+    args = parser.parse_args(argv)
+    stale = write_docs(REPO, check=args.check)
+    for doc in stale:
+        print(f"{doc}: {'stale, run `vitserve report`' if args.check else 'written'}")
+    return 1 if args.check and stale else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Long jobs the CLI starts (the compress job); they may use vit, train, store and bench."""

@@ -1,0 +1,1 @@
+"""Benchmark tests: the bench tools on tiny models, and the generated docs."""

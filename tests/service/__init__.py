@@ -1,0 +1,1 @@
+"""Service tests: a real server (or the app in process) over HTTP."""
