@@ -11,6 +11,9 @@ import signal
 import sys
 import tempfile
 from pathlib import Path
+from typing import NoReturn
+
+from pydantic import ValidationError
 
 from app.config import Settings
 
@@ -31,7 +34,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    from app.api.app import create_app
+    from app.api.app import check_experiments, create_app
+    from app.serving.pool import selected_names
+    from app.store import ModelStore
+
+    # Here, not in the app's start-up: there a bad name is a traceback per worker process.
+    check_experiments(settings, selected_names(settings, ModelStore(settings.store_dir)))
 
     # uvicorn drains on SIGTERM, then re-raises the signal under the handler that was in
     # place before it started: make that one exit 0, since the shutdown was graceful.
@@ -212,8 +220,27 @@ def cmd_bench_service(args: argparse.Namespace) -> int:
     return service_main(args.extra)
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """A bad flag or value is one line on stderr and exit 2, like every other bad setting."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def setting_error(exc: Exception) -> str:
+    """One line for a bad setting: which field, its environment variable, what is wrong."""
+    if not isinstance(exc, ValidationError):
+        return " ".join(str(exc).split())
+    problems = []
+    for err in exc.errors():
+        field = ".".join(str(part) for part in err["loc"])
+        env = f"VITSERVE_{str(err['loc'][0]).upper()}" if err["loc"] else "VITSERVE_*"
+        problems.append(f"{field} ({env}): {err['msg']}, got {err.get('input')!r}")
+    return "invalid setting " + "; ".join(problems)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vitserve", description=__doc__)
+    parser = OneLineErrorParser(prog="vitserve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the HTTP service (uvicorn)")
@@ -327,6 +354,10 @@ def main(argv: list[str] | None = None) -> None:
         from app.store import StoreError
 
         if isinstance(exc, StoreError | ValueError | FileNotFoundError):
-            print(f"error: {exc}", file=sys.stderr)
+            print(f"error: {setting_error(exc)}", file=sys.stderr)
             sys.exit(2)
         raise
+
+
+if __name__ == "__main__":
+    main()
