@@ -11,6 +11,9 @@ import signal
 import sys
 import tempfile
 from pathlib import Path
+from typing import NoReturn
+
+from pydantic import ValidationError
 
 from app.config import Settings
 
@@ -47,6 +50,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         os.environ[f"VITSERVE_{key.upper()}"] = str(value)
     with tempfile.TemporaryDirectory(prefix="vitserve-metrics-") as scratch:
         os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", scratch)
+        # Only now may the app be imported: prometheus_client picks its value store (files
+        # in that folder) when it is first imported.
+        from app.api.app import check_experiments, create_app
+        from app.serving.pool import selected_names
+        from app.store import ModelStore
+
+        # Here, not in the app's start-up: there a bad name is a traceback per worker process.
+        check_experiments(settings, selected_names(settings, ModelStore(settings.store_dir)))
         supervisor = None
         if settings.engine == "process":
             from app.serving.engine.supervisor import EngineSupervisor
@@ -56,10 +67,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
             os.environ.update(supervisor.sockets_env)
         try:
             if settings.workers == 1:
-                # imported only now: prometheus_client picks its value store (files in
-                # the multiprocess folder) when it is first imported
-                from app.api.app import create_app
-
                 uvicorn.run(create_app(settings), **common)
             else:
                 uvicorn.run(
@@ -233,8 +240,27 @@ def cmd_report(args: argparse.Namespace) -> int:
     return report_main(["--check"] if args.check else [])
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """A bad flag or value is one line on stderr and exit 2, like every other bad setting."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def setting_error(exc: Exception) -> str:
+    """One line for a bad setting: which field, its environment variable, what is wrong."""
+    if not isinstance(exc, ValidationError):
+        return " ".join(str(exc).split())
+    problems = []
+    for err in exc.errors():
+        field = ".".join(str(part) for part in err["loc"])
+        env = f"VITSERVE_{str(err['loc'][0]).upper()}" if err["loc"] else "VITSERVE_*"
+        problems.append(f"{field} ({env}): {err['msg']}, got {err.get('input')!r}")
+    return "invalid setting " + "; ".join(problems)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vitserve", description=__doc__)
+    parser = OneLineErrorParser(prog="vitserve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the HTTP service (uvicorn)")
@@ -354,7 +380,7 @@ def main(argv: list[str] | None = None) -> None:
         from app.store import StoreError
 
         if isinstance(exc, StoreError | ValueError | FileNotFoundError):
-            print(f"error: {exc}", file=sys.stderr)
+            print(f"error: {setting_error(exc)}", file=sys.stderr)
             sys.exit(2)
         raise
 

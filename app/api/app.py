@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi_offline import FastAPIOffline
 
 from app import __version__
 from app.api.compare import router as compare_router
@@ -51,7 +52,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await pool.stop()
             metrics.process_exiting()
 
-    app = FastAPI(title="vitserve", version=__version__, description=DESCRIPTION, lifespan=lifespan)
+    # /docs and /redoc load Swagger UI and ReDoc from the package, not a CDN: they work offline.
+    app = FastAPIOffline(
+        title="vitserve", version=__version__, description=DESCRIPTION, lifespan=lifespan
+    )
     app.state.settings = settings
     app.state.metrics = Metrics()
     install_error_handlers(app)
@@ -78,13 +82,19 @@ def serving_pool(settings: Settings, store: ModelStore, metrics: Metrics) -> Mod
     return ModelPool(settings, store, metrics)
 
 
-def experiments(settings: Settings, served: list[str], metrics: Metrics) -> AbRouter | None:
-    """Check that A/B and shadow settings name served models (else refuse to start: a typo
-    would silently route nothing), and build the A/B router if weights are set."""
+def check_experiments(settings: Settings, served: list[str]) -> None:
+    """Refuse A/B and shadow settings that name models not served: a typo would silently
+    route nothing. ``vitserve serve`` calls this before any worker starts."""
     shadow = settings.shadow
     check_known("VITSERVE_SHADOW", [*shadow, *shadow.values()], served)
+    if settings.ab_weights:
+        check_known("VITSERVE_AB_WEIGHTS", settings.ab_weights, served)
+
+
+def experiments(settings: Settings, served: list[str], metrics: Metrics) -> AbRouter | None:
+    """The A/B router if weights are set, after ``check_experiments``."""
+    check_experiments(settings, served)
     if not settings.ab_weights:
         return None
-    check_known("VITSERVE_AB_WEIGHTS", settings.ab_weights, served)
     log.info("A/B routing %s (sticky header: %s)", settings.ab_weights, settings.ab_sticky_header)
     return AbRouter(settings.ab_weights, settings.ab_sticky_header, metrics)

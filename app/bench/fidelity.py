@@ -7,7 +7,9 @@ attention is calibrated on ``--calibrate`` (the teacher's mean attention there),
 start as average pooling -- each against the teacher on every ``--images`` folder (top-1 with its
 ``labels.csv``). One JSON under ``bench/results/fidelity/`` holds every row, so the front compares
 variants measured with the same images, preprocessing and device. A distilled entry is
-only evaluated on folders it was not trained on (its manifest lists them).
+only evaluated on folders it was not trained on (its manifest lists them). The teacher
+runs once per folder (its logits are kept); each row also pools its folders into one
+agreement with a 95% Wilson interval.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from tqdm.auto import tqdm
 from app.store import ModelStore
 from app.timing import environment
 from app.train.data import EvalImages, eval_transform, list_images, read_labels
-from app.train.evaluate import evaluate
+from app.train.evaluate import evaluate, logits, wilson_interval
 from app.vit.builder import calibrate, compress, resolve_config
 
 
@@ -68,6 +70,11 @@ def evaluate_all(
             training = "calibrated"
         skip = {calibration.name} if calibration and cfg.static_layers else set()
         variants.append((text, str(cfg), training, student, skip))
+    files = {folder: list_images(folder) for folder in folders}
+    teacher_logits = {
+        folder: logits(teacher, files[folder], data_config, device=device, dtype=dtype)
+        for folder in folders
+    }
     rows = []
     for name, config, training, student, skip in tqdm(variants, desc="variants", unit="model"):
         results = {}
@@ -75,16 +82,17 @@ def evaluate_all(
             if folder.name in skip:
                 continue
             fidelity = evaluate(
-                teacher,
+                teacher_logits[folder],
                 student,
-                list_images(folder),
+                files[folder],
                 read_labels(folder),
                 data_config,
                 device=device,
                 dtype=dtype,
             )
             results[folder.name] = fidelity.model_dump()
-        rows.append({"name": name, "config": config, "training": training, "eval": results})
+        row = {"name": name, "config": config, "training": training, "eval": results}
+        rows.append({**row, "pooled": pooled(results)})
     return {
         **environment(device),
         "teacher": teacher_name,
@@ -93,9 +101,38 @@ def evaluate_all(
     }
 
 
+def pooled(results: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
+    """A row's folders as one sample: agreement with its 95% Wilson interval, top-1."""
+    if not results:
+        return None
+    n = sum(r["n_images"] for r in results.values())
+    agree = sum(round(r["agreement_top1"] * r["n_images"]) for r in results.values())
+    labelled = sum(r["n_labelled"] for r in results.values())
+    lo, hi = wilson_interval(agree, n)
+
+    def accuracy(key: str) -> float | None:
+        if not labelled:
+            return None
+        return sum((r[key] or 0.0) * r["n_labelled"] for r in results.values()) / labelled
+
+    return {
+        "folders": sorted(results),
+        "n_images": n,
+        "agreement_top1": agree / n,
+        "agreement_ci95": [lo, hi],
+        "ci_method": "Wilson score",
+        "student_top1_acc": accuracy("student_top1_acc"),
+        "teacher_top1_acc": accuracy("teacher_top1_acc"),
+    }
+
+
 def format_table(report: dict[str, Any]) -> str:
     folders = [Path(f).name for f in report["folders"]]
-    head = f"{'variant':34s} {'training':14s}" + "".join(f" {f[:22]:>22s}" for f in folders)
+    head = (
+        f"{'variant':34s} {'training':14s}"
+        + "".join(f" {f[:22]:>22s}" for f in folders)
+        + f" {'pooled (95% CI)':>24s}"
+    )
     lines = [head, "-" * len(head)]
     for row in report["rows"]:
         cells = []
@@ -107,8 +144,17 @@ def format_table(report: dict[str, Any]) -> str:
                 if r is None
                 else f" {100 * r['agreement_top1']:8.1f}% / {100 * acc if acc else 0:5.1f}%      "
             )
+        pool = row.get("pooled")
+        if pool:
+            lo, hi = pool["agreement_ci95"]
+            cells.append(
+                f" {100 * pool['agreement_top1']:8.1f}% ({100 * lo:.1f}-{100 * hi:.1f})    "
+            )
         lines.append(f"{row['name'][:34]:34s} {row['training']:14s}" + "".join(cells))
-    lines.append("per folder: top-1 agreement with the teacher / top-1 accuracy")
+    lines.append(
+        "per folder: top-1 agreement with the teacher / top-1 accuracy; pooled: all folders"
+        " a row was scored on, agreement with its 95% Wilson interval"
+    )
     return "\n".join(lines)
 
 

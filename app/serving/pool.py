@@ -90,11 +90,7 @@ class ModelPool:
 
     def selected_names(self) -> list[str]:
         """The entries this pool serves, default first (known before anything loads)."""
-        names = list(self.settings.models or self.store.names())
-        if self.settings.default_model not in names:
-            names = [self.settings.default_model, *names]
-        names.sort(key=lambda n: n != self.settings.default_model)
-        return names
+        return selected_names(self.settings, self.store)
 
     async def wait_loaded(self) -> None:
         if self._loader:
@@ -242,3 +238,13 @@ class ModelPool:
         for decoder in model.decoders:
             decoder.warm_up()
         model.labels = class_names(loaded.manifest.labels)
+
+
+def selected_names(settings: Settings, store: ModelStore) -> list[str]:
+    """The entries a server with ``settings`` serves, default first: known from the
+    settings and the store's listing alone, so the CLI can check names before it starts."""
+    names = list(settings.models or store.names())
+    if settings.default_model not in names:
+        names = [settings.default_model, *names]
+    names.sort(key=lambda n: n != settings.default_model)
+    return names

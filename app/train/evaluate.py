@@ -7,6 +7,7 @@ teacher's own mistakes); KL and top-5 overlap show how close the full distributi
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -70,9 +71,20 @@ class _Tally:
         )
 
 
+def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """Wilson score interval of a proportion (95% by default): unlike the normal
+    approximation it stays inside [0, 1] and is honest near 100% agreement."""
+    if n <= 0:
+        raise ValueError("an interval needs at least one trial")
+    p, z2 = successes / n, z * z
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
 @torch.inference_mode()
 def evaluate(
-    teacher: nn.Module,
+    teacher: nn.Module | torch.Tensor,
     student: nn.Module,
     images: Sequence[Path],
     labels: Mapping[str, int] | None,
@@ -87,12 +99,18 @@ def evaluate(
 
     ``labels`` maps file names to class indices (``read_labels``); images it lacks count
     for agreement but not accuracy. A non-fp32 ``dtype`` (or its name, e.g. ``"bfloat16"``)
-    runs under autocast.
+    runs under autocast. ``teacher`` may be its logits on ``images`` already (``logits``),
+    so that scoring many students runs the teacher once.
     """
     if not images:
         raise ValueError("no images to evaluate on")
     dev, dtype = torch.device(device), resolve_dtype(dtype)
-    teacher, student = teacher.eval().to(dev), student.eval().to(dev)
+    student = student.eval().to(dev)
+    cached = teacher if isinstance(teacher, torch.Tensor) else None
+    if cached is not None and cached.shape[0] != len(images):
+        raise ValueError(f"{cached.shape[0]} teacher logits for {len(images)} images")
+    if cached is None:
+        teacher = teacher.eval().to(dev)
     label_of = dict(labels or {})
     label_N = torch.tensor([label_of.get(p.name, -1) for p in images])
     loader = DataLoader(
@@ -106,6 +124,30 @@ def evaluate(
     for x_B3HW, idx_B in tqdm(loader, desc="evaluate", unit="batch", leave=False):
         x_B3HW = x_B3HW.to(dev, non_blocking=True)
         with autocast:
-            t_BK, s_BK = teacher(x_B3HW), student(x_B3HW)
+            s_BK = student(x_B3HW)
+            t_BK = cached[idx_B] if cached is not None else teacher(x_B3HW)
         tally.add(t_BK.float().cpu(), s_BK.float().cpu(), label_N[idx_B])
     return tally.result()
+
+
+@torch.inference_mode()
+def logits(
+    model: nn.Module,
+    images: Sequence[Path],
+    data_config: dict[str, Any],
+    *,
+    batch_size: int = 64,
+    device: str = "cpu",
+    dtype: torch.dtype | str = torch.float32,
+) -> torch.Tensor:
+    """``model``'s float32 logits (N x classes, on the CPU) on the eval transform of
+    ``images``, in order: the teacher's side of ``evaluate``, computed once."""
+    dev, dtype = torch.device(device), resolve_dtype(dtype)
+    model = model.eval().to(dev)
+    loader = DataLoader(EvalImages(images, eval_transform(data_config)), batch_size=batch_size)
+    autocast = torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32)
+    out = []
+    for x_B3HW, _ in tqdm(loader, desc="teacher logits", unit="batch", leave=False):
+        with autocast:
+            out.append(model(x_B3HW.to(dev)).float().cpu())
+    return torch.cat(out)

@@ -10,6 +10,7 @@ import pytest
 from app.bench.fidelity import main
 from app.store import ModelStore
 from app.store.manifest import Source
+from app.train.evaluate import wilson_interval
 from app.vit.builder import compress
 from app.vit.config import CompressionConfig
 from tests.helpers import add_tiny_entry, image_bytes, tiny_manifest
@@ -51,6 +52,9 @@ def test_entries_and_configs_on_shared_folders_skipping_trained_on(tmp_path, cap
     assert rows["tiny-merged"]["training"] == "distilled"
     assert rows["merge=0"]["eval"]["train"]["agreement_top1"] == 1.0  # r=0 is the dense model
     assert rows["merge=0"]["training"] == "training-free"
+    pooled = rows["merge=0"]["pooled"]  # both folders as one sample, with its interval
+    assert (pooled["n_images"], pooled["agreement_top1"]) == (9, 1.0)
+    assert pooled["agreement_ci95"] == [pytest.approx(0.7008, abs=1e-4), 1.0]  # Wilson, 9/9
     assert rows["static=0;merge=2@1"]["training"] == "calibrated"
     assert set(rows["static=0;merge=2@1"]["eval"]) == {"held-out"}  # calibrated on train
     assert "(trained on)" in capsys.readouterr().out
@@ -63,3 +67,12 @@ def test_static_attention_without_calibration_photos_is_refused(tmp_path):
     argv = ["--store", str(store.root), "--teacher", "tiny", "--images", str(folder)]
     with pytest.raises(ValueError, match="needs --calibrate"):
         main([*argv, "--configs", "static=0", "--out-dir", str(tmp_path / "r")])
+
+
+def test_wilson_interval_matches_the_closed_form() -> None:
+    z2 = 1.959964**2
+    assert wilson_interval(0, 10) == (0.0, pytest.approx(z2 / (10 + z2)))
+    low, high = wilson_interval(1406, 1543)
+    assert (round(low, 4), round(high, 4)) == (0.896, 0.9244)
+    with pytest.raises(ValueError):
+        wilson_interval(0, 0)
