@@ -7,7 +7,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -107,6 +107,11 @@ class Settings(BaseSettings):
         "aggregate across them through PROMETHEUS_MULTIPROC_DIR (a temporary one is made).",
     )
     log_level: str = "info"
+    admin_token: SecretStr | None = Field(
+        None,
+        description="Bearer token of POST /admin/reload (see docs/store.md); unset: the "
+        "endpoint answers 404.",
+    )
 
     @field_validator("ab_weights")
     @classmethod
