@@ -135,6 +135,8 @@ def cmd_store_list(args: argparse.Namespace) -> int:
         try:
             m = store.manifest(name)
             weights = "present" if store.has_weights(name) else "absent"
+            if m.teacher is not None:
+                weights += f" (derived from {m.teacher.name})"
             rows.append((name, m.variant, m.architecture, str(m.compression or "-"), weights))
         except StoreError as exc:
             rows.append((name, "?", "?", "?", f"invalid: {exc}"))

@@ -24,6 +24,11 @@ ENV_ASSIGNMENT = "="
 
 def recorded_command(manifest: Manifest) -> tuple[dict[str, str], list[str]]:
     """The recipe's environment prefix and its ``compress`` arguments."""
+    if manifest.teacher is not None:
+        raise StoreError(
+            f"{manifest.name} is derived from {manifest.teacher.name}: nothing to build, it is "
+            "ready as soon as its teacher's weights are"
+        )
     command = manifest.source.details.get("command") if manifest.source.kind == "compress" else None
     if not command:
         raise StoreError(
@@ -74,7 +79,8 @@ def build(
     """Run the recipe (progress from the distillation's bar), then verify the entry."""
     env, argv = build_argv(store, name, device=device, checkpoint_every=checkpoint_every)
     cwd = store.root.resolve().parent
-    print(f"building {name} in {cwd}:\n  {shlex.join(argv)}", file=sys.stderr)
+    prefix = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items() if k not in os.environ)
+    print(f"building {name} in {cwd}:\n  {prefix} {shlex.join(argv)}".strip(), file=sys.stderr)
     if dry_run:
         return None
     done = subprocess.run(argv, cwd=cwd, env={**env, **os.environ}, check=False)

@@ -130,6 +130,13 @@ def run_compress(
         )
     loaded = store.load(teacher_name)
     teacher, teacher_manifest = loaded.module, loaded.manifest
+    if out_name in store.names():  # refused now, not after minutes of training
+        declared = store.declared_manifest(out_name)
+        if declared.compression != cfg or declared.architecture != teacher_manifest.architecture:
+            raise ValueError(
+                f"{out_name} is declared as {declared.architecture} ({declared.compression}): "
+                "choose another --out"
+            )
     data_config = teacher_manifest.preprocessing.timm_data_config()
 
     device = training_device(opts.device)
