@@ -50,11 +50,15 @@ def test_the_build_runs_the_recorded_command_with_resumable_checkpoints(store):
     }
 
 
-def test_store_build_makes_the_declared_entry_and_leaves_its_manifest(store):
-    declared = (store.root / "tiny-d" / "manifest.json").read_bytes()
+def build(store: ModelStore) -> None:
     with pytest.raises(SystemExit) as done:
         main(["store", "build", "tiny-d", "--store", str(store.root), "--device", "cpu"])
     assert done.value.code == 0
+
+
+def test_store_build_makes_the_declared_entry_and_leaves_its_manifest(store):
+    declared = (store.root / "tiny-d" / "manifest.json").read_bytes()
+    build(store)
     assert (store.root / "tiny-d" / "manifest.json").read_bytes() == declared
     assert store.verify("tiny-d").weights.sha256  # recorded in local.json, verified
     assert (store.root / "tiny-d" / "checkpoints" / "last.pt").is_file()
