@@ -104,6 +104,50 @@ def cmd_store_random(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_store_build(args: argparse.Namespace) -> int:
+    from app.store.build import build
+
+    build(
+        _store(args),
+        args.name,
+        device=args.device,
+        checkpoint_every=args.checkpoint_every,
+        dry_run=args.dry_run,
+    )
+    return 0
+
+
+def cmd_store_export(args: argparse.Namespace) -> int:
+    from app.store.share import export_archive
+
+    out = export_archive(_store(args), args.name, Path(args.output or f"{args.name}.tar"))
+    print(f"exported {args.name} to {out}")
+    return 0
+
+
+def cmd_store_import_archive(args: argparse.Namespace) -> int:
+    from app.store.share import import_archive
+
+    manifest = import_archive(_store(args), Path(args.file))
+    print(f"imported {manifest.name}: sha256 {manifest.weights.sha256}")
+    return 0
+
+
+def cmd_store_push(args: argparse.Namespace) -> int:
+    from app.store.share import push
+
+    print(f"pushed {args.name} to {args.repo}: {push(_store(args), args.name, args.repo)}")
+    return 0
+
+
+def cmd_store_pull_entry(args: argparse.Namespace) -> int:
+    from app.store.share import pull_entry
+
+    manifest = pull_entry(_store(args), args.name, args.repo, revision=args.revision)
+    print(f"pulled {manifest.name} from {args.repo}: sha256 {manifest.weights.sha256}")
+    return 0
+
+
 def cmd_store_list(args: argparse.Namespace) -> int:
     from app.store import StoreError
 
@@ -113,6 +157,8 @@ def cmd_store_list(args: argparse.Namespace) -> int:
         try:
             m = store.manifest(name)
             weights = "present" if store.has_weights(name) else "absent"
+            if m.teacher is not None:
+                weights += f" (derived from {m.teacher.name})"
             rows.append((name, m.variant, m.architecture, str(m.compression or "-"), weights))
         except StoreError as exc:
             rows.append((name, "?", "?", "?", f"invalid: {exc}"))
@@ -285,6 +331,11 @@ def build_parser() -> argparse.ArgumentParser:
         ("random", cmd_store_random, "create an entry with random weights (speed tests only)"),
         ("list", cmd_store_list, "list entries"),
         ("verify", cmd_store_verify, "check manifests, checksums and tensor shapes"),
+        ("build", cmd_store_build, "run a distilled entry's recorded recipe (resumable)"),
+        ("export", cmd_store_export, "write an entry (manifest + weights) to one .tar"),
+        ("import-archive", cmd_store_import_archive, "add an entry from an exported .tar"),
+        ("push", cmd_store_push, "upload an entry to a Hugging Face Hub repo (folder NAME/)"),
+        ("pull-entry", cmd_store_pull_entry, "fetch an entry pushed to a Hub repo"),
     ):
         p = store.add_parser(name, help=help_)
         p.add_argument("--store", type=Path, help="store folder (default: VITSERVE_STORE_DIR)")
@@ -303,6 +354,21 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--seed", type=int, default=0)
         elif name == "list":
             p.add_argument("--json", action="store_true")
+        elif name == "build":
+            p.add_argument("name", help="entry whose manifest records a compress command")
+            p.add_argument("--device", help="override the recipe's device (e.g. cpu)")
+            p.add_argument("--checkpoint-every", dest="checkpoint_every", type=int, default=50)
+            p.add_argument("--dry-run", dest="dry_run", action="store_true", help="print it")
+        elif name == "export":
+            p.add_argument("name")
+            p.add_argument("-o", "--output", help="archive path (default: NAME.tar)")
+        elif name == "import-archive":
+            p.add_argument("file", help="a .tar written by `vitserve store export`")
+        elif name in ("push", "pull-entry"):
+            p.add_argument("name")
+            p.add_argument("--repo", required=True, help="Hub repo id, e.g. org/vitserve-models")
+            if name == "pull-entry":
+                p.add_argument("--revision", help="branch, tag or commit (default: main)")
         else:
             p.add_argument("names", nargs="*", help="entries (default: all)")
     analyze = sub.add_parser("analyze", help="attention similarity and rank per layer; a config")

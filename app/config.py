@@ -7,7 +7,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -132,6 +132,11 @@ class Settings(BaseSettings):
         "inline: each HTTP worker loads and runs its own models in process.",
     )
     log_level: str = Field("info", description="Log level (debug, info, warning, error).")
+    admin_token: SecretStr | None = Field(
+        None,
+        description="Bearer token of POST /admin/reload (see docs/store.md); unset: the "
+        "endpoint answers 404.",
+    )
 
     @field_validator("ab_weights")
     @classmethod

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 import time
 from typing import Annotated
 
@@ -18,12 +19,14 @@ from app.api.schemas import (
     ModelInfo,
     ModelsResponse,
     Readiness,
+    ReloadResponse,
     RequestTimings,
     RoutedBy,
 )
 from app.api.uploads import IMAGE_BODY, read_images
 from app.serving.pipeline import ImageResult
 from app.serving.pool import ModelState
+from app.store.hints import build_command
 
 router = APIRouter()
 
@@ -119,10 +122,30 @@ async def models(request: Request) -> ModelsResponse:
                 compression=str(man.compression) if man and man.compression else None,
                 device=",".join(m.devices) if m.state is ModelState.READY else None,
                 dtype=m.dtype if m.state is ModelState.READY else None,
+                source=man.source.kind if man else None,
+                teacher=man.teacher.name if man and man.teacher else None,
+                build=build_command(man) if man else None,
+                figures=man.figures.model_dump(mode="json", exclude_none=True) if man else {},
                 metrics=man.metrics if man else {},
             )
         )
     return ModelsResponse(default_model=pool.settings.default_model, models=infos)
+
+
+@router.post(
+    "/admin/reload",
+    response_model=ReloadResponse,
+    responses={401: {"model": ErrorResponse}, 404: {"model": ErrorResponse}},
+    summary="See entries written to the store since start; retry absent or failed ones",
+)
+async def reload(request: Request) -> ReloadResponse:
+    token = request.app.state.settings.admin_token
+    if token is None:
+        raise ApiError(404, "not_found", "admin endpoints are off: set VITSERVE_ADMIN_TOKEN")
+    given = request.headers.get("authorization", "").removeprefix("Bearer ").encode()
+    if not hmac.compare_digest(given, token.get_secret_value().encode()):
+        raise ApiError(401, "unauthorized", "Authorization: Bearer <VITSERVE_ADMIN_TOKEN> needed")
+    return ReloadResponse(models=await request.app.state.pool.reload())
 
 
 @router.get("/healthz", summary="Liveness: the process answers")

@@ -117,7 +117,25 @@ class ModelInfo(BaseModel):
     compression: str | None = None
     device: str | None = None
     dtype: str | None = None
-    metrics: dict[str, Any] = Field(default_factory=dict)
+    source: str | None = Field(
+        None, description="pretrained | import | compress (distilled) | derived | random"
+    )
+    teacher: str | None = Field(None, description="Derived entries: the dense entry used.")
+    build: str | None = Field(
+        None, description="The command that makes this entry's weights, if it has a recipe."
+    )
+    figures: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Declared fidelity (agreement, n, 95% interval) and speed per architecture "
+        "and batch; a figure timed on another architecture has borrowed: true.",
+    )
+    metrics: dict[str, Any] = Field(
+        default_factory=dict, description="Raw record of the run that made the weights."
+    )
+
+
+class ReloadResponse(BaseModel):
+    models: dict[str, str] = Field(description="Every model's state after the reload.")
 
 
 class ModelsResponse(BaseModel):

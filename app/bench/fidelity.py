@@ -26,9 +26,10 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from app.store import ModelStore
+from app.store.manifest import wilson_interval
 from app.timing import environment
 from app.train.data import EvalImages, eval_transform, list_images, read_labels
-from app.train.evaluate import evaluate, logits, wilson_interval
+from app.train.evaluate import evaluate, logits
 from app.vit.builder import calibrate, compress, resolve_config
 
 

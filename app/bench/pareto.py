@@ -58,7 +58,8 @@ def pareto_front(points: Iterable[P]) -> list[P]:
 
 def collect_fidelity(store_root: Path | str, *, arch: str | None = None) -> dict[str, dict]:
     """``{entry: {'config', 'agreement_top1', 'top1', 'model', 'architecture'}}`` from the
-    compressed entries whose manifest has ``metrics.fidelity``; ``arch`` filters by dense
+    compressed entries whose manifest declares a fidelity figure (the first of
+    ``figures.fidelity``, else the raw ``metrics.fidelity``); ``arch`` filters by dense
     architecture. Unreadable manifests are skipped with a warning, not fatal: one broken
     entry should not hide the others.
     """
@@ -70,7 +71,8 @@ def collect_fidelity(store_root: Path | str, *, arch: str | None = None) -> dict
         except StoreError as exc:
             log.warning("skipping %s: %s", name, exc)
             continue
-        fidelity = manifest.metrics.get("fidelity")
+        declared = manifest.figures.fidelity
+        fidelity = declared[0].model_dump() if declared else manifest.metrics.get("fidelity")
         if manifest.compression is None or not isinstance(fidelity, dict):
             continue
         if arch is not None and manifest.architecture != arch:

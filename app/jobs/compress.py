@@ -17,7 +17,16 @@ import timm.data
 import torch
 from torch.utils.data import DataLoader
 
-from app.store.manifest import Manifest, Source, check_model_name
+from app.store.manifest import (
+    FidelityFigure,
+    Figures,
+    Manifest,
+    Source,
+    SpeedFigure,
+    Teacher,
+    check_model_name,
+    wilson_interval,
+)
 from app.store.store import ModelStore
 from app.timing import throughput_ratio
 from app.train.data import EvalImages, eval_transform, list_images, read_labels
@@ -122,6 +131,13 @@ def run_compress(
         )
     loaded = store.load(teacher_name)
     teacher, teacher_manifest = loaded.module, loaded.manifest
+    if out_name in store.names():  # refused now, not after minutes of training
+        declared = store.declared_manifest(out_name)
+        if declared.compression != cfg or declared.architecture != teacher_manifest.architecture:
+            raise ValueError(
+                f"{out_name} is declared as {declared.architecture} ({declared.compression}): "
+                "choose another --out"
+            )
     data_config = teacher_manifest.preprocessing.timm_data_config()
 
     device = training_device(opts.device)
@@ -175,13 +191,15 @@ def run_training_free(
     seed: int = 0,
     speed_arch: str | None = "deit_small_patch16_224",
 ) -> Manifest:
-    """A config with no learned part (token merging) as a store entry, in seconds.
+    """A config with no learned part (token merging) as a *derived* store entry, in seconds:
+    a manifest naming the teacher and its checksum, no weights file (the store applies the
+    config to the teacher's weights at load).
 
     Nothing is trained or calibrated, so no training photos are needed; fidelity is
-    measured when ``eval_dir`` is given, speed always.
+    measured when ``eval_dir`` is given, speed unless ``speed_arch`` is None.
     """
     check_model_name(out_name)
-    if cfg.static_layers or cfg.token_schedule:
+    if not cfg.training_free:
         raise ValueError(
             f"{cfg} has static attention or aggregation maps to calibrate and train: "
             "give training images (--images)"
@@ -206,6 +224,7 @@ def run_training_free(
         speed_arch=speed_arch,
         description=f"{teacher_name} compressed ({cfg}), training-free",
         details={"command": command, "seed": seed, "steps": 0, "training": "none"},
+        derived_from=Teacher(name=teacher_name, sha256=loaded.manifest.weights.sha256),
     )
 
 
@@ -224,9 +243,12 @@ def _measure_and_store(
     speed_arch: str | None,
     description: str,
     details: dict[str, Any],
+    derived_from: Teacher | None = None,
 ) -> Manifest:
-    """Fidelity on held-out photos, speed of the config on ``speed_arch``, then the entry."""
+    """Fidelity on held-out photos, speed of the config on ``speed_arch``, then the entry:
+    with the student's weights, or for a derived entry (``derived_from``) the manifest alone."""
     metrics: dict[str, Any] = {}
+    figures = Figures()
     if eval_dir:
         fidelity = evaluate(
             teacher,
@@ -239,8 +261,31 @@ def _measure_and_store(
             dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
         )
         metrics["fidelity"] = {"eval_dir": str(eval_dir), **fidelity.model_dump()}
+        agree = round(fidelity.agreement_top1 * fidelity.n_images)
+        figures.fidelity.append(
+            FidelityFigure(
+                eval_sets=[Path(eval_dir).name],
+                n_images=fidelity.n_images,
+                agreement_top1=fidelity.agreement_top1,
+                ci95=tuple(round(x, 4) for x in wilson_interval(agree, fidelity.n_images)),
+                seeds=None if derived_from else [seed],
+                measured=f"{device.type}, by the command that made this entry",
+            )
+        )
     if speed_arch:  # skipped when several jobs share a GPU: they would time each other
-        metrics["speed"] = measure_speed(speed_arch, cfg, device=str(device), seed=seed)
+        speed = measure_speed(speed_arch, cfg, device=str(device), seed=seed)
+        metrics["speed"] = speed
+        if speed["speedup"] is not None:
+            figures.speed.append(
+                SpeedFigure(
+                    architecture=speed_arch,
+                    borrowed=speed_arch != teacher_manifest.architecture,
+                    device=speed["device"],
+                    mode="compiled" if speed["compiled"] else "eager",
+                    dtype=speed["dtype"],
+                    speedup={speed["batch_size"]: speed["speedup"]},
+                )
+            )
     manifest = Manifest(
         name=out_name,
         architecture=teacher_manifest.architecture,
@@ -249,9 +294,16 @@ def _measure_and_store(
         compression=cfg,
         num_classes=teacher_manifest.num_classes,
         preprocessing=teacher_manifest.preprocessing,
-        source=Source(kind="compress", ref=teacher_name, details=details),
+        source=Source(
+            kind="derived" if derived_from else "compress", ref=teacher_name, details=details
+        ),
+        teacher=derived_from,
         description=description,
+        figures=figures,
         metrics=metrics,
     )
-    store.write_entry(manifest, student.cpu().state_dict())
+    if derived_from:
+        store.declare(manifest)
+    else:
+        store.write_entry(manifest, student.cpu().state_dict())
     return store.manifest(out_name)

@@ -73,6 +73,7 @@ class ModelPool:
         self.dtype = resolve_dtype(settings.dtype, self.device)
         self.models: dict[str, ServedModel] = {}
         self._loader: asyncio.Task[None] | None = None
+        self._reloading = asyncio.Lock()
         # Pillow's share of every model's decode stage, and compare mode's decodes.
         self.decode_pool = ThreadPoolExecutor(settings.decode_workers, thread_name_prefix="pillow")
 
@@ -91,6 +92,28 @@ class ModelPool:
     def selected_names(self) -> list[str]:
         """The entries this pool serves, default first (known before anything loads)."""
         return selected_names(self.settings, self.store)
+
+    async def reload(self) -> dict[str, str]:
+        """See the store as it is now: declare entries written since start (by ``compress``,
+        ``store build``, an import) and load again every entry that is absent or failed.
+        Ready models keep serving untouched. Returns every model's state."""
+        async with self._reloading:
+            await self.wait_loaded()
+            todo = []
+            for name in self.selected_names():
+                model = self.models.get(name)
+                if model is None:
+                    self.models[name] = model = ServedModel(name, ModelState.LOADING)
+                    self.metrics.declare_model(name)
+                elif model.state in (ModelState.ABSENT, ModelState.FAILED):
+                    model.state, model.reason = ModelState.LOADING, None
+                else:
+                    continue
+                todo.append(model)
+            for model in todo:
+                await self._load(model)
+            self.metrics.workers_ready.set(1 if self.readiness()[0] else 0)
+            return {name: model.state.value for name, model in self.models.items()}
 
     async def wait_loaded(self) -> None:
         if self._loader:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any, Literal
 
@@ -58,10 +59,80 @@ class Source(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    # random: initialised weights, for speed and load tests where none are available
-    kind: Literal["timm-pretrained", "import", "compress", "random"]
+    # random: initialised weights, for speed and load tests where none are available;
+    # derived: no weights file, built at load from the teacher entry's weights (`teacher`)
+    kind: Literal["timm-pretrained", "import", "compress", "random", "derived"]
     ref: str | None = Field(None, description="timm tag, file path or teacher name.")
     details: dict[str, Any] = Field(default_factory=dict)
+
+
+class Teacher(BaseModel):
+    """The dense entry a derived entry is built from, pinned by its weights' checksum: the
+    derived entry's figures hold for those weights only."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """Wilson score interval of a proportion (95% by default): unlike p ± 2·se it stays
+    inside [0, 1] and is honest near 100% agreement."""
+    if n <= 0:
+        raise ValueError("an interval needs at least one trial")
+    p, z2 = successes / n, z * z
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+class FidelityFigure(BaseModel):
+    """Top-1 agreement with the dense teacher on named photo sets, with its 95% interval."""
+
+    model_config = ConfigDict(extra="allow")
+
+    eval_sets: list[str] = Field(min_length=1, description="e.g. imagenet-dev, imagenet-extra")
+    n_images: int = Field(ge=1)
+    agreement_top1: float = Field(ge=0, le=1)
+    ci95: tuple[float, float] = Field(description="95% interval of agreement_top1 (Wilson)")
+    seeds: list[int] | None = Field(None, description="training seeds, for trained entries")
+    measured: str | None = Field(None, description="device, dtype, how")
+    source: str | None = Field(None, description="result file under bench/results")
+
+    @model_validator(mode="after")
+    def _interval_holds_the_figure(self) -> FidelityFigure:
+        lo, hi = self.ci95
+        if not lo <= self.agreement_top1 <= hi:
+            raise ValueError(f"ci95 {self.ci95} does not contain {self.agreement_top1}")
+        return self
+
+
+class SpeedFigure(BaseModel):
+    """Throughput relative to dense, per batch size, of one architecture on one device.
+
+    ``architecture`` is the network timed; when it is not the entry's own, ``borrowed``
+    must say so (a DeiT-S figure is never shown as a DeiT-Tiny one).
+    """
+
+    model_config = ConfigDict(extra="allow")
+
+    architecture: str
+    borrowed: bool = False
+    device: str = Field(description="e.g. 'NVIDIA H200', 'CPU, 2 threads'")
+    mode: str = Field(description="e.g. 'served: CUDA graphs, no compile', 'eager'")
+    dtype: str
+    speedup: dict[int, float] = Field(description="batch size -> dense time / entry time")
+    source: str | None = None
+
+
+class Figures(BaseModel):
+    """The measured figures a manifest declares; the schema keeps them honest."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    fidelity: list[FidelityFigure] = Field(default_factory=list)
+    speed: list[SpeedFigure] = Field(default_factory=list)
 
 
 class Manifest(BaseModel):
@@ -81,8 +152,11 @@ class Manifest(BaseModel):
     preprocessing: Preprocessing = Field(default_factory=Preprocessing)
     source: Source
     description: str = ""
+    teacher: Teacher | None = Field(None, description="Derived entries: their dense teacher.")
+    figures: Figures = Field(default_factory=Figures)
     metrics: dict[str, Any] = Field(
-        default_factory=dict, description="Measured figures: fidelity, throughput ratio, ..."
+        default_factory=dict,
+        description="The raw record of the run that made the weights (as compress wrote it).",
     )
 
     @field_validator("name")
@@ -94,4 +168,24 @@ class Manifest(BaseModel):
     def _variant_matches_compression(self) -> Manifest:
         if (self.variant == "compressed") != (self.compression is not None):
             raise ValueError("variant 'compressed' needs a compression config, 'dense' none")
+        return self
+
+    @model_validator(mode="after")
+    def _derived_names_its_teacher(self) -> Manifest:
+        if (self.source.kind == "derived") != (self.teacher is not None):
+            raise ValueError("source 'derived' needs a teacher, and only it")
+        if self.teacher is not None and not (self.compression and self.compression.training_free):
+            raise ValueError(
+                f"a derived entry needs a training-free config, not {self.compression}"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _borrowed_speed_is_labelled(self) -> Manifest:
+        for figure in self.figures.speed:
+            if figure.borrowed != (figure.architecture != self.architecture):
+                raise ValueError(
+                    f"speed figure on {figure.architecture} for an entry of {self.architecture}: "
+                    "'borrowed' must be true exactly when the architecture is another's"
+                )
         return self

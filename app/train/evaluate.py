@@ -7,7 +7,6 @@ teacher's own mistakes); KL and top-5 overlap show how close the full distributi
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -69,17 +68,6 @@ class _Tally:
             student_top1_acc=self.student_ok / self.n_labelled if labelled else None,
             teacher_top1_acc=self.teacher_ok / self.n_labelled if labelled else None,
         )
-
-
-def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
-    """Wilson score interval of a proportion (95% by default): unlike the normal
-    approximation it stays inside [0, 1] and is honest near 100% agreement."""
-    if n <= 0:
-        raise ValueError("an interval needs at least one trial")
-    p, z2 = successes / n, z * z
-    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
-    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 @torch.inference_mode()

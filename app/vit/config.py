@@ -165,6 +165,11 @@ class CompressionConfig(BaseModel):
         object.__setattr__(self, "family", family)  # frozen: set once, while validating
         return self
 
+    @property
+    def training_free(self) -> bool:
+        """Nothing to calibrate or train: the dense weights alone make the model (merging)."""
+        return not self.static_layers and not self.token_schedule
+
     def _derived_family(self) -> Family:
         if not self.merge_schedule:
             return "glad"

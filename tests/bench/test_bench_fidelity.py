@@ -9,8 +9,7 @@ import pytest
 
 from app.bench.fidelity import main
 from app.store import ModelStore
-from app.store.manifest import Source
-from app.train.evaluate import wilson_interval
+from app.store.manifest import Source, wilson_interval
 from app.vit.builder import compress
 from app.vit.config import CompressionConfig
 from tests.helpers import add_tiny_entry, image_bytes, tiny_manifest
