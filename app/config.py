@@ -106,6 +106,14 @@ class Settings(BaseSettings):
         "batchers: HTTP parsing and the decode stage scale past one Python process. Metrics "
         "aggregate across them through PROMETHEUS_MULTIPROC_DIR (a temporary one is made).",
     )
+    grpc_port: int = Field(
+        8001,
+        ge=0,
+        le=65535,
+        description="Port of the Open Inference Protocol's gRPC service (KServe v2, as Triton "
+        "speaks it); 0: no gRPC. With several workers each binds it with SO_REUSEPORT and the "
+        "kernel spreads connections over them.",
+    )
     log_level: str = "info"
 
     @field_validator("ab_weights")
