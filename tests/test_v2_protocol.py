@@ -202,6 +202,35 @@ def test_version_or_parameter_names_the_variant_else_ab_routes(http, grpc):
         assert response["parameters"]["routed_by"] in ("ab", {"string_param": "ab"})
 
 
+def test_compare_parameter_reports_agreement_with_each_candidate(store, http, grpc):
+    pre = preprocessor(store)
+    inputs = torch.stack([pre(data) for data in JPEGS]).numpy()
+    want = expected_probs(store, torch.from_numpy(inputs), "tiny").argmax(-1)
+    other = expected_probs(store, torch.from_numpy(inputs), "tiny-b").argmax(-1)
+    agreement = (want == other).float().mean().item()
+    for module, client in both(http, grpc):
+        for name, datatype, array in [
+            ("PREPROCESSED", "FP32", inputs),
+            ("IMAGE", "BYTES", np.array(JPEGS, dtype=np.object_)),
+        ]:
+            result = infer(
+                module,
+                client,
+                "vitserve",
+                name,
+                datatype,
+                array,
+                ["TOPK_INDICES"],
+                parameters={"compare": "tiny-b,tiny"},
+            )
+            parameters = response_of(module, result)["parameters"]
+            figure = parameters["tiny-b.top1_agreement"]
+            assert figure == pytest.approx(agreement) or figure == {"double_param": agreement}
+            assert response_of(module, result)["model_name"] == "tiny-b"  # the A/B arm
+            if name == "PREPROCESSED":
+                assert result.as_numpy("TOPK_INDICES")[:, 0].tolist() == other.tolist()
+
+
 def response_of(module, result) -> dict:
     """The response as JSON (gRPC's parameters keep their protobuf form)."""
     return result.get_response() if module is httpclient else result.get_response(as_json=True)

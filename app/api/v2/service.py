@@ -17,6 +17,13 @@ Outputs: ``TOPK_INDICES`` (INT64 [N, k]) and ``TOPK_SCORES`` (FP32 [N, k]) by de
 ``k`` from the request parameter ``top_k`` (default 5); ``PROBABILITIES`` (FP32 [N, C])
 when asked. Any output asked with Triton's ``classification`` parameter (a count) comes
 back as BYTES ``score:index:label`` strings, best first.
+
+The request parameter ``compare`` (``"name[,name]"``) runs the same images on those
+variants too, as ``/compare`` does with the serving variant as reference: the response
+carries the serving variant's outputs and, per candidate, its agreement figures as
+response parameters (``<name>.top1_agreement``, ...), counted in ``/metrics`` under
+``mode="compare"``. A request routed by A/B weights names no variant, so this is how its
+client (or a gateway) asks what the other arm would have said.
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ import torch
 from app import __version__
 from app.api.errors import ApiError, rejected
 from app.api.v2.tensors import InferRequest, InferResponse, ProtocolError, Tensor
-from app.serving.compare import all_or_nothing
+from app.serving.compare import all_or_nothing, compare, preprocessing_key
 from app.serving.decode import Payload, Preprocessed
 from app.serving.pipeline import ImageInput, ImageResult
 from app.serving.pool import ServedModel
@@ -195,28 +202,78 @@ class V2Service:
         routed = self.route(name, version, request.parameters)
         model = routed.model
         settings = self.state.settings
+        deadline = received + settings.request_timeout_s
+        parameters: dict[str, Any] = {"routed_by": routed.routed_by}
+        parameters["variant"] = model.manifest.variant
+        candidates = self._candidates(model, request.parameters)
         try:
             top_k = self._top_k(request)
             tensor = self._image_input(request)
             images, payloads = await self._payloads(model, tensor)
-            results = await all_or_nothing(
-                self.state.pipeline.infer(
-                    model, image, payload, settings.max_top_k, received + settings.request_timeout_s
+            if candidates:
+                results, figures = await self._compare(
+                    model, candidates, tensor, images, payloads, deadline
                 )
-                for image, payload in zip(images, payloads, strict=True)
-            )
+                parameters.update(figures)
+            else:
+                results = await all_or_nothing(
+                    self.state.pipeline.infer(model, image, payload, settings.max_top_k, deadline)
+                    for image, payload in zip(images, payloads, strict=True)
+                )
             outputs = self._outputs(model, request, results, top_k)
         except Exception as exc:
-            raise self._failure(exc, [model.name]) from exc
-        if tensor.name == IMAGE:
+            raise self._failure(exc, [model.name, *(c.name for c in candidates)]) from exc
+        if tensor.name == IMAGE and not candidates:
             self.state.shadow.mirror(model, images, results)
-        return InferResponse(
-            model_name=model.name,
-            model_version=VERSION,
-            outputs=outputs,
-            parameters={"routed_by": routed.routed_by, "variant": model.manifest.variant},
-            id=request.id,
+        return InferResponse(model.name, VERSION, outputs, parameters, request.id)
+
+    def _candidates(self, model: ServedModel, parameters: dict[str, Any]) -> list[ServedModel]:
+        """The variants named by the ``compare`` parameter (comma-separated), as /compare's
+        ``?models=`` names them after its reference: here the variant that serves."""
+        named = parameters.get("compare")
+        if not named:
+            return []
+        names = [n.strip() for n in str(named).split(",")]
+        most = self.state.settings.max_compare_models - 1
+        if any(not n for n in names) or len(names) > most:
+            raise V2Error(400, f"compare: 1 to {most} comma-separated model names, got {named!r}")
+        return [self._serving(n) for n in names]
+
+    async def _compare(
+        self,
+        model: ServedModel,
+        candidates: list[ServedModel],
+        tensor: Tensor,
+        images: list[ImageInput],
+        payloads: list[Payload],
+        deadline: float,
+    ) -> tuple[list[ImageResult], dict[str, float]]:
+        """The serving variant's results, and each candidate's agreement with it (means over
+        the request's images), counted in the metrics as /compare counts them."""
+        if tensor.name != IMAGE:
+            keys = {preprocessing_key(m) for m in (model, *candidates)}
+            if len(keys) > 1:
+                raise ProtocolError(
+                    f"compare: input {tensor.name} is prepared for one preprocessing, and "
+                    "these variants differ in theirs; send IMAGE instead"
+                )
+        names = [model.name, *(c.name for c in candidates)]
+        comparison = await compare(
+            self.state.pipeline,
+            names,
+            images,
+            self.state.settings.max_top_k,
+            deadline,
+            payloads=None if tensor.name == IMAGE else payloads,
         )
+        figures = {}
+        for pair in comparison.agreements:
+            summary = pair.summary
+            figures[f"{pair.candidate}.top1_agreement"] = summary.top1_agreement
+            figures[f"{pair.candidate}.top5_overlap"] = summary.top5_overlap
+            figures[f"{pair.candidate}.total_variation"] = summary.total_variation
+            figures[f"{pair.candidate}.js_divergence"] = summary.js_divergence
+        return comparison.variants[0].results, figures
 
     def _top_k(self, request: InferRequest) -> int:
         top_k = request.parameters.get("top_k", DEFAULT_TOP_K)
