@@ -50,6 +50,7 @@ def test_two_workers_report_one_aggregate(tmp_path):
         "VITSERVE_AUTO_PULL": "false",
         "VITSERVE_DEVICE": "cpu",
         "VITSERVE_MAX_BATCH_SIZE": "4",  # a shorter warm-up: two workers share two cores
+        "VITSERVE_GRPC_PORT": str(free_port()),  # not 8001, which another server may hold
     }
     command = [sys.executable, "-m", "uvicorn", "--factory", "app.api.app:create_app"]
     proc = subprocess.Popen(
