@@ -260,6 +260,7 @@ HTTP_TO_GRPC = {
         ("tiny", "OTHER", "FP32", np.zeros((1, 3, 32, 32), np.float32), "400"),
         ("tiny", "IMAGE", "BYTES", np.array([b"not an image"], dtype=np.object_), "415"),
         ("tiny", "PIXELS", "UINT8", np.zeros((1, 600, 500, 3), np.uint8), "413"),  # > limit
+        ("tiny", "PIXELS", "UINT8", np.zeros((1, 1, 20_000, 3), np.uint8), "413"),  # 1:20000
         (  # a decompression bomb: small PNG, many pixels
             "tiny",
             "IMAGE",

@@ -220,7 +220,7 @@ class V2Service:
                     self.state.pipeline.infer(model, image, payload, settings.max_top_k, deadline)
                     for image, payload in zip(images, payloads, strict=True)
                 )
-            outputs = self._outputs(model, request, results, top_k)
+            outputs = self._outputs(request, results, top_k)
         except Exception as exc:
             raise self._failure(exc, [model.name, *(c.name for c in candidates)]) from exc
         if tensor.name == IMAGE and not candidates:
@@ -316,12 +316,7 @@ class V2Service:
         if tensor.name == PIXELS:
             if len(shape) != 4 or shape[3] != 3 or 0 in shape:
                 raise ProtocolError(f"input PIXELS: shape [N, H, W, 3], got {shape}")
-            limit = self.state.settings.max_image_pixels
-            if shape[1] * shape[2] > limit:
-                raise ProtocolError(
-                    f"input PIXELS: {shape[1]}x{shape[2]} images exceed the {limit}-pixel limit",
-                    status=413,
-                )
+            model.preprocessor.check_size(width=shape[2], height=shape[1])  # as IMAGE's header
             loop = asyncio.get_running_loop()
             crops = await loop.run_in_executor(
                 self.state.pool.decode_pool, resize_crop, model, tensor.data
@@ -336,7 +331,7 @@ class V2Service:
         return blank, [Preprocessed(image) for image in data]
 
     def _outputs(
-        self, model: ServedModel, request: InferRequest, results: list[ImageResult], top_k: int
+        self, request: InferRequest, results: list[ImageResult], top_k: int
     ) -> list[Tensor]:
         wanted = {o.name: o.parameters for o in request.outputs} or dict.fromkeys(
             DEFAULT_OUTPUTS, {}
@@ -349,7 +344,7 @@ class V2Service:
         for name, parameters in wanted.items():
             classification = parameters.get("classification")
             if classification is not None:
-                outputs.append(self._classification(model, name, results, classification))
+                outputs.append(self._classification(name, results, classification))
             elif name == TOPK_INDICES:
                 indices = [[p.index for p in r.predictions[:top_k]] for r in results]
                 outputs.append(Tensor(name, "INT64", [len(results), top_k], np.array(indices)))
@@ -362,9 +357,7 @@ class V2Service:
                 outputs.append(Tensor(name, "FP32", list(probs.shape), probs))
         return outputs
 
-    def _classification(
-        self, model: ServedModel, name: str, results: list[ImageResult], count: Any
-    ) -> Tensor:
+    def _classification(self, name: str, results: list[ImageResult], count: Any) -> Tensor:
         most = self.state.settings.max_top_k
         if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= most:
             raise ProtocolError(f"output {name!r}: classification must be 1..{most}, got {count!r}")
