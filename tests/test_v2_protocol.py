@@ -277,9 +277,34 @@ def test_errors_carry_the_v2_status(http, grpc, model, name, datatype, array, st
     assert status_of(lambda: infer(grpcclient, grpc, model, name, datatype, array, [])) == code
 
 
-def test_error_body_is_the_v2_one_and_counts_in_metrics(server):
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"not json",
+        {"inputs": []},
+        {"inputs": [{"name": "IMAGE", "datatype": ["BYTES"], "shape": [1], "data": ["x"]}]},
+        {"inputs": [{"name": "IMAGE", "datatype": "BYTES", "shape": [1], "parameters": 3}]},
+        {"inputs": [{"name": "PIXELS", "datatype": "UINT8", "shape": [1, 2, 2, 3], "data": [1]}]},
+        {
+            "inputs": [
+                {"name": "PIXELS", "datatype": "UINT8", "shape": [1, 1, 1, 3], "data": [1] * 3}
+            ],
+            "outputs": 7,
+        },
+    ],
+)
+def test_malformed_bodies_get_a_v2_400(server, body):
+    content = body if isinstance(body, bytes) else json.dumps(body)
+    r = httpx.post(f"{server}/v2/models/tiny/infer", content=content)
+    assert r.status_code == 400 and set(r.json()) == {"error"}
+
+
+def test_v2_calls_count_in_metrics_by_route_and_status(server, grpc):
     r = httpx.post(f"{server}/v2/models/tiny/infer", content=json.dumps({"inputs": []}))
     assert r.status_code == 400 and set(r.json()) == {"error"}
+    one = np.array([JPEGS[0]], dtype=np.object_)
+    infer(grpcclient, grpc, "tiny", "IMAGE", "BYTES", one, [])
+    status_of(lambda: infer(grpcclient, grpc, "nope", "IMAGE", "BYTES", one, []))
     samples = parse(httpx.get(f"{server}/metrics").text)
     assert total(samples, "vitserve_requests_total", route="/v2/models/{name}/infer", status="400")
     assert total(samples, "vitserve_requests_total", route="grpc:ModelInfer", status="OK")

@@ -185,10 +185,10 @@ def decode_rest(body: bytes, header_length: str | None) -> tuple[InferRequest, b
         if not isinstance(item, dict) or not isinstance(item.get("name"), str):
             raise ProtocolError("each input needs a 'name'")
         name, datatype = item["name"], item.get("datatype")
-        if datatype not in NUMPY_TYPES:
+        if not isinstance(datatype, str) or datatype not in NUMPY_TYPES:
             raise ProtocolError(f"input {name!r}: unknown datatype {datatype!r}")
         shape = check_shape(name, item.get("shape"))
-        parameters = item.get("parameters") or {}
+        parameters = object_of(item.get("parameters"), f"input {name!r}: parameters")
         size = parameters.get("binary_data_size")
         if size is not None:
             if not isinstance(size, int) or size < 0 or offset + size > len(binary):
@@ -202,16 +202,26 @@ def decode_rest(body: bytes, header_length: str | None) -> tuple[InferRequest, b
         inputs.append(Tensor(name, datatype, shape, data, parameters))
     if offset != len(binary):
         raise ProtocolError(f"{len(binary) - offset} bytes of binary data belong to no input")
-    outputs = [
-        RequestedOutput(o["name"], o.get("parameters") or {})
-        for o in doc.get("outputs") or []
-        if isinstance(o, dict) and isinstance(o.get("name"), str)
-    ]
-    parameters = doc.get("parameters") or {}
-    if not isinstance(parameters, dict):
-        raise ProtocolError("'parameters' must be an object")
+    asked = doc.get("outputs") or []
+    if not isinstance(asked, list):
+        raise ProtocolError("'outputs' must be a list")
+    outputs = []
+    for o in asked:
+        if not isinstance(o, dict) or not isinstance(o.get("name"), str):
+            raise ProtocolError("each requested output needs a 'name'")
+        outputs.append(RequestedOutput(o["name"], object_of(o.get("parameters"), o["name"])))
+    parameters = object_of(doc.get("parameters"), "the request's parameters")
     request = InferRequest(inputs, outputs, parameters, doc.get("id"))
     return request, bool(parameters.get("binary_data_output", False))
+
+
+def object_of(value: Any, what: str) -> dict[str, Any]:
+    """A JSON object, or nothing (None): anything else is refused."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ProtocolError(f"{what} must be a JSON object")
+    return value
 
 
 def encode_rest(response: InferResponse, binary: set[str]) -> tuple[bytes, int | None]:
