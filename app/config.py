@@ -137,6 +137,14 @@ class Settings(BaseSettings):
         description="Bearer token of POST /admin/reload (see docs/store.md); unset: the "
         "endpoint answers 404.",
     )
+    grpc_port: int = Field(
+        8001,
+        ge=0,
+        le=65535,
+        description="Port of the Open Inference Protocol's gRPC service (KServe v2, as Triton "
+        "speaks it); 0: no gRPC. With several workers each binds it with SO_REUSEPORT and the "
+        "kernel spreads connections over them.",
+    )
 
     @field_validator("ab_weights")
     @classmethod

@@ -15,6 +15,8 @@ from app.api.errors import install_error_handlers
 from app.api.limits import BodySizeLimit
 from app.api.observe import RequestMetrics
 from app.api.routes import router
+from app.api.v2.rest import router as v2_router
+from app.api.v2.service import V2Service
 from app.config import Settings, get_settings
 from app.experiments.routing import AbRouter, check_known
 from app.experiments.shadow import ShadowTraffic
@@ -43,11 +45,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.pool = pool
         app.state.pipeline = ClassifyPipeline(pool)
         app.state.shadow = ShadowTraffic(settings, app.state.pipeline, metrics)
+        app.state.v2 = V2Service(app.state)
         await pool.start()
+        grpc = None
+        if settings.grpc_port:
+            from app.api.v2.grpc_server import grpc_server  # grpc loads only when served
+
+            grpc = grpc_server(settings, app.state.v2, metrics)
+            await grpc.start()
+            log.info("gRPC (Open Inference Protocol) on %s:%d", settings.host, settings.grpc_port)
         try:
             yield
         finally:
             log.info("shutting down: finishing queued requests")
+            if grpc is not None:
+                await grpc.stop(grace=settings.request_timeout_s)
             await app.state.shadow.close()
             await pool.stop()
             metrics.process_exiting()
@@ -61,6 +73,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     app.include_router(router)
     app.include_router(compare_router)
+    app.include_router(v2_router)
 
     def known_models() -> dict:
         pool = getattr(app.state, "pool", None)

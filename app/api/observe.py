@@ -12,7 +12,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.serving.metrics import Metrics
 
-UNRECORDED = ("/metrics", "/healthz", "/readyz")
+UNRECORDED = ("/metrics", "/healthz", "/readyz", "/v2/health/live", "/v2/health/ready")
 
 
 class RequestMetrics:

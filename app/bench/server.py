@@ -29,6 +29,7 @@ class ServerURL(str):
     test can read the server's memory or signal it."""
 
     proc: subprocess.Popen
+    grpc_port: int  # the Open Inference Protocol's gRPC port (0: disabled)
 
     @property
     def pid(self) -> int:
@@ -61,7 +62,15 @@ def running_server(
     /metrics counts that many ready (one /readyz answer speaks for one worker); stop with
     SIGINT (graceful) after."""
     port = free_port()
-    full_env = {**os.environ, **env, "VITSERVE_HOST": "127.0.0.1", "VITSERVE_PORT": str(port)}
+    # a free gRPC port too, unless set: servers running side by side must not share 8001
+    grpc_port = int(env.get("VITSERVE_GRPC_PORT", free_port()))
+    full_env = {
+        **os.environ,
+        **env,
+        "VITSERVE_HOST": "127.0.0.1",
+        "VITSERVE_PORT": str(port),
+        "VITSERVE_GRPC_PORT": str(grpc_port),
+    }
     full_env.setdefault("VITSERVE_LOG_LEVEL", "warning")
     proc = subprocess.Popen(
         [sys.executable, "-m", "app", "serve"],
@@ -71,7 +80,7 @@ def running_server(
         stderr=subprocess.STDOUT,
     )
     base = ServerURL(f"http://127.0.0.1:{port}")
-    base.proc = proc
+    base.proc, base.grpc_port = proc, grpc_port
     try:
         deadline = time.monotonic() + timeout_s
         while not _ready(base, workers):

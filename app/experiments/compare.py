@@ -20,9 +20,8 @@ from collections.abc import Coroutine, Iterable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-import torch
-
 from app.experiments.agreement import Agreement, AgreementSummary, agreement, summarize
+from app.serving.decode import Payload
 from app.serving.pipeline import ClassifyPipeline, ImageInput, ImageResult
 from app.serving.pool import ServedModel
 
@@ -49,7 +48,7 @@ class PairAgreement:
 class Comparison:
     variants: list[VariantRun]
     agreements: list[PairAgreement]
-    decodes: int  # distinct preprocessings, each decoding every image once
+    decodes: int  # distinct preprocessings, each decoding every image once (0: none here)
 
 
 def preprocessing_key(model: ServedModel) -> str:
@@ -62,17 +61,26 @@ async def compare(
     images: list[ImageInput],
     top_k: int,
     deadline: float,
+    payloads: list[Payload] | None = None,
 ) -> Comparison:
+    """``payloads``: what every variant queues, prepared by the caller (the v2 protocol's
+    UINT8 and FP32 inputs), for variants that share one preprocessing; else each image is
+    decoded here once per distinct preprocessing."""
     models = [pipeline.serving(name) for name in names]
     by_key: dict[str, ServedModel] = {}
     for model in models:
         by_key.setdefault(preprocessing_key(model), model)
-    for model in by_key.values():
-        pipeline.probe_all(model, images)  # refuse bad images and the pixel budget up front
-    flat = await all_or_nothing(
-        pipeline.decode_crop(model, image) for model in by_key.values() for image in images
-    )
-    decoded = {key: flat[i * len(images) : (i + 1) * len(images)] for i, key in enumerate(by_key)}
+    if payloads is not None:
+        decoded = dict.fromkeys(by_key, payloads)
+    else:
+        for model in by_key.values():
+            pipeline.probe_all(model, images)  # refuse bad images and the pixel budget first
+        flat = await all_or_nothing(
+            pipeline.decode_crop(model, image) for model in by_key.values() for image in images
+        )
+        decoded = {
+            key: flat[i * len(images) : (i + 1) * len(images)] for i, key in enumerate(by_key)
+        }
     runs = await all_or_nothing(
         run_variant(pipeline, model, images, decoded[preprocessing_key(model)], top_k, deadline)
         for model in models
@@ -83,14 +91,14 @@ async def compare(
     for pair in agreements:
         for figures in pair.per_image:
             metrics.record_agreement("compare", pair.reference, pair.candidate, figures)
-    return Comparison(runs, agreements, len(by_key))
+    return Comparison(runs, agreements, 0 if payloads is not None else len(by_key))
 
 
 async def run_variant(
     pipeline: ClassifyPipeline,
     model: ServedModel,
     images: list[ImageInput],
-    crops: list[torch.Tensor],
+    crops: list[Payload],
     top_k: int,
     deadline: float,
 ) -> VariantRun:

@@ -44,9 +44,18 @@ class Encoded:
     probe: Probe
 
 
-# What a queue item carries: bytes, or a uint8 crop [3, H, W] decoded ahead of time (compare
-# mode decodes an image once for all the variants that share its preprocessing).
-Payload = Encoded | torch.Tensor
+@dataclass(frozen=True)
+class Preprocessed:
+    """An image the client already resized, cropped and normalised (the v2 protocol's FP32
+    input): float32 [3, H, W] on the host, fed to the model as it is."""
+
+    tensor: torch.Tensor
+
+
+# What a queue item carries: bytes, a uint8 crop [3, H, W] decoded ahead of time (compare
+# mode decodes an image once for all the variants that share its preprocessing; the v2
+# protocol's UINT8 input is resized and cropped before it queues), or a ready input.
+Payload = Encoded | torch.Tensor | Preprocessed
 
 
 @dataclass
@@ -153,13 +162,32 @@ class BatchDecoder:
         own = self._stream
         with torch.cuda.stream(own) if own else contextlib.nullcontext():
             crops, decoders, errors = self._crops(payloads)
-            rows = sorted(crops)
-            inputs = None
-            if rows:
-                inputs = self.preprocessor.normalize(self._gather(crops, rows)).to(self.dtype)
+            ready = {i: p.tensor for i, p in enumerate(payloads) if isinstance(p, Preprocessed)}
+            rows = sorted([*crops, *ready])
+            inputs = self._inputs(crops, ready, rows) if rows else None
         if own:
             own.synchronize()  # ready before the inference thread reads it
         return DecodedBatch(inputs, rows, errors, time.perf_counter() - started, decoders)
+
+    def _inputs(
+        self, crops: dict[int, torch.Tensor], ready: dict[int, torch.Tensor], rows: list[int]
+    ) -> torch.Tensor:
+        """The batch in ``rows`` order: crops normalised here, preprocessed inputs as sent."""
+        if not ready:
+            return self.preprocessor.normalize(self._gather(crops, rows)).to(self.dtype)
+        shape = (len(rows), *ready[next(iter(ready))].shape)
+        batch = torch.empty(shape, dtype=self.dtype, device=self.device)
+        ready_at = [k for k, i in enumerate(rows) if i in ready]
+        batch[ready_at] = torch.stack([ready[rows[k]] for k in ready_at]).to(
+            self.device, self.dtype
+        )
+        if crops:
+            crop_at = [k for k, i in enumerate(rows) if i in crops]
+            normalized = self.preprocessor.normalize(
+                self._gather(crops, [rows[k] for k in crop_at])
+            )
+            batch[crop_at] = normalized.to(self.dtype)
+        return batch
 
     def _gather(self, crops: dict[int, torch.Tensor], rows: list[int]) -> torch.Tensor:
         """One float batch on the device: host crops (uint8, Pillow's) cross in one copy."""

@@ -132,13 +132,7 @@ class Preprocessor:
             raise EmptyImage("the image is empty (0 bytes)")
         try:
             image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
-            width, height = image.size
-            if width * height > self.max_pixels:
-                raise ImageTooLarge(
-                    f"image is {width}x{height} = {width * height} pixels; "
-                    f"the limit is {self.max_pixels}"
-                )
-            self._check_resized_pixels(width, height)
+            self.check_size(*image.size)
         except InputError:
             raise
         except Image.DecompressionBombError as exc:
@@ -163,6 +157,16 @@ class Preprocessor:
         except (OSError, SyntaxError, ValueError, EOFError) as exc:
             raise CorruptImage(f"cannot decode the image (truncated or corrupt): {exc}") from exc
         return to_rgb(image)
+
+    def check_size(self, width: int, height: int) -> None:
+        """The limits on an image's size, known from its header (or a decoded image's
+        shape): raises ``ImageTooLarge``."""
+        if width * height > self.max_pixels:
+            raise ImageTooLarge(
+                f"image is {width}x{height} = {width * height} pixels; "
+                f"the limit is {self.max_pixels}"
+            )
+        self._check_resized_pixels(width, height)
 
     def _check_resized_pixels(self, width: int, height: int) -> None:
         """Refuse extreme aspect ratios from the header: a 1x200000 PNG of a few hundred

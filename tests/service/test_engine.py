@@ -15,9 +15,10 @@ import torch
 
 from app.bench.server import running_server
 from app.serving.batcher import BatcherStopped, DeadlineExceeded, QueueFull
-from app.serving.decode import Encoded
+from app.serving.decode import Encoded, Preprocessed
 from app.serving.engine.arena import ShmArena, attach
 from app.serving.engine.client import EngineLink, payload_item
+from app.serving.engine.server import read_payload
 from app.serving.engine.wire import decode_error, encode_error, frame, read_frame
 from app.serving.pipeline import ModelUnavailable
 from app.serving.preprocess import ImageTooLarge, InputError, Probe
@@ -143,11 +144,20 @@ async def test_a_request_frame_carries_where_the_image_is_not_the_image(tmp_path
     assert seen and seen[0] < 1024
 
 
-def test_decoded_crops_travel_as_raw_tensors():
+def test_decoded_crops_and_preprocessed_inputs_travel_as_raw_tensors(arena):
     crop = torch.arange(3 * 4 * 5, dtype=torch.uint8).reshape(3, 4, 5)
-    data, item = payload_item(crop)
-    assert item == {"kind": "tensor", "dtype": "uint8", "shape": [3, 4, 5]}
-    assert bytes(data) == crop.numpy().tobytes()
+    ready = Preprocessed(torch.randn(3, 4, 5))
+    for payload, kind in ((crop, "tensor"), (ready, "preprocessed")):
+        data, item = payload_item(payload)
+        region = arena.allocate(len(data))
+        arena.shm.buf[region : region + len(data)] = data
+        rebuilt = read_payload(item | {"off": region, "len": len(data)}, arena.shm)
+        assert item["kind"] == kind
+        if kind == "tensor":
+            assert torch.equal(rebuilt, crop)
+        else:
+            assert isinstance(rebuilt, Preprocessed) and torch.equal(rebuilt.tensor, ready.tensor)
+        arena.free(region)
 
 
 # ---- a real server ------------------------------------------------------------------

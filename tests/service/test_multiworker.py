@@ -10,6 +10,8 @@ import sys
 import time
 
 import httpx
+import numpy as np
+import tritonclient.grpc as grpcclient
 
 from app.bench.server import free_port, running_server
 from app.store import ModelStore
@@ -48,6 +50,7 @@ def test_two_workers_report_one_aggregate(tmp_path):
         "VITSERVE_AUTO_PULL": "false",
         "VITSERVE_DEVICE": "cpu",
         "VITSERVE_MAX_BATCH_SIZE": "4",  # a shorter warm-up: two workers share two cores
+        "VITSERVE_GRPC_PORT": str(free_port()),  # not 8001, which another server may hold
     }
     command = [sys.executable, "-m", "uvicorn", "--factory", "app.api.app:create_app"]
     proc = subprocess.Popen(
@@ -87,7 +90,9 @@ def test_two_workers_report_one_aggregate(tmp_path):
 
 def test_vitserve_serve_workers_share_one_metrics_view(tmp_path):
     """`VITSERVE_WORKERS=2 vitserve serve`: the CLI starts the workers and gives them a
-    metrics folder of its own, so any worker's /metrics counts every request."""
+    metrics folder of its own, so any worker's /metrics counts every request. Both workers
+    bind the gRPC port too (SO_REUSEPORT; a failed bind would stop a worker from getting
+    ready), and gRPC calls count in the same aggregate."""
     store = ModelStore(tmp_path / "store")
     add_tiny_entry(store, "tiny")
     env = serve_env(store, workers=2, max_batch_size=4)
@@ -100,3 +105,11 @@ def test_vitserve_serve_workers_share_one_metrics_view(tmp_path):
             samples = parse(httpx.get(f"{base}/metrics").text)
             assert value(samples, "vitserve_images_total", model="tiny") == REQUESTS
             assert value(samples, "vitserve_workers_ready") == 2
+        for _ in range(REQUESTS):  # a fresh channel each: the kernel spreads them
+            client = grpcclient.InferenceServerClient(f"127.0.0.1:{base.grpc_port}")
+            image = grpcclient.InferInput("IMAGE", [1], "BYTES")
+            image.set_data_from_numpy(np.array([image_bytes()], dtype=np.object_))
+            assert client.infer("tiny", [image]).as_numpy("TOPK_INDICES").shape == (1, 5)
+            client.close()
+        samples = parse(httpx.get(f"{base}/metrics").text)
+        assert total(samples, "vitserve_requests_total", route="grpc:ModelInfer") == REQUESTS

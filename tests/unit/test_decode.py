@@ -15,7 +15,7 @@ from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from app.config import Settings
-from app.serving.decode import BatchDecoder, Encoded, TensorResizeCrop
+from app.serving.decode import BatchDecoder, Encoded, Preprocessed, TensorResizeCrop
 from app.serving.metrics import Metrics
 from app.serving.pipeline import ClassifyPipeline, ImageInput
 from app.serving.pool import ModelPool
@@ -97,6 +97,26 @@ def test_crops_decoded_ahead_pass_through_unchanged(pre, pool):
     batch = decoder([crop, encoded(pre, photo(seed=3))])
     assert batch.rows == [0, 1] and batch.decoders == {1: "pillow"}
     assert torch.equal(batch.inputs[0], pre.normalize(crop[None])[0])
+
+
+def test_preprocessed_inputs_join_the_batch_as_sent_in_their_rows(pre, pool):
+    decoder = BatchDecoder(
+        pre, device=torch.device("cpu"), dtype=torch.float32, pool=pool, nvjpeg=False
+    )
+    ready = torch.randn(3, 224, 224)
+    truncated = photo()[: len(photo()) // 3]
+    batch = decoder(
+        [
+            encoded(pre, photo(seed=4)),
+            Preprocessed(ready),
+            encoded(pre, truncated),
+            Preprocessed(-ready),
+        ]
+    )
+    assert batch.rows == [0, 1, 3] and isinstance(batch.errors[2], CorruptImage)
+    assert torch.equal(batch.inputs[0], pre(photo(seed=4)))
+    assert torch.equal(batch.inputs[1], ready) and torch.equal(batch.inputs[2], -ready)
+    assert torch.equal(decoder([Preprocessed(ready)]).inputs, ready[None])
 
 
 def test_tensor_resize_and_crop_match_pillows_within_two_levels(pre):

@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# NVIDIA perf_analyzer against /v2 (Open Inference Protocol), dense vs compressed:
+#   bench/scripts/perf_analyzer.sh OUT_DIR
+# starts `python -m app serve` as a user would (HTTP on $PORT, gRPC on $GRPC_PORT) on a store
+# holding $DENSE and $COMPRESSED (made with random weights from $ARCH and $CONFIG if absent:
+# speed does not depend on the weights), then runs perf_analyzer for every model x protocol
+# (http, grpc) x input (bytes: the JPEGs of $IMAGES; uint8: the same photos decoded and
+# sized to 224x224 by the client) x concurrency ($CONCURRENCY), one image a request, and
+# writes one CSV each to OUT_DIR (pa-<model>-<protocol>-<input>-c<concurrency>.csv), with
+# the server's log and a summary table (summary.csv).
+# Needs perf_analyzer on PATH: `pip install perf-analyzer` (its wheel needs glibc >= 2.38;
+# on older systems pip falls back to a 0.1.0 placeholder that only prints "hello").
+# Any VITSERVE_* variable set by the caller reaches the server (e.g. VITSERVE_WORKERS=4).
+# BENCH_SERVICE=1: then, with that server stopped, `vitserve bench service` on the same
+# models, photos and concurrencies (one image a request), its JSON in OUT_DIR too.
+set -euo pipefail
+out=${1:?usage: $0 OUT_DIR}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+store=${STORE:-/tmp/pa-store}
+arch=${ARCH:-deit_small_patch16_224}
+config=${CONFIG:-glad-t3}
+dense=${DENSE:-deit_small}
+compressed=${COMPRESSED:-deit_small-$config}
+images=${IMAGES:-../shared/images/imagenet-dev}
+count=${COUNT:-64}
+concurrency=${CONCURRENCY:-64 256}
+protocols=${PROTOCOLS:-http grpc}
+inputs=${INPUTS:-bytes uint8}
+port=${PORT:-8000}
+grpc_port=${GRPC_PORT:-8001}
+interval_ms=${MEASURE_MS:-5000}
+stability=${STABILITY:-10}  # perf_analyzer's --stability-percentage (a busy CPU needs more)
+
+command -v perf_analyzer > /dev/null || { echo "perf_analyzer not on PATH" >&2; exit 2; }
+[ -f "$store/$dense/manifest.json" ] ||
+  python -m app store random "$arch" --name "$dense" --store "$store"
+[ -f "$store/$compressed/manifest.json" ] ||
+  python -m app store random "$arch" --name "$compressed" --config "$config" --store "$store"
+python -m app.bench.v2_inputs --images "$images" --count "$count" --out "$out/inputs"
+
+VITSERVE_STORE_DIR=$store VITSERVE_MODELS="[\"$dense\", \"$compressed\"]" \
+  VITSERVE_DEFAULT_MODEL=$dense VITSERVE_AUTO_PULL=false VITSERVE_PORT=$port \
+  VITSERVE_GRPC_PORT=$grpc_port VITSERVE_LOG_LEVEL=${VITSERVE_LOG_LEVEL:-warning} \
+  python -m app serve > "$out/server.log" 2>&1 &
+server=$!
+trap 'kill -INT $server 2> /dev/null; wait $server 2> /dev/null' EXIT
+for _ in $(seq 600); do
+  curl -sf "http://127.0.0.1:$port/v2/health/ready" > /dev/null && break
+  kill -0 $server 2> /dev/null || { cat "$out/server.log" >&2; exit 1; }
+  sleep 0.5
+done
+curl -sf "http://127.0.0.1:$port/v2/health/ready" > /dev/null ||
+  { echo "server not ready after 300 s" >&2; exit 1; }
+
+summary="$out/summary.csv"
+echo "model,protocol,input,concurrency,infer_per_sec,p50_us,p99_us" > "$summary"
+for model in "$dense" "$compressed"; do
+  for protocol in $protocols; do
+    url=127.0.0.1:$port
+    [ "$protocol" = grpc ] && url=127.0.0.1:$grpc_port
+    for input in $inputs; do
+      for c in $concurrency; do
+        csv="$out/pa-$model-$protocol-$input-c$c.csv"
+        echo "== $model $protocol $input concurrency $c"
+        perf_analyzer -m "$model" -i "$protocol" -u "$url" -b 1 \
+          --input-data "$out/inputs/$input.json" --concurrency-range "$c:$c" \
+          --measurement-interval "$interval_ms" --stability-percentage "$stability" \
+          -f "$csv" | tail -n 4
+        # perf_analyzer's CSV: a header row, then Concurrency,Inferences/Second,...
+        python - "$csv" "$model,$protocol,$input" "$summary" << 'PY'
+import csv, sys
+row = next(csv.DictReader(open(sys.argv[1])))
+line = [sys.argv[2], row["Concurrency"], row["Inferences/Second"], row["p50 latency"], row["p99 latency"]]
+open(sys.argv[3], "a").write(",".join(line) + "\n")
+PY
+      done
+    done
+  done
+done
+column -s, -t "$summary"
+if [ "${BENCH_SERVICE:-0}" = 1 ]; then
+  kill -INT $server && wait $server || true
+  trap - EXIT
+  # shellcheck disable=SC2086  # the concurrencies are separate arguments
+  python -m app bench service --store "$store" --models "$dense" "$compressed" \
+    --images "$images" --concurrency $concurrency --images-per-request 1 --out "$out"
+fi
