@@ -40,7 +40,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "host": settings.host,
         "port": settings.port,
         "log_level": settings.log_level,
-        "timeout_graceful_shutdown": int(settings.request_timeout_s) + 5,
+        "timeout_graceful_shutdown": settings.drain_timeout_s,
     }
     if settings.workers == 1:
         uvicorn.run(create_app(settings), **common)
