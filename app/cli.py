@@ -41,7 +41,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "host": settings.host,
         "port": settings.port,
         "log_level": settings.log_level,
-        "timeout_graceful_shutdown": int(settings.request_timeout_s) + 5,
+        "timeout_graceful_shutdown": settings.drain_timeout_s,
     }
     # Worker processes build their own app from the environment: hand the flags down, and
     # give the metrics a shared folder so /metrics answers for the whole server (engines

@@ -146,6 +146,12 @@ class Settings(BaseSettings):
         "kernel spreads connections over them.",
     )
 
+    @property
+    def drain_timeout_s(self) -> int:
+        """How long the server drains on SIGTERM: the longest a request may still wait, plus
+        5 s to answer it. A supervisor's grace period (Kubernetes) must cover it."""
+        return int(self.request_timeout_s) + 5
+
     @field_validator("ab_weights")
     @classmethod
     def _weights_are_a_distribution(cls, v: dict[str, float] | None) -> dict[str, float] | None:
