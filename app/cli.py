@@ -74,7 +74,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 )
         finally:
             if supervisor:  # after the workers drained: nothing is left in the engines' queues
-                supervisor.stop(timeout_s=settings.request_timeout_s + 5)
+                supervisor.stop(timeout_s=settings.drain_timeout_s)
     return 0
 
 
