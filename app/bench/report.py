@@ -126,6 +126,14 @@ def service_table(table: Table, repo: Path) -> list[str]:
     for name, result in zip(table["files"], results, strict=True):
         server = result.get("server", {})
         workers = server.get("VITSERVE_WORKERS", "1")
+        engines = result.get("decode_ceiling_processes")
+        if isinstance(engines, dict):  # since the engine: who decodes and runs the models
+            where = (
+                f"{workers} HTTP worker(s), {engines['processes']} engine(s) × "
+                f"{engines['threads']} decode threads"
+            )
+        else:
+            where = f"{workers} process(es), models in each (before the engine)"
         for model, best in result["best_img_s"].items():
             if model in table.get("exclude", ()):
                 continue
@@ -136,7 +144,7 @@ def service_table(table: Table, repo: Path) -> list[str]:
                     f"`{model}`",
                     f"{result['device']} ({result['dtype']})",
                     _service_mode(result),
-                    f"{workers} process(es)",
+                    where,
                     str(result["images_per_request"]),
                     server.get("VITSERVE_MAX_BATCH_SIZE", "32"),
                     f"{best:,.1f}" if best < 100 else f"{best:,.0f}",
@@ -162,13 +170,22 @@ def baseline_table(table: Table, repo: Path) -> list[str]:
         result = _load(repo, name)
         server = result.get("server", {})
         lit = result["litserve"]
+        engines = result.get("decode_ceiling_processes")
+        vitserve = f"vitserve, {server.get('VITSERVE_WORKERS', '1')} processes"
+        if isinstance(engines, dict):
+            vitserve = f"vitserve, {server.get('VITSERVE_WORKERS', '1')} HTTP workers + engine"
+        litserve = f"LitServe, {lit['workers_per_device']} workers"
+        if lit.get("api_servers", 1) > 1:
+            litserve += f" × 1 thread, {lit['api_servers']} API servers"
+        batches = {True: result["batch"], False: lit["max_batch_size"]}
         for level in result["levels"]:
             ours = not level["model"].startswith("litserve:")
             who = (
-                f"vitserve, {server.get('VITSERVE_WORKERS', '1')} processes"
+                f"{vitserve}, batch ≤ {batches[ours]}"
                 if ours
-                else f"LitServe, {lit['workers_per_device']} workers"
+                else f"{litserve}, batch ≤ {batches[ours]}"
             )
+
             rows.append(
                 [
                     who,
@@ -183,8 +200,8 @@ def baseline_table(table: Table, repo: Path) -> list[str]:
                 ]
             )
     caption = (
-        f"Max batch {lit['max_batch_size']} for both. The two set-ups differ in process "
-        "count, so the ratio is of these set-ups, not of the frameworks."
+        "Each server at the set-up named, same client, images and run. The set-ups differ "
+        "in processes and batching, so the ratio is of these set-ups, not of the frameworks."
     )
     return [caption, "", *_markdown(header, rows)]
 
@@ -268,33 +285,48 @@ def front_table(table: Table, repo: Path) -> list[str]:
     return lines[:-1]
 
 
+def _speed_cell(speed: dict) -> str:
+    """One speed figure: its network (labelled when borrowed), mode, device, per batch."""
+    per_batch = ", ".join(
+        f"{v:.2f}× @{b}" for b, v in sorted(speed["speedup"].items(), key=lambda kv: int(kv[0]))
+    )
+    arch = _arch(speed["architecture"])
+    whose = f"{arch} (borrowed: not this entry's network)" if speed.get("borrowed") else arch
+    return f"{whose}, {speed['mode']}, {speed['device']}: {per_batch}"
+
+
 def variants_table(table: Table, repo: Path) -> list[str]:
-    """The store's declared entries with the figures their manifests carry."""
-    header = ["entry", "variant", "agreement with dense (photos)", "top-1"]
-    header += ["speed-up: model, mode, batch, device"]
+    """The store's declared entries with the figures their manifests declare."""
+    header = ["entry", "variant", "weights", "agreement with dense [95% CI] (photos)", "top-1"]
+    header += ["speed-up over dense: network, mode, device: × @batch"]
     rows = []
     for path in sorted((repo / "model_store").glob("*/manifest.json")):
         m = json.loads(path.read_text())
-        fid = m.get("metrics", {}).get("fidelity", {})
-        speed = m.get("metrics", {}).get("speed", {})
-        if speed.get("speedup") is not None:
-            mode = "compiled+graphs" if "replayed" in speed.get("mode", "") else "compiled"
-            where = (
-                f"{speed['speedup']:.2f}×: {_arch(speed['arch'])} stand-in (random weights), "
-                f"{mode}, batch {speed['batch_size']}, {speed['device']}"
+        figures = m.get("figures", {})
+        fid = (figures.get("fidelity") or [{}])[0]
+        if fid:
+            lo, hi = fid["ci95"]
+            seeds = f", {len(fid['seeds'])} seed(s)" if fid.get("seeds") else ""
+            agreement = (
+                f"{fid['agreement_top1']:.1%} [{lo:.1%}, {hi:.1%}] "
+                f"({fid['n_images']}, {' + '.join(fid['eval_sets'])}{seeds})"
             )
         else:
-            where = "–"
-        agreement = (
-            f"{fid['agreement_top1']:.1%} ({fid['n_images']}, {Path(fid['eval_dir']).name})"
-            if fid
-            else ("100% (itself)" if m["variant"] == "dense" else "–")
-        )
+            agreement = "100% (itself)" if m["variant"] == "dense" else "–"
         top1 = f"{fid['student_top1_acc']:.1%}" if fid.get("student_top1_acc") else "–"
-        rows.append([f"`{m['name']}`", m["variant"], agreement, top1, where])
+        weights = {
+            "derived": "built from dense at load",
+            "compress": "`vitserve store build`",
+            "timm-pretrained": "pulled (timm / HF hub)",
+        }
+        source = weights.get(m["source"]["kind"], m["source"]["kind"])
+        speed = "<br>".join(_speed_cell(sp) for sp in figures.get("speed", [])) or "–"
+        rows.append([f"`{m['name']}`", m["variant"], source, agreement, top1, speed])
     caption = (
-        "Generated from `model_store/*/manifest.json`: fidelity as each manifest records it, "
-        "on the photo folder named (`imagenet-dev-256`: copies downscaled to short side 256)."
+        "Generated from `model_store/*/manifest.json` (`figures`): agreement with the dense "
+        "model's top-1 and its 95% Wilson interval on the photos named; speed-up per batch "
+        "size on the network and device named. A figure timed on another network says "
+        "*borrowed*: it is not this entry's speed."
     )
     return [caption, "", *_markdown(header, rows)]
 

@@ -163,18 +163,29 @@ def test_grace_period_covers_prestop_and_the_drain(name, monkeypatch):
 
 
 @pytest.mark.parametrize("name", OVERLAYS)
+def test_the_engine_hands_images_over_a_memory_backed_dev_shm(name):
+    """Workers' shared-memory arenas (64 MiB each) would not fit a container's default
+    64 MiB /dev/shm."""
+    pod = one(overlay(name), "Deployment")["spec"]["template"]["spec"]
+    (shm,) = [v for v in pod["volumes"] if v["name"] == "dshm"]
+    assert shm["emptyDir"]["medium"] == "Memory"
+    mounts = serving_container(pod)["volumeMounts"]
+    assert {"name": "dshm", "mountPath": "/dev/shm"} in mounts
+
+
+@pytest.mark.parametrize("name", OVERLAYS)
 def test_the_model_store_is_the_claim_and_the_init_container_pulls_the_default(name, monkeypatch):
     objects = overlay(name)
     pod = one(objects, "Deployment")["spec"]["template"]["spec"]
-    (volume,) = pod["volumes"]
+    (volume,) = [v for v in pod["volumes"] if "persistentVolumeClaim" in v]
     claim = one(objects, "PersistentVolumeClaim", volume["persistentVolumeClaim"]["claimName"])
     assert "ReadWriteMany" in claim["spec"]["accessModes"]  # replicas on several nodes
     (init,) = pod["initContainers"]
     assert "vitserve store pull" in init["command"][-1]
     for container in (init, serving_container(pod)):
         settings = settings_from(settings_env(objects, container), monkeypatch)
-        (mount,) = container["volumeMounts"]
-        assert mount["name"] == volume["name"] and mount["mountPath"] == str(settings.store_dir)
+        (mount,) = [m for m in container["volumeMounts"] if m["name"] == volume["name"]]
+        assert mount["mountPath"] == str(settings.store_dir)
         assert not settings.auto_pull  # the init container did it, before readiness counts
 
 
