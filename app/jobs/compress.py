@@ -27,7 +27,7 @@ from app.store.manifest import (
     check_model_name,
     wilson_interval,
 )
-from app.store.store import ModelStore
+from app.store.store import ModelStore, tensor_digest
 from app.timing import throughput_ratio
 from app.train.data import EvalImages, eval_transform, list_images, read_labels
 from app.train.distill import distill, launched_rank, training_device
@@ -224,7 +224,7 @@ def run_training_free(
         speed_arch=speed_arch,
         description=f"{teacher_name} compressed ({cfg}), training-free",
         details={"command": command, "seed": seed, "steps": 0, "training": "none"},
-        derived_from=Teacher(name=teacher_name, sha256=loaded.manifest.weights.sha256),
+        derived_from=Teacher(name=teacher_name, sha256=tensor_digest(loaded.module.state_dict())),
     )
 
 

@@ -67,13 +67,17 @@ class Source(BaseModel):
 
 
 class Teacher(BaseModel):
-    """The dense entry a derived entry is built from, pinned by its weights' checksum: the
-    derived entry's figures hold for those weights only."""
+    """The dense entry a derived entry is built from, pinned by its weights: the derived
+    entry's figures hold for those weights only. The pin is a digest of the tensors (names,
+    dtypes, shapes, values), not of the file: the same weights written by another
+    safetensors version are another file but the same teacher."""
 
     model_config = ConfigDict(extra="forbid")
 
     name: str
-    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    sha256: str = Field(
+        pattern=r"^[0-9a-f]{64}$", description="app.store.store.tensor_digest of its weights"
+    )
 
 
 def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:

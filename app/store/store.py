@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +37,17 @@ from app.vit.builder import compress, create_model
 LOCAL_FILE = "local.json"
 # What must agree between a declared manifest and weights written under its name.
 MODEL_FIELDS = ("architecture", "architecture_kwargs", "compression", "num_classes")
+
+
+def tensor_digest(state: Mapping[str, torch.Tensor]) -> str:
+    """sha256 of a state dict's contents (names, dtypes, shapes, values in name order),
+    whatever file they were read from."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
 
 
 def sha256_of(path: Path, chunk: int = 1 << 20) -> str:
@@ -174,11 +186,13 @@ class ModelStore:
                 f"{manifest.name}: teacher {teacher.name} is a {teacher_manifest.architecture}, "
                 f"not a {manifest.architecture}"
             )
-        if teacher_manifest.weights.sha256 != teacher.sha256:
+        path = self.entry_dir(teacher.name) / teacher_manifest.weights.file
+        actual = tensor_digest(load_file(path))
+        if actual != teacher.sha256:
             raise WeightsCorrupt(
-                f"{manifest.name}: teacher {teacher.name}'s weights (sha256 "
-                f"{str(teacher_manifest.weights.sha256)[:12]}…) are not the ones this entry was "
-                f"measured with ({teacher.sha256[:12]}…)"
+                f"{manifest.name}: teacher {teacher.name}'s weights (tensor digest "
+                f"{actual[:12]}…) are not the ones this entry was measured with "
+                f"({teacher.sha256[:12]}…)"
             )
         return teacher_manifest
 

@@ -54,7 +54,9 @@ def test_serving_imports_no_training_jobs_or_benchmarks(tmp_path) -> None:
     add_tiny_entry(
         store, "tiny-merged", variant="compressed", compression=CompressionConfig.parse("merge=2")
     )
-    env = {**os.environ, **serve_env(store), "PYTHONPATH": str(REPO)}
+    # inline: the models load and warm up in this process (with engines, in theirs; the
+    # engine's own modules are among the server packages imported below)
+    env = {**os.environ, **serve_env(store, engine="inline"), "PYTHONPATH": str(REPO)}
     done = subprocess.run(
         [sys.executable, "-c", PROBE], env=env, cwd=REPO, capture_output=True, text=True
     )

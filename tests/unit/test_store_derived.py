@@ -14,6 +14,7 @@ from app.jobs.compress import run_training_free
 from app.store import ModelStore, Source
 from app.store.errors import StoreError, WeightsCorrupt, WeightsMissing
 from app.store.manifest import Manifest, Teacher
+from app.store.store import tensor_digest
 from app.vit.builder import compress, resolve_config
 from tests.helpers import add_tiny_entry, tiny_manifest
 
@@ -30,7 +31,8 @@ def test_a_derived_entry_is_its_teacher_with_the_config_applied(store):
     assert not (store.root / "tiny-m2" / "model.safetensors").exists()
     manifest = store.manifest("tiny-m2")
     assert manifest.source.kind == "derived"
-    assert manifest.teacher == Teacher(name="tiny", sha256=store.manifest("tiny").weights.sha256)
+    teacher_state = store.load("tiny").module.state_dict()
+    assert manifest.teacher == Teacher(name="tiny", sha256=tensor_digest(teacher_state))
     expected = compress(store.load("tiny").module, resolve_config("merge=2")).eval()
     x = torch.randn(3, 3, 32, 32)
     assert torch.equal(store.load("tiny-m2").module(x), expected(x))
@@ -130,3 +132,18 @@ def test_declared_derived_entries_pin_the_dense_teacher(name):
     manifest: Manifest = DECLARED.manifest(name)
     teacher = DECLARED.manifest(manifest.teacher.name)
     assert teacher.source.kind == "timm-pretrained" and manifest.compression.training_free
+
+
+def test_the_teacher_pin_is_its_tensors_not_its_file(store, tmp_path):
+    """Another safetensors version writes the same weights as another file: still the same
+    teacher. Other values are another teacher."""
+    from safetensors.torch import load_file, save_file
+
+    path = store.weights_path("tiny")
+    state = load_file(path)
+    rewritten = tmp_path / "rewritten.safetensors"
+    save_file(state, rewritten, metadata={"written_by": "another version"})
+    assert rewritten.read_bytes() != path.read_bytes()
+    assert tensor_digest(load_file(rewritten)) == store.manifest("tiny-m2").teacher.sha256
+    state["head.bias"] = state["head.bias"] + 1
+    assert tensor_digest(state) != store.manifest("tiny-m2").teacher.sha256
