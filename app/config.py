@@ -126,10 +126,12 @@ class Settings(BaseSettings):
         "aggregate across processes through PROMETHEUS_MULTIPROC_DIR (a temporary one is made).",
     )
     engine: Literal["process", "inline"] = Field(
-        "process",
-        description="process: `vitserve serve` runs one engine process per device that owns "
-        "the models, batching and decoding for every HTTP worker (restarted if it dies); "
-        "inline: each HTTP worker loads and runs its own models in process.",
+        "inline",
+        description="inline: each HTTP worker loads and runs its own models; process: "
+        "`vitserve serve` runs one engine process per device that owns the models, batching "
+        "and decoding for every HTTP worker, which only speak HTTP (restarted if it dies). "
+        "Inline stays the default until the engine's decode stage outruns it (see "
+        "docs/performance.md).",
     )
     log_level: str = Field("info", description="Log level (debug, info, warning, error).")
     admin_token: SecretStr | None = Field(

@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -72,11 +73,14 @@ def running_server(
         "VITSERVE_GRPC_PORT": str(grpc_port),
     }
     full_env.setdefault("VITSERVE_LOG_LEVEL", "warning")
+    # A file, not a pipe: nobody reads the output while the server runs, and a full pipe
+    # blocks whichever of its processes (workers, engines) logs next.
+    log = tempfile.TemporaryFile()  # noqa: SIM115 - closed in the finally below
     proc = subprocess.Popen(
         [sys.executable, "-m", "app", "serve"],
         cwd=REPO,
         env=full_env,
-        stdout=subprocess.PIPE,
+        stdout=log,
         stderr=subprocess.STDOUT,
     )
     base = ServerURL(f"http://127.0.0.1:{port}")
@@ -85,8 +89,8 @@ def running_server(
         deadline = time.monotonic() + timeout_s
         while not _ready(base, workers):
             if proc.poll() is not None:
-                output = proc.stdout.read().decode()
-                raise RuntimeError(f"server exited {proc.returncode}: {output}")
+                log.seek(0)
+                raise RuntimeError(f"server exited {proc.returncode}: {log.read().decode()}")
             if time.monotonic() > deadline:
                 raise TimeoutError(f"server did not become ready in {timeout_s:.0f}s")
             time.sleep(0.2)
@@ -98,4 +102,4 @@ def running_server(
                 proc.wait(30)
             except subprocess.TimeoutExpired:
                 proc.kill()
-        proc.stdout.close()
+        log.close()
