@@ -414,7 +414,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--queue-size", dest="queue_size", type=int, help="images a model queues")
     p.add_argument("--workers", type=int, help="server worker processes (default 1)")
     p.add_argument(
-        "--engine", choices=["process", "inline"], help="where models run (server default: process)"
+        "--engine", choices=["process", "inline"], help="where models run (server default: inline)"
     )
     p.add_argument(
         "--decode-threads", dest="decode_threads", type=int, help="an engine's decode threads"

@@ -52,10 +52,19 @@ class Preprocessed:
     tensor: torch.Tensor
 
 
+@dataclass(frozen=True)
+class Pixels:
+    """A decoded RGB image, uint8 [3, H, W] at the size the client sent (the v2 protocol's
+    UINT8 input): resized and cropped in the decode stage, with the batch, on the model's
+    device, as nvjpeg's output is -- not image by image on the HTTP worker's CPU."""
+
+    tensor: torch.Tensor
+
+
 # What a queue item carries: bytes, a uint8 crop [3, H, W] decoded ahead of time (compare
-# mode decodes an image once for all the variants that share its preprocessing; the v2
-# protocol's UINT8 input is resized and cropped before it queues), or a ready input.
-Payload = Encoded | torch.Tensor | Preprocessed
+# mode decodes an image once for all the variants that share its preprocessing), decoded
+# pixels still to resize, or a ready input.
+Payload = Encoded | torch.Tensor | Pixels | Preprocessed
 
 
 @dataclass
@@ -206,6 +215,10 @@ class BatchDecoder:
     ) -> tuple[dict[int, torch.Tensor], dict[int, str], dict[int, Exception]]:
         """Each payload's uint8 crop (or its error), and which decoder made it."""
         crops = {i: p for i, p in enumerate(payloads) if isinstance(p, torch.Tensor)}
+        pixels = {i: p.tensor for i, p in enumerate(payloads) if isinstance(p, Pixels)}
+        if pixels:
+            images = [image.to(self.device, non_blocking=True) for image in pixels.values()]
+            crops.update(zip(pixels, self.resize_crop(images), strict=True))
         decoders: dict[int, str] = {}
         encoded = {i: p for i, p in enumerate(payloads) if isinstance(p, Encoded)}
         on_gpu = [i for i, p in encoded.items() if self.nvjpeg and p.probe.nvjpeg_ok]

@@ -171,7 +171,24 @@ def proportional_attention(
     scale: float,
     dropout_p: float = 0.0,
 ) -> torch.Tensor:
-    """``softmax(q·kᵀ·scale + log size_k)·v`` through fused SDPA *without* an attention mask.
+    """``softmax(q·kᵀ·scale + log size_k)·v`` through fused SDPA, in the form each device's
+    fastest kernel takes: the bias as an extra head dimension on a GPU
+    (:func:`head_bias_attention`), as an additive mask on the CPU (:func:`mask_bias_attention`).
+    """
+    attend = mask_bias_attention if q_BHND.device.type == "cpu" else head_bias_attention
+    return attend(q_BHND, k_BHND, v_BHND, log_size_BN1, scale=scale, dropout_p=dropout_p)
+
+
+def head_bias_attention(
+    q_BHND: torch.Tensor,
+    k_BHND: torch.Tensor,
+    v_BHND: torch.Tensor,
+    log_size_BN1: torch.Tensor,
+    *,
+    scale: float,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """Proportional attention *without* an attention mask, for the GPU.
 
     A mask sends SDPA off its fastest kernel (flash attention takes none): on an H200 the
     log-size mask made a DeiT-S block at 197 tokens 0.23 ms slower (1.00 ms against
@@ -191,6 +208,24 @@ def proportional_attention(
         q_BHNE, k_BHNE, v_BHNE, dropout_p=dropout_p, scale=scale
     )
     return out_BHNE[..., :D]
+
+
+def mask_bias_attention(
+    q_BHND: torch.Tensor,
+    k_BHND: torch.Tensor,
+    v_BHND: torch.Tensor,
+    log_size_BN1: torch.Tensor,
+    *,
+    scale: float,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """Proportional attention with the bias as an additive mask, for the CPU: SDPA's CPU
+    flash kernel takes a mask at almost no cost, while padded heads cost copies and a wider
+    product (2 cores, DeiT-Tiny shapes at 150 tokens, batch 16: 30 ms against 130 ms)."""
+    mask_B11N = log_size_BN1.to(q_BHND.dtype).transpose(-1, -2)[:, None]
+    return F.scaled_dot_product_attention(
+        q_BHND, k_BHND, v_BHND, attn_mask=mask_B11N, dropout_p=dropout_p, scale=scale
+    )
 
 
 class MergeAttention(nn.Module):

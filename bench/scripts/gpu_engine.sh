@@ -25,17 +25,17 @@ common=(--store $store --images .carry/images/imagenet-dev --device cuda --secon
 for part in ${PARTS:-tests s litserve}; do
   case $part in
     tests) timeout 150 python3 -m pytest -q -m gpu --tb=short -p no:cacheprovider \
-        tests/test_decode.py tests/test_cuda_graphs.py tests/test_gpu_metrics.py \
+        tests/unit/test_decode.py tests/unit/test_cuda_graphs.py tests/service/test_gpu_metrics.py \
         2>&1 | grep -v "Warning\|warn\|^$\|^  " ;;
-    s) python3 -m app bench service "${common[@]}" --workers "${WORKERS:-12}" \
+    s) python3 -m app bench service "${common[@]}" --engine process --workers "${WORKERS:-12}" \
         --decode-threads "${DECODE_THREADS:-2}" --models deit_small "deit_small-$cfg" \
         --half-load-seconds 10 ;;
-    b) python3 -m app bench service "${common[@]}" --workers "${WORKERS:-12}" \
+    b) python3 -m app bench service "${common[@]}" --engine process --workers "${WORKERS:-12}" \
         --decode-threads "${DECODE_THREADS:-2}" --models deit_base "deit_base-$cfg" \
         --no-half-load ;;
     inline) python3 -m app bench service "${common[@]}" --engine inline --workers 6 \
         --models deit_small "deit_small-$cfg" --no-half-load ;;
-    litserve) python3 -m app bench service "${common[@]}" --workers "${WORKERS:-12}" \
+    litserve) python3 -m app bench service "${common[@]}" --engine process --workers "${WORKERS:-12}" \
         --decode-threads "${DECODE_THREADS:-2}" --models deit_small --no-half-load \
         --litserve --litserve-workers 12 --litserve-api-servers 4 \
         --litserve-max-batch-size 64 --litserve-timeout-ms 10 ;;

@@ -31,27 +31,36 @@ port=${PORT:-8000}
 grpc_port=${GRPC_PORT:-8001}
 interval_ms=${MEASURE_MS:-5000}
 stability=${STABILITY:-10}  # perf_analyzer's --stability-percentage (a busy CPU needs more)
+# At most $TRIALS windows per level: perf_analyzer's default (10 windows until 3 agree within
+# $STABILITY %) let 16 levels run past a 600-s device call with nothing written.
+trials=${TRIALS:-4}
 
 command -v perf_analyzer > /dev/null || { echo "perf_analyzer not on PATH" >&2; exit 2; }
 [ -f "$store/$dense/manifest.json" ] ||
-  python -m app store random "$arch" --name "$dense" --store "$store"
+  python3 -m app store random "$arch" --name "$dense" --store "$store"
 [ -f "$store/$compressed/manifest.json" ] ||
-  python -m app store random "$arch" --name "$compressed" --config "$config" --store "$store"
-python -m app.bench.v2_inputs --images "$images" --count "$count" --out "$out/inputs"
+  python3 -m app store random "$arch" --name "$compressed" --config "$config" --store "$store"
+python3 -m app.bench.v2_inputs --images "$images" --count "$count" --out "$out/inputs"
 
 VITSERVE_STORE_DIR=$store VITSERVE_MODELS="[\"$dense\", \"$compressed\"]" \
   VITSERVE_DEFAULT_MODEL=$dense VITSERVE_AUTO_PULL=false VITSERVE_PORT=$port \
   VITSERVE_GRPC_PORT=$grpc_port VITSERVE_LOG_LEVEL=${VITSERVE_LOG_LEVEL:-warning} \
-  python -m app serve > "$out/server.log" 2>&1 &
+  python3 -m app serve > "$out/server.log" 2>&1 &
 server=$!
 trap 'kill -INT $server 2> /dev/null; wait $server 2> /dev/null' EXIT
+# One /v2/health/ready answer speaks for one worker: wait until /metrics counts them all.
+workers=${VITSERVE_WORKERS:-1}
+ready_workers() {
+  curl -sf "http://127.0.0.1:$port/metrics" |
+    awk '/^vitserve_workers_ready/ {n += $2} END {print n + 0}'
+}
 for _ in $(seq 600); do
-  curl -sf "http://127.0.0.1:$port/v2/health/ready" > /dev/null && break
+  [ "$(ready_workers)" -ge "$workers" ] && break
   kill -0 $server 2> /dev/null || { cat "$out/server.log" >&2; exit 1; }
   sleep 0.5
 done
-curl -sf "http://127.0.0.1:$port/v2/health/ready" > /dev/null ||
-  { echo "server not ready after 300 s" >&2; exit 1; }
+[ "$(ready_workers)" -ge "$workers" ] ||
+  { echo "server not ready after 300 s ($(ready_workers) of $workers workers)" >&2; exit 1; }
 
 summary="$out/summary.csv"
 echo "model,protocol,input,concurrency,infer_per_sec,p50_us,p99_us" > "$summary"
@@ -63,12 +72,14 @@ for model in "$dense" "$compressed"; do
       for c in $concurrency; do
         csv="$out/pa-$model-$protocol-$input-c$c.csv"
         echo "== $model $protocol $input concurrency $c"
-        perf_analyzer -m "$model" -i "$protocol" -u "$url" -b 1 \
+        timeout $((trials * interval_ms / 1000 * 3 + 30)) \
+          perf_analyzer -m "$model" -i "$protocol" -u "$url" -b 1 \
           --input-data "$out/inputs/$input.json" --concurrency-range "$c:$c" \
           --measurement-interval "$interval_ms" --stability-percentage "$stability" \
-          -f "$csv" | tail -n 4
+          --max-trials "$trials" -f "$csv" | tail -n 4 || true
+        [ -s "$csv" ] || { echo "   no result (unstable or timed out)"; continue; }
         # perf_analyzer's CSV: a header row, then Concurrency,Inferences/Second,...
-        python - "$csv" "$model,$protocol,$input" "$summary" << 'PY'
+        python3 - "$csv" "$model,$protocol,$input" "$summary" << 'PY'
 import csv, sys
 row = next(csv.DictReader(open(sys.argv[1])))
 line = [sys.argv[2], row["Concurrency"], row["Inferences/Second"], row["p50 latency"], row["p99 latency"]]
@@ -83,6 +94,8 @@ if [ "${BENCH_SERVICE:-0}" = 1 ]; then
   kill -INT $server && wait $server || true
   trap - EXIT
   # shellcheck disable=SC2086  # the concurrencies are separate arguments
-  python -m app bench service --store "$store" --models "$dense" "$compressed" \
-    --images "$images" --concurrency $concurrency --images-per-request 1 --out "$out"
+  python3 -m app bench service --store "$store" --models "$dense" "$compressed" \
+    --workers "${VITSERVE_WORKERS:-1}" --images "$images" --concurrency $concurrency \
+    --images-per-request 1 --seconds 5 --warmup 1.5 --client-processes 4 --no-half-load \
+    --out "$out"
 fi

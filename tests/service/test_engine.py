@@ -15,7 +15,7 @@ import torch
 
 from app.bench.server import running_server
 from app.serving.batcher import BatcherStopped, DeadlineExceeded, QueueFull
-from app.serving.decode import Encoded, Preprocessed
+from app.serving.decode import Encoded, Pixels, Preprocessed
 from app.serving.engine.arena import ShmArena, attach
 from app.serving.engine.client import EngineLink, payload_item
 from app.serving.engine.server import read_payload
@@ -144,10 +144,11 @@ async def test_a_request_frame_carries_where_the_image_is_not_the_image(tmp_path
     assert seen and seen[0] < 1024
 
 
-def test_decoded_crops_and_preprocessed_inputs_travel_as_raw_tensors(arena):
+def test_decoded_crops_pixels_and_preprocessed_inputs_travel_as_raw_tensors(arena):
     crop = torch.arange(3 * 4 * 5, dtype=torch.uint8).reshape(3, 4, 5)
+    pixels = Pixels(torch.arange(6 * 5 * 3, dtype=torch.uint8).reshape(6, 5, 3).permute(2, 0, 1))
     ready = Preprocessed(torch.randn(3, 4, 5))
-    for payload, kind in ((crop, "tensor"), (ready, "preprocessed")):
+    for payload, kind in ((crop, "tensor"), (pixels, "pixels"), (ready, "preprocessed")):
         data, item = payload_item(payload)
         region = arena.allocate(len(data))
         arena.shm.buf[region : region + len(data)] = data
@@ -156,7 +157,7 @@ def test_decoded_crops_and_preprocessed_inputs_travel_as_raw_tensors(arena):
         if kind == "tensor":
             assert torch.equal(rebuilt, crop)
         else:
-            assert isinstance(rebuilt, Preprocessed) and torch.equal(rebuilt.tensor, ready.tensor)
+            assert type(rebuilt) is type(payload) and torch.equal(rebuilt.tensor, payload.tensor)
         arena.free(region)
 
 

@@ -40,7 +40,9 @@ from app.vit.merge import (
     MergeBlock,
     MergeState,
     bipartite_soft_matching,
+    head_bias_attention,
     leave_matching_eager,
+    mask_bias_attention,
     merge_weighted,
 )
 from tests.helpers import DEV_IMAGES, HF_CACHE, TINY_VIT, require_shared
@@ -497,8 +499,13 @@ def test_real_deit_tiny_r13_agrees_with_dense(monkeypatch: pytest.MonkeyPatch) -
 
 
 @pytest.mark.parametrize(("head_dim", "qkv_bias"), [(64, True), (12, True), (7, False)])
-def test_proportional_attention_equals_the_masked_softmax(head_dim: int, qkv_bias: bool) -> None:
-    """The log-size bias carried in an extra head dimension is the additive mask, exactly."""
+@pytest.mark.parametrize("attend", [head_bias_attention, mask_bias_attention])
+def test_proportional_attention_equals_the_masked_softmax(
+    head_dim: int, qkv_bias: bool, attend: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both forms of the log-size bias (an extra head dimension for the GPU, an additive
+    mask for the CPU) are the masked softmax, exactly."""
+    monkeypatch.setattr("app.vit.merge.proportional_attention", attend)
     torch.manual_seed(head_dim)
     dense = Attention(3 * head_dim, num_heads=3, qkv_bias=qkv_bias).double().eval()
     x_BNC = torch.randn(2, 11, 3 * head_dim, dtype=torch.float64)

@@ -8,8 +8,8 @@ A request carries exactly one image input, any of the three the metadata declare
 
 - ``IMAGE`` (BYTES, [N] or [N, 1]): encoded images, probed, limited and decoded as on
   ``/classify`` (queued compressed, decoded per batch);
-- ``PIXELS`` (UINT8, [N, H, W, 3]): decoded RGB images, resized and centre-cropped here
-  as the model's eval transform does, then queued as uint8 crops;
+- ``PIXELS`` (UINT8, [N, H, W, 3]): decoded RGB images, queued as sent and resized and
+  centre-cropped with their batch, on the model's device, as the model's eval transform does;
 - ``PREPROCESSED`` (FP32, [N, 3, h, w] at the model's input size): resized, cropped and
   normalised by the client, fed to the model as sent.
 
@@ -28,7 +28,6 @@ client (or a gateway) asks what the other arm would have said.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -40,7 +39,7 @@ from app import __version__
 from app.api.errors import ApiError, rejected
 from app.api.v2.tensors import InferRequest, InferResponse, ProtocolError, Tensor
 from app.experiments.compare import all_or_nothing, compare, preprocessing_key
-from app.serving.decode import Payload, Preprocessed
+from app.serving.decode import Payload, Pixels, Preprocessed
 from app.serving.pipeline import ImageInput, ImageResult
 from app.serving.pool import ServedModel
 
@@ -317,11 +316,8 @@ class V2Service:
             if len(shape) != 4 or shape[3] != 3 or 0 in shape:
                 raise ProtocolError(f"input PIXELS: shape [N, H, W, 3], got {shape}")
             model.preprocessor.check_size(width=shape[2], height=shape[1])  # as IMAGE's header
-            loop = asyncio.get_running_loop()
-            crops = await loop.run_in_executor(
-                self.state.pool.decode_pool, resize_crop, model, tensor.data
-            )
-            return blank, crops
+            images = torch.from_numpy(np.array(tensor.data, dtype=np.uint8)).permute(0, 3, 1, 2)
+            return blank, [Pixels(image) for image in images]
         expected = [shape[0], *model.manifest.preprocessing.input_size]
         if shape != expected:
             raise ProtocolError(f"input PREPROCESSED: shape {expected}, got {shape}")
@@ -368,11 +364,3 @@ class V2Service:
         array = np.empty((len(results), count), dtype=object)
         array[:] = rows
         return Tensor(name, "BYTES", [len(results), count], array)
-
-
-def resize_crop(model: ServedModel, pixels_NHW3: np.ndarray) -> list[torch.Tensor]:
-    """Decoded RGB images → uint8 crops [3, h, w], by the eval transform's resize and crop
-    (the same code the GPU decode path runs on nvjpeg's output)."""
-    images = [torch.from_numpy(np.array(image)).permute(2, 0, 1) for image in pixels_NHW3]
-    crops = model.decoders[0].resize_crop(images)
-    return [crop.to(torch.uint8) for crop in crops]

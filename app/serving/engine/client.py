@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from app.serving.batcher import Prediction
-from app.serving.decode import Encoded, Payload, Preprocessed
+from app.serving.decode import Encoded, Payload, Pixels, Preprocessed
 from app.serving.engine.arena import ShmArena
 from app.serving.engine.wire import (
     EngineUnavailable,
@@ -45,8 +45,9 @@ def payload_item(payload: Payload) -> tuple[memoryview | bytes, dict[str, Any]]:
             "kind": "encoded",
             "probe": [p.format, p.width, p.height, p.nvjpeg_ok],
         }
-    kind = "preprocessed" if isinstance(payload, Preprocessed) else "tensor"
-    tensor = payload.tensor if isinstance(payload, Preprocessed) else payload
+    kinds = {Preprocessed: "preprocessed", Pixels: "pixels"}
+    kind = kinds.get(type(payload), "tensor")
+    tensor = payload if isinstance(payload, torch.Tensor) else payload.tensor
     array = tensor.detach().contiguous().cpu().numpy()
     dtype = str(tensor.dtype).removeprefix("torch.")
     item = {"kind": kind, "dtype": dtype, "shape": list(array.shape)}

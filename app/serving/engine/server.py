@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from app.config import Settings
-from app.serving.decode import Encoded, Payload, Preprocessed
+from app.serving.decode import Encoded, Payload, Pixels, Preprocessed
 from app.serving.engine.arena import attach
 from app.serving.engine.wire import FrameWriter, encode_error, frame, read_frame
 from app.serving.metrics import Metrics
@@ -46,7 +46,8 @@ def read_payload(item: dict[str, Any], shm: SharedMemory) -> Payload:
     dtype = getattr(torch, item["dtype"])
     data = bytearray(shm.buf[start:stop])
     tensor = torch.frombuffer(data, dtype=dtype).reshape(item["shape"])
-    return Preprocessed(tensor) if item["kind"] == "preprocessed" else tensor
+    wrap = {"preprocessed": Preprocessed, "pixels": Pixels}.get(item["kind"])
+    return wrap(tensor) if wrap else tensor
 
 
 class EngineServer:
