@@ -89,7 +89,7 @@ PY
     done
   done
 done
-column -s, -t "$summary"
+column -s, -t "$summary" 2> /dev/null || cat "$summary"
 if [ "${BENCH_SERVICE:-0}" = 1 ]; then
   kill -INT $server && wait $server || true
   trap - EXIT
