@@ -20,18 +20,15 @@ import io
 import logging
 import threading
 import time
-from collections import defaultdict
 from collections.abc import Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from PIL import Image
-from torchvision import transforms
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from app.serving.preprocess import Preprocessor, Probe
+from app.serving.preprocess import Preprocessor, Probe, TensorResizeCrop
 
 log = logging.getLogger(__name__)
 
@@ -81,54 +78,6 @@ class DecodedBatch:
 def stack_tensors(payloads: Sequence[torch.Tensor]) -> DecodedBatch:
     """The decode stage of a model fed ready tensors (tests, tools): just stack them."""
     return DecodedBatch(torch.stack(list(payloads)), list(range(len(payloads))))
-
-
-class TensorResizeCrop:
-    """The eval transform's Resize + CenterCrop on decoded image tensors, one interpolate
-    per distinct image size: what torchvision's modules compute image by image (same
-    geometry, same antialiased kernel, rounded to whole grey levels), without their
-    per-call checks -- on a busy server the Python per image is what limits the GPU path.
-    """
-
-    def __init__(self, resize_crop: transforms.Compose) -> None:
-        resize, crop = resize_crop.transforms
-        if not isinstance(resize, transforms.Resize) or not isinstance(crop, transforms.CenterCrop):
-            raise TypeError(f"expected Resize + CenterCrop, got {resize_crop}")
-        if resize.max_size is not None:
-            raise ValueError("Resize(max_size=...) is not supported on the GPU path")
-        self.size, self.crop = resize.size, tuple(crop.size)
-        self.mode = resize.interpolation.value
-
-    def resized(self, height: int, width: int) -> tuple[int, int]:
-        """torchvision's output size: an int (or 1-list) sets the shorter side."""
-        size = [self.size] if isinstance(self.size, int) else list(self.size)
-        if len(size) == 2:
-            return size[0], size[1]
-        short, long = sorted((height, width))
-        new_short, new_long = size[0], int(size[0] * long / short)
-        return (new_short, new_long) if height <= width else (new_long, new_short)
-
-    def __call__(self, images_3HW: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """uint8 images [3, H, W] (any sizes) → float crops [3, h, w] in 0..255, whole numbers."""
-        by_size: dict[tuple[int, int], list[int]] = defaultdict(list)
-        for k, image in enumerate(images_3HW):
-            by_size[(image.shape[-2], image.shape[-1])].append(k)
-        crops: list[torch.Tensor] = [torch.empty(0)] * len(images_3HW)
-        ch, cw = self.crop
-        for (h, w), ks in by_size.items():
-            nh, nw = self.resized(h, w)
-            if ch > nh or cw > nw:
-                raise ValueError(f"crop {self.crop} is larger than the resized {nh}x{nw}")
-            x_N3HW = torch.stack([images_3HW[k] for k in ks]).float()
-            if (nh, nw) != (h, w):
-                x_N3HW = F.interpolate(
-                    x_N3HW, size=(nh, nw), mode=self.mode, antialias=True, align_corners=False
-                )
-            top, left = int(round((nh - ch) / 2.0)), int(round((nw - cw) / 2.0))
-            out_N3hw = x_N3HW[..., top : top + ch, left : left + cw].clamp(0, 255).round()
-            for k, crop in zip(ks, out_N3hw, strict=True):
-                crops[k] = crop
-        return crops
 
 
 class BatchDecoder:

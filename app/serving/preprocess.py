@@ -2,19 +2,23 @@
 
 ``probe`` reads only the header (limits, format, whether nvjpeg may take the image) and
 runs as the request arrives, so bad input is refused before it queues. ``decode_crop``
-is Pillow's decode + resize + crop to a uint8 crop, run in worker threads (Pillow releases
-the GIL); ``normalize`` is the float part, done per batch on the model's device.
-``__call__`` chains them and equals timm's eval transform exactly.
+is Pillow's decode, then the eval transform's resize + crop on a tensor, to a uint8 crop,
+run in worker threads (both release the GIL); ``normalize`` is the float part, done per
+batch on the model's device. ``__call__`` chains them: timm's eval transform within two
+grey levels before normalising (torch's resize, not Pillow's: ~4x faster on the CPU).
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
+from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 from timm.data import create_transform
 from torchvision import transforms
@@ -65,6 +69,63 @@ class Probe:
 EXIF_ORIENTATION = 0x0112
 
 
+class TensorResizeCrop:
+    """The eval transform's Resize + CenterCrop on decoded image tensors, one interpolate
+    per distinct image size, without torchvision's per-call checks (on a busy server the
+    Python per image is what limits the GPU path).
+
+    Same geometry and antialiased kernel as torchvision's modules. Off the CPU it computes in
+    float and rounds, exactly as they do; on the CPU it runs torch's uint8 kernel, which is
+    ~4x faster than Pillow's resize (1.0 against 3.7 ms for a 500x416 photo, one core) and
+    within two grey levels of both (one, mostly).
+    """
+
+    def __init__(self, resize_crop: transforms.Compose) -> None:
+        resize, crop = resize_crop.transforms
+        if not isinstance(resize, transforms.Resize) or not isinstance(crop, transforms.CenterCrop):
+            raise TypeError(f"expected Resize + CenterCrop, got {resize_crop}")
+        if resize.max_size is not None:
+            raise ValueError("Resize(max_size=...) is not supported on the GPU path")
+        self.size, self.crop = resize.size, tuple(crop.size)
+        self.mode = resize.interpolation.value
+
+    def resized(self, height: int, width: int) -> tuple[int, int]:
+        """torchvision's output size: an int (or 1-list) sets the shorter side."""
+        size = [self.size] if isinstance(self.size, int) else list(self.size)
+        if len(size) == 2:
+            return size[0], size[1]
+        short, long = sorted((height, width))
+        new_short, new_long = size[0], int(size[0] * long / short)
+        return (new_short, new_long) if height <= width else (new_long, new_short)
+
+    def __call__(self, images_3HW: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """uint8 images [3, H, W] (any sizes) → crops [3, h, w] in whole grey levels: uint8
+        on the CPU, float elsewhere."""
+        by_size: dict[tuple[int, int], list[int]] = defaultdict(list)
+        for k, image in enumerate(images_3HW):
+            by_size[(image.shape[-2], image.shape[-1])].append(k)
+        crops: list[torch.Tensor] = [torch.empty(0)] * len(images_3HW)
+        ch, cw = self.crop
+        for (h, w), ks in by_size.items():
+            nh, nw = self.resized(h, w)
+            if ch > nh or cw > nw:
+                raise ValueError(f"crop {self.crop} is larger than the resized {nh}x{nw}")
+            x_N3HW = torch.stack([images_3HW[k] for k in ks])
+            if x_N3HW.device.type != "cpu":
+                x_N3HW = x_N3HW.float()
+            if (nh, nw) != (h, w):
+                x_N3HW = F.interpolate(
+                    x_N3HW, size=(nh, nw), mode=self.mode, antialias=True, align_corners=False
+                )
+            top, left = int(round((nh - ch) / 2.0)), int(round((nw - cw) / 2.0))
+            out_N3hw = x_N3HW[..., top : top + ch, left : left + cw]
+            if out_N3hw.is_floating_point():
+                out_N3hw = out_N3hw.clamp(0, 255).round()
+            for k, crop in zip(ks, out_N3hw, strict=True):
+                crops[k] = crop
+        return crops
+
+
 @dataclass(frozen=True)
 class Preprocessor:
     """Decode + timm eval transform for one model's data config, with safety limits."""
@@ -78,6 +139,7 @@ class Preprocessor:
         if not isinstance(normalize, transforms.Normalize):
             raise TypeError(f"unexpected eval transform {transform}: Normalize must come last")
         object.__setattr__(self, "_resize_crop", transforms.Compose(resize_crop))
+        object.__setattr__(self, "_tensor_resize_crop", TensorResizeCrop(self._resize_crop))
         object.__setattr__(self, "mean", torch.as_tensor(normalize.mean, dtype=torch.float32))
         object.__setattr__(self, "std", torch.as_tensor(normalize.std, dtype=torch.float32))
         resize = transform.transforms[0].size
@@ -100,14 +162,19 @@ class Preprocessor:
         return self.normalize(self.decode_crop(data)[None])[0]
 
     def decode_crop(self, data: bytes) -> torch.Tensor:
-        """bytes → uint8 tensor [3, H, W], resized and cropped by Pillow."""
-        return transforms.functional.pil_to_tensor(self._resize_crop(self.decode(data)))
+        """bytes → uint8 tensor [3, H, W]: decoded by Pillow, resized and cropped by torch."""
+        return self.crop(self.decode(data))
+
+    def crop(self, image: Image.Image) -> torch.Tensor:
+        """A decoded image → uint8 crop [3, h, w] (:class:`TensorResizeCrop`)."""
+        return self._tensor_resize_crop([transforms.functional.pil_to_tensor(image)])[0]
 
     def normalize(self, crops_B3HW: torch.Tensor) -> torch.Tensor:
-        """uint8 (or 0..255 float) crops → float32 normalised, on their own device."""
-        mean = self.mean.to(crops_B3HW.device)[:, None, None]
-        std = self.std.to(crops_B3HW.device)[:, None, None]
-        return (crops_B3HW.float() / 255 - mean) / std
+        """uint8 (or 0..255 float) crops → float32 normalised, on their own device: one
+        multiply-add, ``x·(1/255std) - mean/std``."""
+        scale = (1 / (255 * self.std)).to(crops_B3HW.device)[:, None, None]
+        shift = (self.mean / self.std).to(crops_B3HW.device)[:, None, None]
+        return torch.addcmul(-shift, crops_B3HW.float(), scale)
 
     def probe(self, data: bytes) -> Probe:
         """Header checks only (format, pixel limits); raises an ``InputError`` subclass."""

@@ -13,13 +13,14 @@ import pytest
 import torch
 from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
+from torchvision.transforms.functional import pil_to_tensor
 
 from app.config import Settings
-from app.serving.decode import BatchDecoder, Encoded, Preprocessed, TensorResizeCrop
+from app.serving.decode import BatchDecoder, Encoded, Preprocessed
 from app.serving.metrics import Metrics
 from app.serving.pipeline import ClassifyPipeline, ImageInput
 from app.serving.pool import ModelPool
-from app.serving.preprocess import CorruptImage, Preprocessor
+from app.serving.preprocess import CorruptImage, Preprocessor, TensorResizeCrop
 from app.store import ModelStore
 from app.store.manifest import Preprocessing
 from tests.helpers import add_tiny_entry, image_bytes
@@ -53,12 +54,13 @@ def pool():
         yield executor
 
 
-def test_the_split_transform_equals_timms_eval_transform(pre):
+def test_the_split_transform_is_timms_eval_transform_within_two_grey_levels(pre):
     from timm.data import create_transform
 
     data = photo()
     expected = create_transform(**DEIT.timm_data_config())(Image.open(io.BytesIO(data)))
-    assert torch.equal(pre(data), expected)
+    levels = (pre(data) - expected).abs() * 255 * torch.tensor(DEIT.std)[:, None, None]
+    assert levels.max() <= 2 + 1e-3 and levels.mean() < 0.1
     assert pre.decode_crop(data).dtype == torch.uint8
 
 
@@ -129,7 +131,7 @@ def test_tensor_resize_and_crop_match_pillows_within_two_levels(pre):
                 torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB
             )
         )
-        pillow = pre.decode_crop(data)
+        pillow = pil_to_tensor(pre.resize_crop(pre.decode(data)))
         diff = (tensor.int() - pillow.int()).abs()
         assert tensor.shape == pillow.shape == (3, 224, 224)
         assert diff.max() <= 3 and diff.float().mean() < 0.5, (
@@ -191,13 +193,21 @@ async def test_the_queue_holds_compressed_bytes_not_decoded_tensors(tmp_path):
 
 
 @pytest.mark.parametrize("size", [(500, 375), (375, 500), (333, 500), (640, 427), (248, 300)])
-def test_batched_tensor_resize_equals_torchvisions_modules_exactly(pre, size):
-    """The GPU path's own Resize + CenterCrop (one interpolate per distinct size) computes
-    exactly what the eval transform's torchvision modules compute image by image."""
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_batched_tensor_resize_is_torchvisions_modules(pre, size, device):
+    """Resize + CenterCrop as one interpolate per distinct size computes what the eval
+    transform's torchvision modules compute image by image: exactly on the GPU (float, as
+    they do), within two grey levels on the CPU (torch's uint8 kernel, ~4x faster)."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
     fast = TensorResizeCrop(pre.resize_crop)
     images = [
-        decode_jpeg(torch.frombuffer(bytearray(photo(s, seed=k)), dtype=torch.uint8))
+        decode_jpeg(torch.frombuffer(bytearray(photo(s, seed=k)), dtype=torch.uint8)).to(device)
         for k, s in enumerate([size, size, (size[1], size[0])])
     ]
     for image, crop in zip(images, fast(images), strict=True):
-        assert torch.equal(crop, pre.resize_crop(image).float())
+        want = pre.resize_crop(image).float()
+        if device == "cuda":
+            assert torch.equal(crop, want)
+        else:
+            assert crop.dtype == torch.uint8 and (crop.float() - want).abs().max() <= 2

@@ -1,4 +1,5 @@
-"""Decode stage: timm's eval transform exactly, every common format, clear errors for the rest."""
+"""Decode stage: timm's eval transform within two grey levels, every common format, clear
+errors for the rest."""
 
 from __future__ import annotations
 
@@ -51,9 +52,18 @@ def encode(image: Image.Image, fmt: str, **kw) -> bytes:
     return buf.getvalue()
 
 
+def assert_within_grey_levels(ours: torch.Tensor, ref: torch.Tensor) -> None:
+    """Normalised images whose pixels differ by at most two grey levels and on average by
+    far less than one: torch's resize (uint8 kernel) rounds a few pixels otherwise than
+    Pillow's, by one level, two where bicubic overshoots on noise."""
+    levels = (ours - ref).abs() * 255 * torch.tensor(DEIT.std)[:, None, None]
+    assert levels.max() <= 2 + 1e-3, f"max difference {levels.max():.2f} grey levels"
+    assert levels.mean() < 0.1, f"mean difference {levels.mean():.3f} grey levels"
+
+
 def test_matches_timm_eval_transform_on_a_generated_jpeg(pre):
     data = encode(photo_like(), "JPEG", quality=90)
-    assert torch.equal(pre(data), timm_reference(data))
+    assert_within_grey_levels(pre(data), timm_reference(data))
 
 
 def test_matches_timm_eval_transform_on_real_imagenet_photos(pre):
@@ -90,7 +100,7 @@ def test_common_formats_decode_to_rgb(pre, fmt, mode, kw):
     data = encode(photo_like((300, 200)).convert(mode), fmt, **kw)
     ours = pre(data)
     assert ours.shape == (3, 224, 224) and torch.isfinite(ours).all()
-    assert torch.allclose(ours, timm_reference(data), atol=1e-5)
+    assert_within_grey_levels(ours, timm_reference(data))
 
 
 def test_opaque_alpha_equals_no_alpha_and_transparency_becomes_white(pre):
@@ -122,7 +132,7 @@ def test_exif_rotation_is_applied(pre):
         Image.open(io.BytesIO(rotated)).convert("RGB").transpose(Image.Transpose.ROTATE_270)
     )
     assert upright.size == (200, 320)
-    assert torch.allclose(pre(rotated), ref, atol=1e-5)
+    assert_within_grey_levels(pre(rotated), ref)
 
 
 def test_bogus_exif_orientation_is_ignored(pre):
