@@ -18,10 +18,14 @@ token is never merged and stays at index 0.
 
 The matching has no sort. ToMe ranks the A tokens with two argsorts; at served batch sizes
 (16-64) those and the ``[B, A, B]`` similarity cost a merged model more than the tokens it
-removes, and compiling the sorts took Inductor minutes (so compiled models used to leave
-them eager, a graph break per merging block). :func:`rank_matches` counts instead (same
-result, ties to the earlier token), and on CUDA two Triton kernels
+removes, and compiling the sorts took Inductor minutes per merging block on the H200 (so
+compiled models left them eager, a graph break per merging block). :func:`rank_matches`
+counts instead (same result, ties to the earlier token), and on CUDA two Triton kernels
 (:mod:`app.vit.merge_kernels`) do the whole matching, both inside the compiled graph.
+On CPU, Inductor compiles the counting about as slowly as it did the sorts (DeiT-Tiny cut
+to 4 blocks, merge=13, on a loaded 2-core machine: 183 s against 164 s, and 88 s with the
+ranking left eager; bench/results/kernels/merge-compile-cpu-*.json); a CPU server rarely
+compiles, and one graph is what ``fullgraph`` and whole-model capture need.
 """
 
 from __future__ import annotations
