@@ -56,15 +56,15 @@ def _best_matches_kernel(
     BLOCK_D: tl.constexpr,
 ):
     image = tl.program_id(1)
-    keys_ptr += image * stride_b
+    image_keys = keys_ptr + image * stride_b
     a = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     d = tl.arange(0, BLOCK_D)
-    a_MD = _normalised_rows(keys_ptr, 2 * a, a < num_a, d, d < dim, stride_n, stride_d)
+    a_MD = _normalised_rows(image_keys, 2 * a, a < num_a, d, d < dim, stride_n, stride_d)
     best = tl.full([BLOCK_M], float("-inf"), tl.float32)
     match = tl.zeros([BLOCK_M], tl.int32)
     for start in range(0, num_b, BLOCK_N):
         b = start + tl.arange(0, BLOCK_N)
-        b_ND = _normalised_rows(keys_ptr, 2 * b + 1, b < num_b, d, d < dim, stride_n, stride_d)
+        b_ND = _normalised_rows(image_keys, 2 * b + 1, b < num_b, d, d < dim, stride_n, stride_d)
         scores = tl.dot(a_MD, tl.trans(b_ND), input_precision="ieee")
         scores = tl.where((b < num_b)[None, :], scores, float("-inf"))
         step_best, step_match = tl.max(scores, axis=1, return_indices=True)
