@@ -18,8 +18,8 @@ the launch), and CUDA graphs capture them like any launch. Block sizes are fixed
 autotuning), so warm-up and capture do no extra work.
 """
 
-from __future__ import annotations
-
+# No ``from __future__ import annotations``: triton_op infers each op's schema from the
+# annotations, and real objects need no string resolution in any torch (the device: 2.11).
 import torch
 import triton
 import triton.language as tl
