@@ -30,7 +30,6 @@ from torch.profiler import ProfilerActivity, profile
 from app.bench.arch import DENSE, build_arch_models, fmt, release
 from app.bench.models import mode_name, resolve_configs
 from app.timing import device_slug, environment, prepare, random_inputs
-from app.vit.merge import leave_matching_eager
 
 # First match wins; names are lower-cased. cuBLAS/CUTLASS GEMMs, SDPA back-ends, ours.
 CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -104,10 +103,7 @@ def profile_models(
     results: dict[str, dict[str, Any]] = {}
     for name, master in models.items():
         try:
-            model = copy.deepcopy(master)
-            if compiled:
-                leave_matching_eager(model)  # as the server compiles it; whole, it takes minutes
-            model = prepare(model, device=device, dtype=dtype, compiled=compiled)
+            model = prepare(copy.deepcopy(master), device=device, dtype=dtype, compiled=compiled)
             results[name] = kernel_times(model, inputs, forwards)
         except Exception as exc:  # one failing config must not hide the others
             results[name] = {"error": f"{type(exc).__name__}: {exc}"}
@@ -156,7 +152,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--compiled",
         action="store_true",
-        help="torch.compile (default mode), token merging's sorts left eager as served",
+        help="torch.compile (default mode), as served with VITSERVE_COMPILE=1",
     )
     parser.add_argument("--forwards", type=int, default=10, help="profiled forwards per model")
     parser.add_argument("--out-dir", default="bench/results/kernels")

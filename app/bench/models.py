@@ -52,7 +52,7 @@ from app.timing import (
     timing_device,
 )
 from app.vit.builder import PRESETS, resolve_config
-from app.vit.merge import leave_matching_eager
+from app.vit.merge import matching_kernels
 
 WEIGHTS_LABEL = "random (speed only)"
 DEFAULT_ARCHS = ("deit_small_patch16_224",)
@@ -250,7 +250,6 @@ def run_models_bench(
     arch_kwargs: Mapping[str, Any] | None = None,
     progress: bool = True,
     cuda_graphs: bool = False,
-    eager_matching: bool = False,
 ) -> dict[str, Any]:
     """Time dense and every config for each arch and (dtype, batch, compiled); write JSON.
 
@@ -262,9 +261,6 @@ def run_models_bench(
     ``cuda_graphs`` (CUDA only) adds, for each of eager and compiled, a pass of the same
     models replayed from CUDA graphs, as the server runs them: a forward then costs its GPU
     time, not its kernel launches or the host's work at graph breaks.
-    ``eager_matching`` leaves the sorts of token merging's matching out of compiled graphs
-    (:func:`app.vit.merge.leave_matching_eager`): merged models then compile in a minute
-    or two instead of tens of minutes.
 
     Returns the report as written to ``out_dir/models-<device>-<YYYYMMDD-HHMMSS>.json``,
     plus ``"path"``, the file written.
@@ -308,13 +304,8 @@ def run_models_bench(
                 "inputs": "3 random normal sets, rotated per round",
                 "precision": "model.to(dtype) and inputs in dtype, no autocast",
                 "interleaved": "dense and every config round-robin in one loop per row group",
-                "compile": {
-                    "mode": compile_mode,
-                    "dynamic": False,
-                    "merge_matching": "eager: its sorts, a graph break per merging block"
-                    if eager_matching
-                    else "in the graph",
-                },
+                "compile": {"mode": compile_mode, "dynamic": False},
+                "merge_matching": matching_kernels(dev),
                 "cuda_graphs": "rows with cuda_graphs: the eager or compiled model replayed from "
                 "one CUDA graph per batch size, captured in warm-up (the server's predict stage)",
             },
@@ -330,9 +321,6 @@ def run_models_bench(
             for arch in archs:
                 if arch not in masters:
                     masters[arch] = build_arch_models(arch, names, arch_kwargs)
-                    if eager_matching:
-                        for model in masters[arch].compressed.values():
-                            leave_matching_eager(model)
                 for dtype, dtype_batches in plans[is_compiled]:
                     bar.set_postfix_str(f"{arch} {dtype} {mode_name(is_compiled, graphs)}")
                     for rows in _sweep_group(
@@ -397,11 +385,6 @@ def _parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="add rows of the eager (and compiled) models replayed from CUDA graphs, as served",
     )
-    parser.add_argument(
-        "--eager-matching",
-        action="store_true",
-        help="compiled rows leave token merging's sorts eager (fast to compile)",
-    )
     parser.add_argument("--compiled-batches", nargs="+", type=int, help="batches compiled rows use")
     parser.add_argument("--compiled-dtypes", nargs="+", help="dtypes compiled rows use")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -434,7 +417,6 @@ def main(argv: Sequence[str] | None = None) -> None:
         compiled_dtypes=args.compiled_dtypes,
         progress=not args.no_progress,
         cuda_graphs=args.cuda_graphs,
-        eager_matching=args.eager_matching,
     )
 
 

@@ -42,11 +42,6 @@ class ModelRunner:
         empty: eager). A model that cannot be captured stays eager, with a warning."""
         self.device, self.dtype, self.input_size = device, dtype, input_size
         module = module.eval().to(device=device, dtype=dtype)
-        if compile:
-            # The model says what to leave out of the graph (merged models: their sorts).
-            prepare = getattr(module, "prepare_for_compile", None)
-            if callable(prepare):
-                prepare()
         self.forward: Callable[[torch.Tensor], torch.Tensor] = (
             torch.compile(module) if compile else module
         )

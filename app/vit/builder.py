@@ -23,7 +23,7 @@ from torch import nn
 
 from app.vit.attention_maps import capture_attention
 from app.vit.config import CompressionConfig
-from app.vit.merge import MergeBlock, MergeState, leave_matching_eager
+from app.vit.merge import MergeBlock, MergeState
 from app.vit.patch_embed import use_patch_gemm
 from app.vit.static_attention import StaticAttention
 from app.vit.token_pyramid import TokenAggregation, pyramid_grids
@@ -145,13 +145,6 @@ class CompressedViT(nn.Module):
         for i, r in enumerate(compression.merge_r(depth)[first_merge:], start=first_merge):
             if r or proportional:
                 self.blocks[i] = MergeBlock(self.blocks[i], r, proportional=proportional)
-
-    def prepare_for_compile(self) -> None:
-        """Leave out of ``torch.compile``'s graph what would only slow the compile: the
-        merging blocks' sorts (minutes of Inductor time; the output is unchanged). Whoever
-        compiles a model asks it for this, so the server need not know the family. CUDA
-        graphs need nothing of a model: every family's shapes are fixed."""
-        leave_matching_eager(self)
 
     def static_attention(self) -> dict[int, StaticAttention]:
         return {i: self.blocks[i].attn for i in self.compression.static_layers}

@@ -12,18 +12,20 @@ attention), so a token standing for k patches draws the attention those k patche
 the bias travels in an extra head dimension, not a mask, so SDPA keeps its flash kernel.
 
 ``r`` is fixed per block, so every shape is known before the forward runs: batching, CUDA
-graphs and ``torch.compile(fullgraph=True)`` keep working. Matching is ``argsort`` +
-``gather``/``scatter_add_`` on fixed-size index tensors; nothing reads a value on the host.
-The CLS token is never merged and stays at index 0.
+graphs and ``torch.compile(fullgraph=True)`` keep working. Matching works on fixed-size
+index tensors, then ``gather``/``scatter_add_``; nothing reads a value on the host. The CLS
+token is never merged and stays at index 0.
 
-Compiling the matching's sorts is what makes Inductor slow on a merged model (a DeiT-Tiny
-with ``merge=13`` did not compile in 4 minutes on CPU), so :func:`leave_matching_eager`
-trades ``fullgraph`` for a graph break per merging block around :func:`rank_matches`, the
-two sorts: everything else is compiled, the normalised key mean and the similarities fused
-with their neighbours (DeiT-Tiny ``merge-t5`` compiled in 33 s on two CPU cores, 39 s with
-the whole matching left eager). On a small model those breaks can cost more than
-compiling gains (the host works between graphs while the GPU waits), unless the compiled
-model is replayed from CUDA graphs, as the server does.
+The matching has no sort. ToMe ranks the A tokens with two argsorts; at served batch sizes
+(16-64) those and the ``[B, A, B]`` similarity cost a merged model more than the tokens it
+removes, and compiling the sorts took Inductor minutes per merging block on the H200 (so
+compiled models left them eager, a graph break per merging block). :func:`rank_matches`
+counts instead (same result, ties to the earlier token), and on CUDA two Triton kernels
+(:mod:`app.vit.merge_kernels`) do the whole matching, both inside the compiled graph.
+On CPU, Inductor compiles the counting about as slowly as it did the sorts (DeiT-Tiny cut
+to 4 blocks, merge=13, on a loaded 2-core machine: 183 s against 164 s, and 88 s with the
+ranking left eager; bench/results/kernels/merge-compile-cpu-*.json); a CPU server rarely
+compiles, and one graph is what ``fullgraph`` and whole-model capture need.
 """
 
 from __future__ import annotations
@@ -38,6 +40,11 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from app.vit.config import max_merge
+
+try:
+    from app.vit import merge_kernels
+except ImportError:  # no Triton (a CPU-only install): the torch path serves every device
+    merge_kernels = None
 
 
 @dataclass(frozen=True)
@@ -68,12 +75,14 @@ def best_matches(keys_BNK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return scores_BAB.max(dim=-1)
 
 
-def rank_matches(best_BA: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ``r`` A tokens with the best matches (merged away) and the others, ascending
-    (kept), as ``[B, r, 1]`` and ``[B, A - r, 1]`` indices into A.
+def rank_matches_sorted(best_BA: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """ToMe's ranking, two sorts: the ``r`` A tokens with the best matches (merged away)
+    and the others, ascending (kept), as ``[B, r, 1]`` and ``[B, A - r, 1]`` indices into A.
 
-    The matching's only sorts, and what makes Inductor slow to compile a merged model, so
-    :func:`leave_matching_eager` leaves just this out of the graph.
+    What the CPU runs (there two small sorts cost less than the count: 3.1 against 3.7 ms
+    for a batch of 16 at DeiT-S shapes, one core), and the specification :func:`rank_matches`
+    is tested against; on a GPU, at batch 16-64, the sorts cost more than the tokens they
+    remove.
     """
     order_BA1 = best_BA.argsort(dim=-1, descending=True).unsqueeze(-1)
     # Ascending, as ToMe: CLS stays first, and the token order (which decides the next
@@ -81,7 +90,38 @@ def rank_matches(best_BA: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Ten
     return order_BA1[:, :r], order_BA1[:, r:].sort(dim=1).values
 
 
-_eager_rank_matches = torch.compiler.disable(rank_matches)
+def match_ranks(best_BA: torch.Tensor) -> torch.Tensor:
+    """Each A token's place in the descending order of best matches, ``[B, A]``, by counting
+    instead of sorting: how many score higher, plus how many earlier ones score the same.
+
+    A ``[B, A, A]`` comparison (A <= 99 at 224 px: tiny), a few elementwise kernels that
+    CUDA graphs replay and Inductor fuses, where a sort is a launch-heavy library call.
+    Ties go to the earlier token, so the order is total and a permutation of ``0..A-1``.
+    """
+    A = best_BA.shape[1]
+    s_i, s_j = best_BA.unsqueeze(-1), best_BA.unsqueeze(-2)
+    earlier_AA = torch.ones(A, A, dtype=torch.bool, device=best_BA.device).tril(diagonal=-1)
+    ahead_BAA = (s_j > s_i) | ((s_j == s_i) & earlier_AA)
+    return ahead_BAA.sum(dim=-1)
+
+
+def rank_matches(best_BA: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`rank_matches_sorted`'s result without a sort (the same whenever no two scores
+    tie): merged ``[B, r, 1]`` in order of rank, kept ``[B, A - r, 1]`` ascending.
+
+    One scatter of ``0..A-1`` through a permutation builds both: a kept token goes to its
+    slot among the kept (a cumulative count of the kept before it), a merged one after all
+    kept tokens, at its rank.
+    """
+    B, A = best_BA.shape
+    rank_BA = match_ranks(best_BA)
+    kept_BA = rank_BA >= r
+    slot_BA = torch.where(kept_BA, kept_BA.cumsum(dim=-1) - 1, (A - r) + rank_BA)
+    order_BA = torch.empty_like(slot_BA).scatter_(
+        1, slot_BA, torch.arange(A, device=best_BA.device).expand(B, A)
+    )
+    order_BA1 = order_BA.unsqueeze(-1)
+    return order_BA1[:, A - r :], order_BA1[:, : A - r]
 
 
 def matching_positions(
@@ -107,15 +147,31 @@ def check_merge(num_tokens: int, r: int) -> None:
         )
 
 
+def matching_kernels(device: torch.device) -> str:
+    """Which implementation matches tokens on ``device``: ``"triton"`` (CUDA, Triton
+    importable), ``"sort"`` (the CPU) or ``"torch"`` (counting); benchmark reports record it."""
+    if device.type == "cpu":
+        return "sort"
+    return "triton" if merge_kernels is not None and device.type == "cuda" else "torch"
+
+
 def bipartite_soft_matching(keys_BNK: torch.Tensor, r: int) -> Matching:
     """Match the ``r`` most similar A tokens (even positions) to B tokens (odd positions).
 
-    The three steps in one call; a :class:`MergeBlock` calls them itself, so that compiling
-    can leave the middle one eager.
+    On CUDA with Triton, two fused kernels (:mod:`app.vit.merge_kernels`); elsewhere the
+    same steps in torch: :func:`best_matches`, :func:`rank_matches` (on the CPU
+    :func:`rank_matches_sorted`), :func:`matching_positions`. Same matching every way, up to
+    ties between scores.
     """
-    check_merge(keys_BNK.shape[1], r)
+    num_tokens = keys_BNK.shape[1]
+    check_merge(num_tokens, r)
+    kernels = matching_kernels(keys_BNK.device)
+    if kernels == "triton":
+        best_BA, match_BA = merge_kernels.best_matches(keys_BNK.detach())
+        return Matching(*merge_kernels.matching_positions(best_BA, match_BA, r, num_tokens))
     best_BA, match_BA = best_matches(keys_BNK)
-    return matching_positions(match_BA, *rank_matches(best_BA, r), keys_BNK.shape[1])
+    rank = rank_matches_sorted if kernels == "sort" else rank_matches
+    return matching_positions(match_BA, *rank(best_BA, r), num_tokens)
 
 
 def merge_sum(x_BNC: torch.Tensor, matching: Matching) -> torch.Tensor:
@@ -295,7 +351,6 @@ class MergeBlock(nn.Module):
             raise ValueError(f"r must be >= 0, got {r}")
         self.r = r
         self.proportional = proportional
-        self.matching_in_graph = True  # False: torch.compile leaves its sorts eager
         self.norm1 = dense.norm1
         self.attn = MergeAttention(dense.attn)
         self.ls1 = dense.ls1
@@ -313,27 +368,9 @@ class MergeBlock(nn.Module):
         attn_BNC, keys_BNK = self.attn(self.norm1(x_BNC), log_size_BN1, keys=self.r > 0)
         x_BNC = x_BNC + self.drop_path1(self.ls1(attn_BNC))
         if keys_BNK is not None:
-            # The three steps of bipartite_soft_matching, called here so that a graph
-            # break around the sorts (leave_matching_eager) splits only this frame.
-            num_tokens = keys_BNK.shape[1]
-            check_merge(num_tokens, self.r)
-            best_BA, match_BA = best_matches(keys_BNK)
-            rank = rank_matches if self.matching_in_graph else _eager_rank_matches
-            matching = matching_positions(match_BA, *rank(best_BA, self.r), num_tokens)
+            matching = bipartite_soft_matching(keys_BNK, self.r)
             x_BNC, state.size_BN1 = merge_weighted(x_BNC, size_BN1, matching)
         return x_BNC + self.drop_path2(self.ls2(self.mlp(self.norm2(x_BNC))))
 
     def extra_repr(self) -> str:
         return f"r={self.r}" + ("" if self.proportional else ", proportional=False")
-
-
-def leave_matching_eager(model: nn.Module) -> int:
-    """Make ``torch.compile`` skip every merging block's sorts (:func:`rank_matches`);
-    returns how many blocks.
-
-    The output is unchanged; only what a compiled graph contains differs.
-    """
-    blocks = [m for m in model.modules() if isinstance(m, MergeBlock)]
-    for block in blocks:
-        block.matching_in_graph = False
-    return len(blocks)

@@ -7,8 +7,7 @@
 # each ratio against dense timed in the same run, plus each merging block timed alone
 # (eager: what matching, merging and proportional attention cost). Rows are written as
 # they finish, so a run cut short (timeout $LIMIT_S) keeps what it measured; configs are in
-# order of need. Compiled rows: bench/scripts/gpu_merge_compiled.sh ($COMPILE=on here compiles the
-# matching too, which takes minutes per merging block on the H200).
+# order of need. Compiled rows: bench/scripts/gpu_merge_compiled.sh.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 out=${OUT:-bench/results/models}; mkdir -p "$out"

@@ -4,11 +4,11 @@
 #   (both archs), then CONFIGS="glad-t3 glad-s3-t2" ARCHS=deit_small_patch16_224.
 # Takes: one nvidia-h200 call; ~3 min of compiling for five configs x two archs, then
 #   ~40 s per config (WARM_S / TIME_S bound both).
-# Device call: compiled rows of token merging and its hybrids (torch.compile, the matching's
-# sorts left eager: --eager-matching), DeiT-S and DeiT-B (random weights: speed only), bf16, batch 256,
+# Device call: compiled rows of token merging and its hybrids (torch.compile, the whole
+# model in the graph), DeiT-S and DeiT-B (random weights: speed only), bf16, batch 256,
 # each ratio against compiled dense in the same process; with the default compile mode also
 # compiled+graphs rows (the compiled models replayed from CUDA graphs, as the server runs
-# them with VITSERVE_COMPILE=1: no host work at the graph breaks).
+# them with VITSERVE_COMPILE=1).
 # Compiling is CPU work and dominates: phase 1 compiles every config at once, one process
 # each (one timed call), which fills Inductor's on-disk caches; phase 2 then times one
 # config at a time on a quiet machine, its compile mostly served from those caches. Each
@@ -23,7 +23,7 @@ out=${OUT:-bench/results/models}; mkdir -p "$out" /tmp/warm
 read -ra configs <<< "${CONFIGS:-merge-t5 merge-t6 tome-r13 tome-r16 tome-r8 hybrid-s2-r16 hybrid-s2-r24-16 merge-t4}"
 read -ra archs <<< "${ARCHS:-deit_small_patch16_224 deit_base_patch16_224}"
 bench=(python3 -m app.bench.models --archs "${archs[@]}" --dtypes bfloat16 --batches 256
-  --device cuda --compile on --compile-mode "${COMPILE_MODE:-default}" --eager-matching
+  --device cuda --compile on --compile-mode "${COMPILE_MODE:-default}"
   --no-per-layer --no-progress)
 [ "${COMPILE_MODE:-default}" = default ] && bench+=(--cuda-graphs)
 start=$SECONDS

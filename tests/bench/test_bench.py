@@ -429,7 +429,7 @@ def test_compile_modes_that_capture_graphs_themselves_are_not_replayed():
     ("config", "compiled", "modes"),
     [
         ("static=0;tokens=9@2", (False,), ("eager", "graphs")),
-        # as the server runs a compiled merged model: Inductor's kernels and the eager
+        # as the server runs a compiled merged model: Inductor's kernels and the Triton
         # matching between them, all in one CUDA graph per batch size
         ("merge=2@1-2", (False, True), ("eager", "graphs", "compiled", "compiled+graphs")),
     ],
@@ -445,7 +445,6 @@ def test_graph_rows_follow_their_pass_and_time_the_same_models(
         batches=[4],
         compiled=compiled,
         cuda_graphs=True,
-        eager_matching=True,
         repeats=3,
     )
     rows = report["rows"]
@@ -455,9 +454,9 @@ def test_graph_rows_follow_their_pass_and_time_the_same_models(
     assert all(r["error"] is None and r["speedup"] > 0 for r in rows)
 
 
-def test_compiled_merge_rows_with_matching_left_eager(tmp_path: Path):
-    """The option that makes compiled merge rows affordable: rows compile and time, and the
-    report says the matching ran outside the graph."""
+def test_compiled_merge_rows_say_which_matching_ran(tmp_path: Path):
+    """Merged models compile whole (no sort left in the matching): rows compile and time,
+    and the report records the matching's implementation (CPU: torch)."""
     report = tiny_sweep(
         tmp_path,
         ["merge=2@1-2"],
@@ -466,16 +465,14 @@ def test_compiled_merge_rows_with_matching_left_eager(tmp_path: Path):
         threads=1,
         batches=(2,),
         compiled=(True,),
-        eager_matching=True,
         repeats=2,
     )
-    assert report["method"]["compile"]["merge_matching"].startswith("eager")
+    assert report["method"]["merge_matching"] == "sort"
     assert [(r["config"], r["compiled"], r["error"]) for r in report["rows"]] == [
         ("dense", True, None),
         ("merge=2@1-2", True, None),
     ]
     assert all(r["speedup"] > 0 for r in report["rows"])
-    assert _parse_args(["--eager-matching"]).eager_matching
 
 
 @pytest.mark.parametrize(
