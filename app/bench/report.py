@@ -19,12 +19,21 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from app.bench.fidelity import pooled
 from app.bench.models import mode_name
 from app.config import Settings
+from app.vit.builder import PRESETS
+from app.vit.config import CompressionConfig
 
 REPO = Path(__file__).resolve().parents[2]
 INDEX = Path("bench/results/current.toml")
 MODES = ("eager", "graphs", "compiled", "compiled+graphs")
+# (width, depth, tokens) of the networks whose block cost a table reports
+ARCH_SHAPES = {
+    "deit_tiny_patch16_224": (192, 12, 197),
+    "deit_small_patch16_224": (384, 12, 197),
+    "deit_base_patch16_224": (768, 12, 197),
+}
 ARCH_NAMES = {
     "deit_tiny_patch16_224": "DeiT-Ti",
     "deit_small_patch16_224": "DeiT-S",
@@ -263,6 +272,126 @@ def fidelity_table(table: Table, repo: Path) -> list[str]:
     return [caption, "", *_markdown(header, rows)]
 
 
+BLOCK_COST = "N_in·(4d² + 2·N_in·d) + N_out·8d²"
+
+
+def block_cost(config: str, arch: str) -> float | None:
+    """The work a merge or token config leaves in the blocks, relative to dense: per block
+    :data:`BLOCK_COST` (attention on the tokens it takes in, the MLP on those it keeps).
+    None for static attention, whose cost this count does not model."""
+    cfg = CompressionConfig.parse(config)
+    if cfg.static_layers or arch not in ARCH_SHAPES:
+        return None
+    d, depth, tokens = ARCH_SHAPES[arch]
+    taken = cfg.tokens_per_block(depth, tokens)
+    kept = [n - r for n, r in zip(taken, cfg.merge_r(depth), strict=True)]
+
+    def cost(n_in: int, n_out: int) -> int:
+        return n_in * (4 * d * d + 2 * n_in * d) + n_out * 8 * d * d
+
+    return sum(map(cost, taken, kept)) / (depth * cost(tokens, tokens))
+
+
+def _variant_label(row: Mapping[str, Any]) -> str:
+    """A row's name, or, for a row named by its config, the preset that config is."""
+    if row["name"] != row["config"]:
+        return row["name"]
+    config = str(CompressionConfig.parse(row["config"]))
+    presets = {str(CompressionConfig.parse(v)): k for k, v in PRESETS.items() if v}
+    return presets.get(config, row["config"])
+
+
+def pooled_table(table: Table, repo: Path) -> list[str]:
+    """Agreement with dense top-1 pooled over the table's ``folders``, with its 95% Wilson
+    interval, and top-1, one row per config. Pooled from each row's per-folder counts (a row
+    without them: its file's own pooled block); a row not scored on every folder is left
+    out; a config in a later file replaces an earlier one's row."""
+    want = sorted(table["folders"])
+    trainings = table.get("training")
+    rows: dict[tuple[str, str], tuple[dict[str, Any], Mapping[str, Any], str]] = {}
+    dense, photos, devices, teachers, torch_versions = set(), set(), set(), set(), set()
+    for name in table["files"]:
+        result = _load(repo, name)
+        for row in result["rows"]:
+            if trainings and row["training"] not in trainings:
+                continue
+            evals = {f: row["eval"][f] for f in want if f in row["eval"]}
+            pool = pooled(evals) if len(evals) == len(want) else row.get("pooled")
+            if not pool or sorted(pool["folders"]) != want:
+                continue
+            key = (str(CompressionConfig.parse(row["config"])), row["training"])
+            rows[key] = (pool, row, _stamp(name))
+            dense.add(f"{pool['teacher_top1_acc']:.1%}")
+            photos.add(f"{pool['n_images']:,}")
+            devices.add(
+                f"{result['device']} ({result['device_type']}, {result['threads']} threads)"
+            )
+            teachers.add(result["teacher"])
+            torch_versions.add(result["torch_version"])
+    lines = []
+    for pool, row, source in sorted(rows.values(), key=lambda v: -v[0]["agreement_top1"]):
+        lo, hi = pool["agreement_ci95"]
+        costs = {block_cost(row["config"], t) for t in teachers}
+        cost = costs.pop() if len(costs) == 1 else None
+        lines.append(
+            [
+                f"`{_variant_label(row)}`",
+                f"`{row['config']}`",
+                row["training"],
+                f"{pool['agreement_top1']:.1%} [{lo:.1%}, {hi:.1%}]",
+                f"{pool['student_top1_acc']:.1%}" if pool["student_top1_acc"] else "–",
+                f"{cost:.2f}" if cost is not None else "–",
+                source,
+            ]
+        )
+    header = ["variant", "config", "training", "agreement [95% CI]", "top-1", "block cost"]
+    caption = (
+        f"Model: {', '.join(sorted(teachers))} (real weights); float32, eager; device "
+        f"{', '.join(sorted(devices))}; torch {', '.join(sorted(torch_versions))}. Agreement "
+        f"with dense top-1 over {' + '.join(want)} pooled ({', '.join(sorted(photos))} "
+        "photos), its "
+        "95% Wilson score interval in brackets; top-1 over the same labelled photos (dense: "
+        f"{', '.join(sorted(dense))}). Block cost: `{BLOCK_COST}` per "
+        "block (d the width), summed and divided by dense's: the work a config leaves, not a "
+        "measured speed."
+    )
+    return [caption, "", *_markdown([*header, "source"], lines)]
+
+
+def levels_table(table: Table, repo: Path) -> list[str]:
+    """Per-level ratios of one service run's closed-loop levels: each model's images/s over
+    the reference's in the same level. The run alternates which model goes first, so the
+    spread between levels is the noise the shared machine added."""
+    lines = []
+    for name in table["files"]:
+        result = _load(repo, name)
+        ref = result["reference"]
+        closed: dict[str, list[float]] = {}
+        for level in result["levels"]:  # per model, in the order the levels ran
+            if level.get("offered_img_s") is None:
+                closed.setdefault(level["model"], []).append(level["img_s"])
+        header = ["model", "compression"] + [
+            f"level {k + 1}: c={c}, {'reference first' if k % 2 == 0 else 'reference last'}"
+            for k, c in enumerate(result["concurrency"])
+        ]
+        rows = [["`" + ref + "` (reference)", "–", *(f"{v:.1f} img/s" for v in closed[ref])]]
+        for model, values in closed.items():
+            if model != ref:
+                ratios = (f"{v / r:.2f}×" for v, r in zip(values, closed[ref], strict=True))
+                rows.append([f"`{model}`", f"`{result['models'][model]['compression']}`", *ratios])
+        caption = (
+            f"Through HTTP, one server serving every model: {result['device']} "
+            f"({result['threads']} threads), {result['dtype']}, batches up to {result['batch']}, "
+            f"{result['images_per_request']} photos of `{Path(result['images_dir']).name}` a "
+            f"request, closed loop at concurrency c for {result['seconds_per_level']:.0f} s a "
+            f"level; torch {result['torch_version']}. Source: `{_stamp(name)}`."
+        )
+        if "validity" in result:
+            caption += f" The run's own note: {result['validity']}"
+        lines += [caption, "", *_markdown(header, rows), ""]
+    return lines[:-1]
+
+
 def front_table(table: Table, repo: Path) -> list[str]:
     """The points of a Pareto front JSON (speed of one slice, fidelity of DeiT-Tiny)."""
     lines = []
@@ -348,6 +477,8 @@ RENDERERS: dict[str, Callable[[Table, Path], list[str]]] = {
     "baseline": baseline_table,
     "decode": decode_table,
     "fidelity": fidelity_table,
+    "pooled": pooled_table,
+    "levels": levels_table,
     "front": front_table,
     "variants": variants_table,
     "settings": settings_table,

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
 import pytest
 
-from app.bench.report import INDEX, write_docs
+from app.bench.fidelity import pooled
+from app.bench.report import INDEX, block_cost, levels_table, pooled_table, write_docs
+from app.store.manifest import wilson_interval
 from tests.helpers import REPO
 
 MODELS_JSON = "models/models-cpu-amd-epyc-20261129-162538.json"
@@ -60,3 +63,82 @@ def test_a_doc_without_its_section_is_an_error(scratch_repo: Path) -> None:
     (scratch_repo / "doc.md").write_text("no markers\n")
     with pytest.raises(ValueError, match="report:speed"):
         write_docs(scratch_repo)
+
+
+def _fidelity_row(name: str, config: str | None = None, **agree_of_10: int) -> dict:
+    """A fidelity row scored on 10 labelled photos per folder named (a row named by its
+    config when no config is given, as a sweep writes them)."""
+    folder = {"n_images": 10, "n_labelled": 10, "student_top1_acc": 0.5, "teacher_top1_acc": 0.8}
+    return {
+        "name": name,
+        "config": config or name,
+        "training": "training-free",
+        "eval": {f: {**folder, "agreement_top1": k / 10} for f, k in agree_of_10.items()},
+    }
+
+
+def _fidelity_file(repo: Path, name: str, rows: list[dict]) -> str:
+    path = repo / "bench/results/fidelity" / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"device": "cpu-x", "device_type": "cpu", "threads": 2, "torch_version": "2.x"}
+    path.write_text(json.dumps({**meta, "teacher": "deit_tiny_patch16_224", "rows": rows}))
+    return f"fidelity/{name}"
+
+
+def test_pooled_fidelity_counts_every_folder_and_later_files_win(tmp_path: Path) -> None:
+    older = _fidelity_file(
+        tmp_path,
+        "a.json",
+        [
+            _fidelity_row("tome-r8", "merge=8", dev=9, extra=5),
+            _fidelity_row("dev-only", "merge=4", dev=10),  # not scored on extra: left out
+            _fidelity_row("tome-r13", "merge=13", dev=1, extra=1),
+        ],
+    )
+    newer = _fidelity_file(
+        tmp_path,
+        "b.json",
+        [
+            _fidelity_row("tome-r13", "merge=13", dev=8, extra=8),  # replaces a.json's row
+            _fidelity_row("merge=44@0,34@1,27@3,21@4,16@7;proportional=off", dev=6, extra=6),
+            {  # a file that kept only the pooled figure: shown as it stands
+                **_fidelity_row("tome-r16", "merge=16@0-10,10@11"),
+                "pooled": pooled(_fidelity_row("x", dev=3, extra=2)["eval"]),
+            },
+        ],
+    )
+    table = {"files": [older, newer], "folders": ["dev", "extra"]}
+
+    lines = pooled_table(table, tmp_path)
+
+    lo, hi = wilson_interval(14, 20)
+    assert f"| `tome-r8` | `merge=8` | training-free | 70.0% [{lo:.1%}, {hi:.1%}] | 50.0% |" in (
+        "\n".join(lines)
+    )
+    body = [line for line in lines if line.startswith("| `")]
+    assert [line.split(" | ")[0] for line in body] == [
+        "| `tome-r13`",
+        "| `tome-r8`",
+        "| `merge-t5`",
+        "| `tome-r16`",
+    ]
+    assert "| 25.0% [" in body[3]
+    assert "80.0%" in body[0] and body[0].endswith("| b |")  # the newer file's counts
+    assert "20 photos" in lines[0] and "dense: 80.0%" in lines[0]
+
+
+def test_block_cost_counts_the_tokens_each_block_keeps() -> None:
+    assert block_cost("merge=0", "deit_tiny_patch16_224") == pytest.approx(1.0)
+    assert block_cost("merge=13", "deit_tiny_patch16_224") < block_cost(
+        "merge=8", "deit_tiny_patch16_224"
+    )
+    assert block_cost("static=0-1;merge=16@2-11", "deit_tiny_patch16_224") is None
+
+
+def test_service_levels_are_ratios_within_each_level() -> None:
+    """The CPU run's levels: each model against dense measured in the same level."""
+    table = {"files": ["service/service-cpu-20261204-173812.json"]}
+    text = "\n".join(levels_table(table, REPO))
+    assert "| level 1: c=4, reference first | level 2: c=4, reference last |" in text
+    assert "| `deit_tiny_patch16_224` (reference) | – | 3.3 img/s | 8.0 img/s |" in text
+    assert "| `tome-r13` | `merge=13` | 1.42× | 1.41× |" in text
