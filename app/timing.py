@@ -376,6 +376,8 @@ def environment(device: str | torch.device = "auto") -> dict[str, Any]:
         "float32_matmul_precision": torch.get_float32_matmul_precision(),
         "python_version": platform.python_version(),
         "cpu_count": os.cpu_count(),
+        # the cores this process may run on (taskset, cgroups): what a pinned run measured
+        "usable_cpus": len(os.sched_getaffinity(0)),
         "threads": torch.get_num_threads(),
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
     }
