@@ -2,9 +2,12 @@
 
 The recorded command is run as recorded (its environment prefix included, the user's
 environment winning), from the store's parent folder, where it was recorded, with a
-checkpoint folder inside the entry so that an interrupted build resumes. The weights'
-checksum lands in ``local.json`` (the manifest stays as declared), and the agreement the
-build measured is set beside the declared figure.
+checkpoint folder inside the entry so that an interrupted build resumes. That folder
+records the recipe that filled it, and a build of another recipe (the manifest's command
+changed, other teacher weights, another device) refuses it rather than continue someone
+else's run: resuming is only exact when it continues the same one. The weights' checksum
+lands in ``local.json`` (the manifest stays as declared), and the agreement the build
+measured is set beside the declared figure.
 """
 
 from __future__ import annotations
@@ -14,12 +17,17 @@ import os
 import shlex
 import subprocess
 import sys
+from pathlib import Path
+from typing import Any
 
 from app.store.errors import StoreError
 from app.store.manifest import Manifest
-from app.store.store import ModelStore
+from app.store.store import ModelStore, tensor_digest
+from app.train.distill import training_device
 
 ENV_ASSIGNMENT = "="
+CHECKPOINT_FOLDER = "checkpoints"
+RECIPE_FILE = "recipe.json"
 
 
 def recorded_command(manifest: Manifest) -> tuple[dict[str, str], list[str]]:
@@ -62,10 +70,54 @@ def build_argv(
     env, args = recorded_command(store.manifest(name))
     argv = [sys.executable, "-m", "app", *["compress", *with_checkpoints(args, checkpoint_every)]]
     argv += ["--store", str(store.root.resolve())]
-    argv += ["--checkpoint-dir", str((store.root / name / "checkpoints").resolve()), "--resume"]
+    argv += ["--checkpoint-dir", str(checkpoint_folder(store, name).resolve()), "--resume"]
     if device:
         argv += ["--device", device]
     return env, argv
+
+
+def checkpoint_folder(store: ModelStore, name: str) -> Path:
+    return store.root / name / CHECKPOINT_FOLDER
+
+
+def recipe_identity(
+    store: ModelStore, env: dict[str, str], args: list[str], device: str | None
+) -> dict[str, Any]:
+    """What decides the weights a build makes, so that a checkpoint can say which it is
+    from: the recorded command, the teacher's weights (their tensors, not their file: a
+    re-pulled teacher may differ) and the kind of device it trains on (CPU and CUDA runs
+    do not round alike). Checkpoint frequency is left out: it changes no result."""
+    teacher = args[args.index("--teacher") + 1] if "--teacher" in args else None
+    return {
+        "env": env,
+        "args": args,
+        "teacher": tensor_digest(store.load(teacher).module.state_dict()) if teacher else None,
+        "device": training_device(device or "auto").type,
+    }
+
+
+def claim_checkpoints(folder: Path, identity: dict[str, Any]) -> None:
+    """Refuse ``folder``'s checkpoints if another recipe made them (continuing them would
+    give weights of neither recipe); with none there yet, record ``identity`` as theirs."""
+    recorded_path = folder / RECIPE_FILE
+    if not any(folder.glob("*.pt")):
+        folder.mkdir(parents=True, exist_ok=True)
+        recorded_path.write_text(json.dumps(identity, indent=2) + "\n")
+        return
+    if not recorded_path.is_file():
+        raise StoreError(
+            f"{folder} holds checkpoints that do not say which recipe made them: delete that "
+            "folder to build from scratch"
+        )
+    recorded = json.loads(recorded_path.read_text())
+    changed = sorted(
+        k for k in identity.keys() | recorded.keys() if recorded.get(k) != identity.get(k)
+    )
+    if changed:
+        raise StoreError(
+            f"{folder} holds checkpoints of another recipe ({', '.join(changed)} differ): "
+            "delete that folder to build from scratch, or build the recipe they are from"
+        )
 
 
 def build(
@@ -83,6 +135,9 @@ def build(
     print(f"building {name} in {cwd}:\n  {prefix} {shlex.join(argv)}".strip(), file=sys.stderr)
     if dry_run:
         return None
+    recorded_env, recorded_args = recorded_command(store.manifest(name))
+    identity = recipe_identity(store, recorded_env, recorded_args, device)
+    claim_checkpoints(checkpoint_folder(store, name), identity)
     done = subprocess.run(argv, cwd=cwd, env={**env, **os.environ}, check=False)
     if done.returncode:
         raise StoreError(

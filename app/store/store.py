@@ -223,7 +223,9 @@ class ModelStore:
         entry.mkdir(parents=True, exist_ok=True)
         weights = entry / manifest.weights.file
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
-        save_file(tensors, weights, metadata={"format": "pt", "model": manifest.name})
+        # One metadata key only: safetensors writes the metadata map in hash order, which
+        # varies from call to call, so two keys made the same tensors two files (two sha256).
+        save_file(tensors, weights, metadata={"format": "pt"})
         self.record_weights(manifest, declared)
         return entry
 
