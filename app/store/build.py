@@ -20,10 +20,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from app.store.errors import StoreError
 from app.store.manifest import Manifest
 from app.store.store import ModelStore, tensor_digest
-from app.train.distill import training_device
 
 ENV_ASSIGNMENT = "="
 CHECKPOINT_FOLDER = "checkpoints"
@@ -92,8 +93,16 @@ def recipe_identity(
         "env": env,
         "args": args,
         "teacher": tensor_digest(store.load(teacher).module.state_dict()) if teacher else None,
-        "device": training_device(device or "auto").type,
+        "device": device_kind(device),
     }
+
+
+def device_kind(device: str | None) -> str:
+    """``cpu`` or ``cuda``: what ``vitserve compress --device`` resolves ``device`` to
+    (the store stays free of the training package, which the server never imports)."""
+    if device in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(device).type
 
 
 def claim_checkpoints(folder: Path, identity: dict[str, Any]) -> None:
