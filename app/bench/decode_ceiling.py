@@ -17,7 +17,6 @@ from functools import partial
 from typing import Any
 
 import torch
-from torchvision.transforms.functional import pil_to_tensor
 
 from app.bench.load_client import Images
 from app.devices import resolve_device, resolve_dtype
@@ -141,7 +140,7 @@ def stage_times(
         return [pre.decode(d) for d in batch]
 
     def pillow_resize(decoded: list[Any]) -> list[torch.Tensor]:
-        return [pil_to_tensor(pre.resize_crop(image)) for image in decoded]
+        return [pre.crop(image) for image in decoded]  # the server's CPU resize (torch)
 
     samples: dict[str, list[float]] = {
         s: [] for s in ("probe", "decode", "resize_crop", "normalize")
