@@ -66,27 +66,34 @@ def _torch(results: Sequence[Mapping[str, Any]]) -> str:
 
 
 def models_table(table: Table, repo: Path) -> list[str]:
-    """Speed-up over dense per config, one column per (model, mode) measured; a later file
-    overrides an earlier one's cell. Dense's images/s is its own row."""
+    """Speed-up over dense per config, one column per (model, mode) measured (the table's
+    ``modes`` only, if it names them), and per batch when the files hold several; a later
+    file overrides an earlier one's cell. Dense's images/s is its own row."""
     results = [_load(repo, f) for f in table["files"]]
-    cells: dict[str, dict[tuple[str, str], str]] = {}
+    modes = table.get("modes", MODES)  # a table may keep only some modes' columns
+    measured = [
+        (name, row)
+        for name, result in zip(table["files"], results, strict=True)
+        for row in result["rows"]
+        if not row.get("error")
+        and row.get("speedup") is not None
+        and mode_name(row["compiled"], row.get("cuda_graphs", False)) in modes
+    ]
+    batches = sorted({row["batch"] for _, row in measured})
+    dtypes = {row["dtype"] for _, row in measured}
+    devices = {result["device"] for result in results}
+    cells: dict[str, dict[tuple[str, str, int], str]] = {}
     sources: dict[str, list[str]] = {}
-    batches, dtypes, devices = set(), set(), set()
-    for name, result in zip(table["files"], results, strict=True):
-        devices.add(result["device"])
-        for row in result["rows"]:
-            if row.get("error") or row.get("speedup") is None:
-                continue
-            column = (_arch(row["arch"]), mode_name(row["compiled"], row.get("cuda_graphs", False)))
-            label = row["name"]
-            value = f"{row['img_s']:,.0f} img/s" if label == "dense" else f"{row['speedup']:.2f}×"
-            cells.setdefault(label, {})[column] = value
-            if label != "dense" and _stamp(name) not in sources.setdefault(label, []):
-                sources[label].append(_stamp(name))
-            batches.add(row["batch"])
-            dtypes.add(row["dtype"])
+    for name, row in measured:
+        mode = mode_name(row["compiled"], row.get("cuda_graphs", False))
+        column = (_arch(row["arch"]), mode, row["batch"] if len(batches) > 1 else 0)
+        label = row["name"]
+        value = f"{row['img_s']:,.0f} img/s" if label == "dense" else f"{row['speedup']:.2f}×"
+        cells.setdefault(label, {})[column] = value
+        if label != "dense" and _stamp(name) not in sources.setdefault(label, []):
+            sources[label].append(_stamp(name))
     columns = sorted(
-        {c for row in cells.values() for c in row}, key=lambda c: (c[0], MODES.index(c[1]))
+        {c for row in cells.values() for c in row}, key=lambda c: (c[0], MODES.index(c[1]), c[2])
     )
     order = ["dense"] + sorted(k for k in cells if k != "dense")
     rows = [
@@ -97,11 +104,15 @@ def models_table(table: Table, repo: Path) -> list[str]:
     ]
     caption = (
         f"Device: {', '.join(sorted(devices))} (torch {_torch(results)}); batch "
-        f"{', '.join(map(str, sorted(batches)))}; {', '.join(sorted(dtypes))}; random weights "
+        f"{', '.join(map(str, batches))}; {', '.join(sorted(dtypes))}; random weights "
         "(speed does not depend on them). Each ratio is against dense timed in the same run and "
         "mode; dense's images/s is from the last listed file that measured its column."
     )
-    header = ["config"] + [f"{arch} {mode}" for arch, mode in columns] + ["source"]
+    header = (
+        ["config"]
+        + [f"{arch} {mode}" + (f" @{batch}" if batch else "") for arch, mode, batch in columns]
+        + ["source"]
+    )
     return [caption, "", *_markdown(header, rows)]
 
 
@@ -471,6 +482,63 @@ def settings_table(table: Table, repo: Path) -> list[str]:
     return _markdown(["variable", "default", "meaning"], rows)
 
 
+def perf_analyzer_table(table: Table, repo: Path) -> list[str]:
+    """perf_analyzer's levels against ``/v2`` (``app.bench.perf_analyzer`` records), dense
+    and compressed side by side with their ratio; ``concurrency`` in the table keeps only
+    those levels, and the same call's ``bench service`` run, if named, adds its best rates."""
+    lines = []
+    keep = set(table.get("concurrency", []))
+    for name in table["files"]:
+        result = _load(repo, name)
+        dense, compressed = result["models"]
+        by_key = {
+            (lv["model"], lv["protocol"], lv["input"], lv["concurrency"]): lv
+            for lv in result["levels"]
+        }
+        keys = sorted({k[1:] for k in by_key if not keep or k[3] in keep})
+        rows = []
+        for protocol, input_, c in keys:
+            cells = []
+            for model in (dense, compressed):
+                lv = by_key.get((model, protocol, input_, c))
+                cells.append(
+                    f"{lv['infer_per_s']:,.0f} ({lv['p99_ms']:.0f} ms)"
+                    if lv
+                    else "no stable window"
+                )
+            a, b = (
+                by_key.get((dense, protocol, input_, c)),
+                by_key.get((compressed, protocol, input_, c)),
+            )
+            ratio = f"{b['infer_per_s'] / a['infer_per_s']:.2f}×" if a and b else "–"
+            rows.append([protocol, input_.upper(), str(c), *cells, ratio])
+        caption = (
+            f"NVIDIA perf_analyzer against `/v2`, one image a request: {result['device']}, "
+            f"{result['dtype']}, torch {result['torch_version']}; `{dense}` against "
+            f"`{compressed}` (random weights), one server, levels minutes apart. BYTES: the "
+            "client's JPEGs; UINT8: the same photos decoded by the client, resized on the "
+            f"server. Source: `{_stamp(name)}`."
+        )
+        if "bench_service" in result:
+            service = _load(repo, result["bench_service"])
+            best = service["best_img_s"]
+            caption += (
+                f" `vitserve bench service` in the same call (JPEGs, its own client): "
+                f"{best[dense]:,.0f} against {best[compressed]:,.0f} img/s "
+                f"({best[compressed] / best[dense]:.2f}×, `{_stamp(result['bench_service'])}`)."
+            )
+        header = [
+            "protocol",
+            "input",
+            "concurrency",
+            f"`{dense}` infer/s (p99)",
+            f"`{compressed}` infer/s (p99)",
+            "×",
+        ]
+        lines += [caption, "", *_markdown(header, rows), ""]
+    return lines[:-1]
+
+
 RENDERERS: dict[str, Callable[[Table, Path], list[str]]] = {
     "models": models_table,
     "service": service_table,
@@ -479,6 +547,7 @@ RENDERERS: dict[str, Callable[[Table, Path], list[str]]] = {
     "fidelity": fidelity_table,
     "pooled": pooled_table,
     "levels": levels_table,
+    "perf_analyzer": perf_analyzer_table,
     "front": front_table,
     "variants": variants_table,
     "settings": settings_table,

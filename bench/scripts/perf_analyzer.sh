@@ -7,7 +7,8 @@
 # (http, grpc) x input (bytes: the JPEGs of $IMAGES; uint8: the same photos decoded and
 # sized to 224x224 by the client) x concurrency ($CONCURRENCY), one image a request, and
 # writes one CSV each to OUT_DIR (pa-<model>-<protocol>-<input>-c<concurrency>.csv), with
-# the server's log and a summary table (summary.csv).
+# the server's log, a summary table (summary.csv) and the run's JSON record
+# (perf-analyzer-<device>-<stamp>.json: environment, levels, compressed/dense ratios).
 # Needs perf_analyzer on PATH: `pip install perf-analyzer` (its wheel needs glibc >= 2.38;
 # on older systems pip falls back to a 0.1.0 placeholder that only prints "hello").
 # Any VITSERVE_* variable set by the caller reaches the server (e.g. VITSERVE_WORKERS=4).
@@ -90,6 +91,8 @@ PY
   done
 done
 column -s, -t "$summary" 2> /dev/null || cat "$summary"
+python3 -m app.bench.perf_analyzer "$out" --dense "$dense" --compressed "$compressed" \
+  --dtype "${VITSERVE_DTYPE:-bfloat16}"
 if [ "${BENCH_SERVICE:-0}" = 1 ]; then
   kill -INT $server && wait $server || true
   trap - EXIT
