@@ -2,7 +2,9 @@
 behind a merged model that is slower than dense at batch 16-64.
 
 Implementations: ToMe's two argsorts (the reference), the torch ranking by counting (every
-device), the two Triton kernels (CUDA). Each is timed on a DeiT block's tokens ``[B, N,
+device), the Triton kernels (CUDA); the first two merge in torch, ``triton`` with the merge
+kernel, and ``triton-match`` (merge step only) pairs the Triton matching with the torch
+merge, so the merge kernel's own gain shows. Each is timed on a DeiT block's tokens ``[B, N,
 C]`` (random: the cost does not depend on the values) for two steps: ``matching`` (head-mean
 keys, then the :class:`~app.vit.merge.Matching`) and ``merge`` (the matching plus the
 size-weighted merge of the tokens, as a merging block runs it). Modes: eager, and on CUDA
@@ -40,7 +42,7 @@ from app.vit.merge import (
     check_merge,
     matching_positions,
     merge_kernels,
-    merge_weighted,
+    merge_weighted_torch,
     rank_matches,
     rank_matches_sorted,
 )
@@ -48,6 +50,7 @@ from app.vit.merge import (
 REFERENCE = "argsort"
 STEPS = ("matching", "merge")
 Matcher = Callable[[torch.Tensor, int], Matching]
+Merger = Callable[[torch.Tensor, torch.Tensor | None, Matching], tuple[torch.Tensor, torch.Tensor]]
 
 
 def _torch_matcher(rank: Callable) -> Matcher:
@@ -63,11 +66,24 @@ def _triton_match(keys_BNK: torch.Tensor, r: int) -> Matching:
     return Matching(*merge_kernels.matching_positions(best_BA, match_BA, r, keys_BNK.shape[1]))
 
 
-def matchers(device: torch.device) -> dict[str, Matcher]:
-    """The implementations that run on ``device``, the reference first."""
-    found = {REFERENCE: _torch_matcher(rank_matches_sorted), "torch": _torch_matcher(rank_matches)}
+def _triton_merge(
+    x_BNC: torch.Tensor, size_BN1: torch.Tensor | None, matching: Matching
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return merge_kernels.merge_tokens(
+        x_BNC, size_BN1, matching.slot_pos, matching.src_pos, matching.dst_slot
+    )
+
+
+def implementations(device: torch.device, step: str) -> dict[str, tuple[Matcher, Merger]]:
+    """The (matching, merge) pairs that run on ``device`` for ``step``, the reference first."""
+    found = {
+        REFERENCE: (_torch_matcher(rank_matches_sorted), merge_weighted_torch),
+        "torch": (_torch_matcher(rank_matches), merge_weighted_torch),
+    }
     if merge_kernels is not None and device.type == "cuda":
-        found["triton"] = _triton_match
+        found["triton"] = (_triton_match, _triton_merge)
+        if step == "merge":
+            found["triton-match"] = (_triton_match, merge_weighted_torch)
     return found
 
 
@@ -76,18 +92,18 @@ class MergeStep(nn.Module):
     ``heads`` (here: the token channels split into heads), the matching and, for
     ``step="merge"``, the size-weighted merge; returns a tensor so CUDA graphs can hold it."""
 
-    def __init__(self, match: Matcher, r: int, heads: int, step: str) -> None:
+    def __init__(self, match: Matcher, merge: Merger, r: int, heads: int, step: str) -> None:
         super().__init__()
         if step not in STEPS:
             raise ValueError(f"step must be one of {STEPS}, not {step!r}")
-        self.match, self.r, self.heads, self.step = match, r, heads, step
+        self.match, self.merge, self.r, self.heads, self.step = match, merge, r, heads, step
 
     def forward(self, x_BNC: torch.Tensor) -> torch.Tensor:
         keys_BNK = x_BNC.unflatten(-1, (self.heads, -1)).mean(dim=-2)
         matching = self.match(keys_BNK, self.r)
         if self.step == "matching":
             return matching.slot_pos
-        return merge_weighted(x_BNC, None, matching)[0]
+        return self.merge(x_BNC, None, matching)[0]
 
 
 def bench_matching(
@@ -107,19 +123,18 @@ def bench_matching(
     """One row per (batch, step, mode, implementation) with its median/p10/p90 ms and
     its speedup over the reference of the same interleaved loop."""
     check_merge(tokens, r)
-    impls = matchers(device)
     rows: list[dict[str, Any]] = []
     groups = [(b, s, m) for b in batches for s in STEPS for m in modes]
     for batch, step, mode in tqdm(groups, desc="matching groups", disable=not progress):
         models = {
             name: prepare(
-                MergeStep(match, r, heads, step),
+                MergeStep(match, merge, r, heads, step),
                 device=device,
                 dtype=dtype,
                 compiled=False,
                 cuda_graphs=mode == "graphs",
             )
-            for name, match in impls.items()
+            for name, (match, merge) in implementations(device, step).items()
         }
         results = time_interleaved(
             models,
@@ -155,13 +170,13 @@ def bench_matching(
 
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
     head = (
-        f"{'batch':>5} {'step':<8} {'mode':<6} {'impl':<8} {'ms':>8} {'p10':>8} {'p90':>8} "
+        f"{'batch':>5} {'step':<8} {'mode':<6} {'impl':<12} {'ms':>8} {'p10':>8} {'p90':>8} "
         f"{'vs argsort':>10}"
     )
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(
-            f"{r['batch']:>5} {r['step']:<8} {r['mode']:<6} {r['impl']:<8} "
+            f"{r['batch']:>5} {r['step']:<8} {r['mode']:<6} {r['impl']:<12} "
             f"{fmt(r['median_ms'], '.4f'):>8} {fmt(r['p10_ms'], '.4f'):>8} "
             f"{fmt(r['p90_ms'], '.4f'):>8} {fmt(r['speedup_vs_argsort'], '.2f'):>10}"
             + (f"  ERROR {r['error'][:80]}" if r["error"] else "")

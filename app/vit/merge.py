@@ -21,7 +21,8 @@ The matching has no sort. ToMe ranks the A tokens with two argsorts; at served b
 removes, and compiling the sorts took Inductor minutes per merging block on the H200 (so
 compiled models left them eager, a graph break per merging block). :func:`rank_matches`
 counts instead (same result, ties to the earlier token), and on CUDA two Triton kernels
-(:mod:`app.vit.merge_kernels`) do the whole matching, both inside the compiled graph.
+(:mod:`app.vit.merge_kernels`) do the whole matching and a third the size-weighted merge
+(where the torch path took about nine launches), all inside the compiled graph.
 On CPU, Inductor compiles the counting about as slowly as it did the sorts (DeiT-Tiny cut
 to 4 blocks, merge=13, on a loaded 2-core machine: 183 s against 164 s, and 88 s with the
 ranking left eager; bench/results/kernels/merge-compile-cpu-*.json); a CPU server rarely
@@ -193,6 +194,21 @@ def merge_weighted(
     x_BNC: torch.Tensor, size_BN1: torch.Tensor | None, matching: Matching
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Size-weighted average of merged tokens, and their summed sizes (None: all 1).
+
+    On CUDA with Triton one kernel (:func:`app.vit.merge_kernels.merge_tokens`, summing in
+    fp32, where :func:`merge_weighted_torch` takes about nine launches); elsewhere torch.
+    """
+    if matching_kernels(x_BNC.device) == "triton":
+        return merge_kernels.merge_tokens(
+            x_BNC, size_BN1, matching.slot_pos, matching.src_pos, matching.dst_slot
+        )
+    return merge_weighted_torch(x_BNC, size_BN1, matching)
+
+
+def merge_weighted_torch(
+    x_BNC: torch.Tensor, size_BN1: torch.Tensor | None, matching: Matching
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`merge_weighted` in torch, in x's dtype (every device; the kernel's reference).
 
     Sizes go through their own (tiny) gather/scatter; tokens of size 1 skip the weighting.
     """

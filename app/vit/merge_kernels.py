@@ -1,4 +1,4 @@
-"""Token merging's matching as two Triton kernels (CUDA; imported only where Triton is).
+"""Token merging's matching and merge as Triton kernels (CUDA; imported only where Triton is).
 
 At served batch sizes (16-64) the eager matching was a dozen small launches per merging
 block -- normalise, a ``[B, A, B]`` similarity written out and read back, max, two sorts,
@@ -11,6 +11,12 @@ gathers -- costing more than the tokens it removes. Here it is two launches:
 * :func:`matching_positions`: one program per image ranks its A tokens by counting (the
   rule of :func:`app.vit.merge.match_ranks`, ties to the earlier token) and writes the
   :class:`~app.vit.merge.Matching` index tensors directly.
+* :func:`merge_tokens`: the size-weighted merge itself, where the torch path launches about
+  nine small kernels (ones, multiply, two gathers and a ``scatter_add_`` for tokens and
+  again for sizes, divide) costing about as much as the matching. Programs over (image,
+  tile of output slots, tile of channels) gather their slots' tokens and add the merged-away
+  tokens whose ``dst_slot`` falls in the tile through a one-hot product, in fp32, in a fixed
+  order: deterministic, no atomics. Its gradient is a gather in torch (training only).
 
 Both are ``torch.library.triton_op`` s: ``torch.compile(fullgraph=True)`` sees the kernels
 (no graph break), the functions themselves serve as fake kernels (shapes are known before
@@ -26,6 +32,9 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 BLOCK_M = 16  # A tokens per program: at batch 16 and 99 A tokens, 112 programs
+BLOCK_SLOTS = 32  # output slots per merge program: 6 tiles of DeiT's 184 after r = 13
+BLOCK_CHANNELS = 64  # channels per merge program: 6 tiles of DeiT-S's 384
+BLOCK_MERGED_MAX = 128  # merged-away tokens per step: all of r <= 98 in one
 BLOCK_N_MAX = 128  # B tokens per step: all 98 of a 224 px DeiT in one
 MIN_DOT = 16  # tl.dot's smallest block side
 
@@ -111,6 +120,73 @@ def _positions_kernel(
     tl.store(dst_ptr + image * r + rank, num_kept + match, mask=merged)
 
 
+@triton.jit
+def _merge_kernel(
+    x_ptr,
+    size_ptr,
+    slot_ptr,
+    src_ptr,
+    dst_ptr,
+    out_ptr,
+    out_size_ptr,
+    num_slots,
+    r,
+    channels,
+    stride_xb,
+    stride_xn,
+    stride_xc,
+    stride_sb,
+    stride_sn,
+    HAS_SIZE: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    image = tl.program_id(0)
+    first = tl.program_id(1) * BLOCK_S
+    s = first + tl.arange(0, BLOCK_S)
+    c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+    s_valid, c_valid = s < num_slots, c < channels
+    image_x = x_ptr + image * stride_xb
+    image_size = size_ptr + image * stride_sb
+    slot = tl.load(slot_ptr + image * num_slots + s, mask=s_valid, other=0)
+    acc = tl.load(
+        image_x + slot[:, None] * stride_xn + c[None, :] * stride_xc,
+        mask=s_valid[:, None] & c_valid[None, :],
+        other=0.0,
+    ).to(tl.float32)
+    if HAS_SIZE:
+        total = tl.load(image_size + slot * stride_sn, mask=s_valid, other=0.0).to(tl.float32)
+        acc = acc * total[:, None]
+    else:
+        total = s_valid.to(tl.float32)
+    for start in range(0, r, BLOCK_R):
+        j = start + tl.arange(0, BLOCK_R)
+        dst = tl.load(dst_ptr + image * r + j, mask=j < r, other=-1)
+        in_tile = (j < r) & (dst >= first) & (dst < first + BLOCK_S)
+        src = tl.load(src_ptr + image * r + j, mask=in_tile, other=0)
+        rows = tl.load(
+            image_x + src[:, None] * stride_xn + c[None, :] * stride_xc,
+            mask=in_tile[:, None] & c_valid[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        if HAS_SIZE:
+            weight = tl.load(image_size + src * stride_sn, mask=in_tile, other=0.0)
+            weight = weight.to(tl.float32)
+        else:
+            weight = in_tile.to(tl.float32)
+        # Row i of the one-hot picks, weighted, the merged tokens that land in slot i.
+        onehot = tl.where(s[:, None] == dst[None, :], weight[None, :], 0.0)
+        acc += tl.dot(onehot, rows, input_precision="ieee")
+        total += tl.sum(onehot, axis=1)
+    out = acc / tl.where(s_valid, total, 1.0)[:, None]
+    out_ptrs = out_ptr + image * num_slots * channels + s[:, None] * channels + c[None, :]
+    tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=s_valid[:, None] & c_valid[None, :])
+    if tl.program_id(2) == 0:
+        sizes = total.to(out_size_ptr.dtype.element_ty)
+        tl.store(out_size_ptr + image * num_slots + s, sizes, mask=s_valid)
+
+
 @triton_op("vitserve::best_matches", mutates_args={})
 def best_matches(keys_BNK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`app.vit.merge.best_matches` in one kernel: fp32 scores ``[B, A]`` (CLS -inf)
@@ -161,3 +237,68 @@ def matching_positions(
         BLOCK_B=triton.next_power_of_2(num_b),
     )
     return slot_pos, src_pos, dst_slot
+
+
+@triton_op("vitserve::merge_tokens", mutates_args={})
+def merge_tokens(
+    x_BNC: torch.Tensor,
+    size_BN1: torch.Tensor | None,
+    slot_pos: torch.Tensor,
+    src_pos: torch.Tensor,
+    dst_slot: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`app.vit.merge.merge_weighted` in one kernel: the size-weighted average
+    ``[B, N - r, C]`` (x's dtype, summed in fp32) and summed sizes ``[B, N - r, 1]`` (sizes'
+    dtype; x's when ``size_BN1`` is None, meaning all 1), from a matching's index tensors."""
+    B, _, C = x_BNC.shape
+    num_slots, r = slot_pos.shape[1], src_pos.shape[1]
+    has_size = size_BN1 is not None
+    sizes = size_BN1 if has_size else x_BNC  # a placeholder pointer, never read
+    out_BMC = x_BNC.new_empty(B, num_slots, C)
+    size_BM1 = sizes.new_empty(B, num_slots, 1)
+    grid = (B, triton.cdiv(num_slots, BLOCK_SLOTS), triton.cdiv(C, BLOCK_CHANNELS))
+    wrap_triton(_merge_kernel)[grid](
+        x_BNC,
+        sizes,
+        slot_pos.contiguous(),
+        src_pos.contiguous(),
+        dst_slot.contiguous(),
+        out_BMC,
+        size_BM1,
+        num_slots,
+        r,
+        C,
+        x_BNC.stride(0),
+        x_BNC.stride(1),
+        x_BNC.stride(2),
+        sizes.stride(0),
+        sizes.stride(1),
+        HAS_SIZE=has_size,
+        BLOCK_S=BLOCK_SLOTS,
+        BLOCK_R=max(MIN_DOT, min(BLOCK_MERGED_MAX, triton.next_power_of_2(r))),
+        BLOCK_C=BLOCK_CHANNELS,
+    )
+    return out_BMC, size_BM1
+
+
+def _merge_setup_context(ctx, inputs, output) -> None:
+    x_BNC, size_BN1, slot_pos, src_pos, dst_slot = inputs
+    ctx.save_for_backward(size_BN1, slot_pos, src_pos, dst_slot, output[1])
+    ctx.num_tokens = x_BNC.shape[1]
+
+
+def _merge_backward(ctx, grad_BMC, _grad_size):
+    """Every input token lands in exactly one output slot (its own, or the one it merged
+    into) with weight ``size / slot size``: the gradient is that slot's, gathered back."""
+    size_BN1, slot_pos, src_pos, dst_slot, size_BM1 = ctx.saved_tensors
+    B, num_slots, C = grad_BMC.shape
+    slots = torch.arange(num_slots, device=slot_pos.device).view(1, -1, 1).expand(B, -1, 1)
+    home_BN1 = slot_pos.new_empty(B, ctx.num_tokens, 1)
+    home_BN1.scatter_(1, slot_pos, slots).scatter_(1, src_pos, dst_slot)
+    grad_BNC = (grad_BMC / size_BM1).gather(1, home_BN1.expand(B, -1, C))
+    if size_BN1 is not None:
+        grad_BNC = grad_BNC * size_BN1
+    return grad_BNC, None, None, None, None
+
+
+merge_tokens.register_autograd(_merge_backward, setup_context=_merge_setup_context)

@@ -8,16 +8,16 @@ from pathlib import Path
 
 import torch
 
-from app.bench.merge_matching import REFERENCE, MergeStep, main, matchers
+from app.bench.merge_matching import REFERENCE, MergeStep, implementations, main
 
 
 def test_every_cpu_implementation_merges_alike() -> None:
     """What is timed is the same work: each implementation's merged tokens are the
     reference's (random tokens: no tied scores)."""
     x_BNC = torch.randn(3, 17, 16, generator=torch.Generator().manual_seed(0))
-    impls = matchers(torch.device("cpu"))
+    impls = implementations(torch.device("cpu"), "merge")
     assert list(impls) == [REFERENCE, "torch"]
-    outputs = [MergeStep(match, 4, 2, "merge")(x_BNC) for match in impls.values()]
+    outputs = [MergeStep(*impl, 4, 2, "merge")(x_BNC) for impl in impls.values()]
     assert outputs[0].shape == (3, 13, 16)
     torch.testing.assert_close(outputs[1], outputs[0], atol=0, rtol=0)
 

@@ -1,6 +1,7 @@
 """Token merging's matching without sorts: the torch ranking against ToMe's two argsorts
-(CPU, always), and the Triton kernels against the eager reference (CUDA; on CPU in Triton's
-interpreter, which a test here starts in a subprocess when no GPU is present)."""
+(CPU, always), and the Triton kernels (matching and merge) against the eager reference
+(CUDA; on CPU in Triton's interpreter, which a test here starts in a subprocess when no GPU
+is present)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,8 @@ from app.vit.merge import (
     matching_kernels,
     matching_positions,
     merge_kernels,
+    merge_weighted,
+    merge_weighted_torch,
     rank_matches,
     rank_matches_sorted,
 )
@@ -140,6 +143,74 @@ def test_triton_positions_equal_the_torch_ranking_even_with_ties(batch, tokens, 
     got = merge_kernels.matching_positions(best_BA, match_BA, r, tokens)
     expected = matching_positions(match_BA, *rank_matches(best_BA, r), tokens)
     assert_same_matching(Matching(*got), expected)
+
+
+def random_sizes(batch: int, tokens: int, seed: int, **kwargs) -> torch.Tensor:
+    """Whole-number sizes 1..8, as merging makes them."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(1, 9, (batch, tokens, 1), generator=generator).to(**kwargs)
+
+
+@needs_triton
+@pytest.mark.parametrize(("batch", "tokens", "width", "r"), SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("sized", [False, True])
+def test_triton_merge_equals_the_torch_merge(batch, tokens, width, r, dtype, sized) -> None:
+    """The kernel's average and sizes equal the torch path's run in fp32 on the same
+    inputs: fp32 to 1e-5; bf16 as one rounding of that average (within one bf16 step, 2^-7
+    relative: Triton's interpreter truncates; CUDA rounds to nearest, so there nearly always
+    the same bf16 number); sizes exactly, in the sizes' dtype (x's when they are None)."""
+    device = kernel_device()
+    x_BNC = random_keys((batch, tokens, width), seed=r + 1, dtype=dtype, device=device)
+    size_BN1 = random_sizes(batch, tokens, seed=r, dtype=dtype, device=device) if sized else None
+    matching = bipartite_soft_matching(random_keys((batch, tokens, 8), seed=r), r)
+    matching = Matching(*(index.to(device) for index in as_tuple(matching)))
+    out_BMC, size_BM1 = merge_kernels.merge_tokens(x_BNC, size_BN1, *as_tuple(matching))
+    assert out_BMC.dtype == dtype and size_BM1.dtype == dtype
+    assert out_BMC.shape == (batch, tokens - r, width) and size_BM1.shape == (batch, tokens - r, 1)
+    expected_BMC, expected_BM1 = merge_weighted_torch(
+        x_BNC.float(), None if size_BN1 is None else size_BN1.float(), matching
+    )
+    assert torch.equal(size_BM1.float(), expected_BM1)
+    if dtype == torch.float32:
+        torch.testing.assert_close(out_BMC, expected_BMC, atol=1e-5, rtol=1e-5)
+    else:
+        error_BMC = (out_BMC.float() - expected_BMC).abs()
+        assert (error_BMC <= expected_BMC.abs() * 2**-7 + 1e-6).all()
+        if not INTERPRETED:
+            assert out_BMC.eq(expected_BMC.to(dtype)).float().mean() > 0.99
+
+
+@needs_triton
+@pytest.mark.parametrize("sized", [False, True])
+def test_triton_merge_gradient_equals_the_torch_gradient(sized) -> None:
+    """Training through the kernel: the gradient reaching x is the torch path's."""
+    device = kernel_device()
+    batch, tokens, width, r = 3, 17, 24, 6
+    x_BNC = random_keys((batch, tokens, width), seed=5, device=device)
+    size_BN1 = random_sizes(batch, tokens, seed=5, device=device) if sized else None
+    matching = bipartite_soft_matching(random_keys((batch, tokens, 8), seed=6), r)
+    matching = Matching(*(index.to(device) for index in as_tuple(matching)))
+    weights_BMC = random_keys((batch, tokens - r, width), seed=7, device=device)
+    x_kernel, x_torch = x_BNC.clone().requires_grad_(), x_BNC.clone().requires_grad_()
+    out_BMC = merge_kernels.merge_tokens(x_kernel, size_BN1, *as_tuple(matching))[0]
+    (out_BMC * weights_BMC).sum().backward()
+    (merge_weighted_torch(x_torch, size_BN1, matching)[0] * weights_BMC).sum().backward()
+    torch.testing.assert_close(x_kernel.grad, x_torch.grad, atol=1e-5, rtol=1e-5)
+
+
+@needs_triton
+@needs_cuda
+@pytest.mark.gpu
+def test_cuda_merge_runs_the_kernel() -> None:
+    """On CUDA ``merge_weighted`` takes the kernel path (it sums in fp32, so bf16 tokens
+    differ from the torch path's bf16 sums by at most the torch path's rounding)."""
+    keys_BNK = random_keys((8, 197, 64), seed=3, device="cuda")
+    x_BNC = random_keys((8, 197, 384), seed=4, dtype=torch.bfloat16, device="cuda")
+    matching = bipartite_soft_matching(keys_BNK, 13)
+    out_BMC, size_BM1 = merge_weighted(x_BNC, None, matching)
+    expected_BMC, expected_BM1 = merge_kernels.merge_tokens(x_BNC, None, *as_tuple(matching))
+    assert torch.equal(out_BMC, expected_BMC) and torch.equal(size_BM1, expected_BM1)
 
 
 @needs_triton
