@@ -247,6 +247,68 @@ def decode_table(table: Table, repo: Path) -> list[str]:
     return [caption, "", *_markdown(header, rows)]
 
 
+def decoders_table(table: Table, repo: Path) -> list[str]:
+    """Images a second per JPEG decoder backend, one column per (batch, step), and how far
+    its crops land from the eval transform's (``app.bench.jpeg_decoders``)."""
+    lines: list[str] = []
+    for name in table["files"]:
+        result = _load(repo, name)
+        columns = list(dict.fromkeys((row["batch"], row["step"]) for row in result["rows"]))
+        rates = {(r["decoder"], r["batch"], r["step"]): r["img_s"] for r in result["rows"]}
+        header = ["decoder", *(f"{step} @{batch}" for batch, step in columns)]
+        header.append("crop vs eval transform: max / mean / p99.9 grey levels")
+        rows = []
+        for decoder in dict.fromkeys(r["decoder"] for r in result["rows"]):
+            cells = [f"`{decoder}`"]
+            for batch, step in columns:
+                img_s = rates.get((decoder, batch, step))
+                cells.append("–" if img_s is None else f"{img_s:,.0f} img/s")
+            diff = result["fidelity"].get(decoder)
+            cells.append(
+                f"{diff['max']:.0f} / {diff['mean']:.3f} / {diff['p99_9']:.0f}" if diff else "–"
+            )
+            rows.append(cells)
+        caption = (
+            f"Device: {result['device']} (torch {result['torch_version']}); "
+            f"{result['photos']} baseline RGB JPEGs of `{Path(result['folder']).name}`, "
+            f"{result['threads_per_decoder']} Python thread per decoder, each batch "
+            f"synchronised; crops are the eval transform's resize and centre crop on the "
+            f"decoder's device. Source: `{_stamp(name)}`."
+        )
+        lines += [caption, "", *_markdown(header, rows), ""]
+    return lines[:-1]
+
+
+def merge_steps_table(table: Table, repo: Path) -> list[str]:
+    """One token-merging step per implementation (``app.bench.merge_matching``): median ms
+    and the ratio against ToMe's argsorts timed in the same loop."""
+    lines: list[str] = []
+    for name in table["files"]:
+        result = _load(repo, name)
+        rows = [
+            [
+                str(row["batch"]),
+                row["step"],
+                row["mode"],
+                f"`{row['impl']}`",
+                f"{row['median_ms']:.3f} ms",
+                f"{row['speedup_vs_argsort']:.2f}×",
+            ]
+            for row in result["rows"]
+            if not row.get("error")
+        ]
+        shape = result["shape"]
+        caption = (
+            f"Device: {result['device']} (torch {result['torch_version']}, Triton "
+            f"{result['triton_version']}); {result['what']}; {shape['tokens']} tokens, width "
+            f"{shape['width']}, {shape['heads']} heads, r = {shape['r']}; {result['dtype']}; "
+            f"CUDA events, median per call. Source: `{_stamp(name)}`."
+        )
+        header = ["batch", "step", "mode", "implementation", "median", "× argsort"]
+        lines += [caption, "", *_markdown(header, rows), ""]
+    return lines[:-1]
+
+
 def fidelity_table(table: Table, repo: Path) -> list[str]:
     """Agreement with the dense top-1 and top-1 accuracy per variant and image folder."""
     results = [_load(repo, f) for f in table["files"]]
@@ -544,6 +606,8 @@ RENDERERS: dict[str, Callable[[Table, Path], list[str]]] = {
     "service": service_table,
     "baseline": baseline_table,
     "decode": decode_table,
+    "decoders": decoders_table,
+    "merge_steps": merge_steps_table,
     "fidelity": fidelity_table,
     "pooled": pooled_table,
     "levels": levels_table,

@@ -9,7 +9,15 @@ from pathlib import Path
 import pytest
 
 from app.bench.fidelity import pooled
-from app.bench.report import INDEX, block_cost, levels_table, pooled_table, write_docs
+from app.bench.report import (
+    INDEX,
+    block_cost,
+    decoders_table,
+    levels_table,
+    merge_steps_table,
+    pooled_table,
+    write_docs,
+)
 from app.store.manifest import wilson_interval
 from tests.helpers import REPO
 
@@ -142,3 +150,29 @@ def test_service_levels_are_ratios_within_each_level() -> None:
     assert "| level 1: c=4, reference first | level 2: c=4, reference last |" in text
     assert "| `deit_tiny_patch16_224` (reference) | – | 3.3 img/s | 8.0 img/s |" in text
     assert "| `tome-r13` | `merge=13` | 1.42× | 1.41× |" in text
+
+
+def test_the_decoders_table_shows_each_backends_rate_and_crop_distance() -> None:
+    name = "decode/jpeg-decoders-nvidia-h100-80gb-hbm3-20261205-072122.json"
+    result = json.loads((REPO / "bench/results" / name).read_text())
+    text = "\n".join(decoders_table({"files": [name]}, REPO))
+    row = next(r for r in result["rows"] if r["decoder"] == "torchvision-nvjpeg")
+    diff = result["fidelity"]["torchvision-nvjpeg"]
+    line = next(x for x in text.splitlines() if x.startswith("| `torchvision-nvjpeg`"))
+    assert f"{row['img_s']:,.0f} img/s" in line
+    assert line.endswith(f"| {diff['max']:.0f} / {diff['mean']:.3f} / {diff['p99_9']:.0f} |")
+    assert f"{row['step']} @{row['batch']}" in text and result["device"] in text
+
+
+def test_the_merge_steps_table_gives_each_implementations_ratio_to_argsort() -> None:
+    name = "kernels/merge-matching-nvidia-h100-80gb-hbm3-20261205-072821.json"
+    result = json.loads((REPO / "bench/results" / name).read_text())
+    lines = merge_steps_table({"files": [name]}, REPO)
+    rows = [r for r in result["rows"] if not r.get("error")]
+    assert len([x for x in lines if x.startswith("| ") and "ms |" in x]) == len(rows)
+    first = rows[0]
+    assert any(
+        f"| `{first['impl']}` | {first['median_ms']:.3f} ms | {first['speedup_vs_argsort']:.2f}× |"
+        in x
+        for x in lines
+    )
