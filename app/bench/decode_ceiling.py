@@ -7,6 +7,7 @@ time goes per image (:func:`stage_times`: probe, decode, resize + crop, normalis
 
 from __future__ import annotations
 
+import io
 import multiprocessing
 import statistics
 import time
@@ -17,6 +18,7 @@ from functools import partial
 from typing import Any
 
 import torch
+from PIL import Image
 
 from app.bench.load_client import Images
 from app.devices import resolve_device, resolve_dtype
@@ -120,8 +122,8 @@ def stage_times(
     """Milliseconds per image of each step of the decode stage on one batch, the steps run
     one after another in one thread and each synchronised (the GPU's share is timed, not
     queued): medians over ``repeats``. The path is the server's: nvjpeg for the JPEGs it
-    takes on a CUDA device, Pillow otherwise (a server spreads Pillow over its decode
-    threads; this is one thread's cost)."""
+    takes on a CUDA device, the CPU decode otherwise (simplejpeg or Pillow; a server spreads
+    it over its decode threads, this is one thread's cost)."""
     pre = Preprocessor(preprocessing, settings.max_image_pixels)
     dev = resolve_device(device)
     batch = _batch_of(images, batch_size)
@@ -136,11 +138,15 @@ def stage_times(
             torch.cuda.synchronize(dev)
         return out, time.perf_counter() - started
 
-    def pillow_decode() -> list[Any]:
-        return [pre.decode(d) for d in batch]
+    def cpu_decode() -> list[Any]:  # the server's: simplejpeg where it may, else Pillow
+        pixels = [pre.decode_jpeg(d, Image.open(io.BytesIO(d))) for d in batch]
+        return [pre.decode(d) if p is None else p for d, p in zip(batch, pixels, strict=True)]
 
-    def pillow_resize(decoded: list[Any]) -> list[torch.Tensor]:
-        return [pre.crop(image) for image in decoded]  # the server's CPU resize (torch)
+    def cpu_resize(decoded: list[Any]) -> list[torch.Tensor]:  # the server's (torch)
+        return [
+            pre.crop(image) if isinstance(image, Image.Image) else resize_crop([image])[0]
+            for image in decoded
+        ]
 
     samples: dict[str, list[float]] = {
         s: [] for s in ("probe", "decode", "resize_crop", "normalize")
@@ -151,8 +157,9 @@ def stage_times(
         def normalize(crops: list[torch.Tensor]) -> torch.Tensor:
             return pre.normalize(torch.stack(crops).to(dev)).to(decoder.dtype)
 
-        decode = partial(decoder.nvjpeg_decode, batch) if nvjpeg else pillow_decode
-        resize = decoder.resize_crop if nvjpeg else pillow_resize
+        resize_crop = decoder.resize_crop
+        decode = partial(decoder.nvjpeg_decode, batch) if nvjpeg else cpu_decode
+        resize = resize_crop if nvjpeg else cpu_resize
         for round_ in range(repeats + 1):  # the first round warms caches and is dropped
             _, probe_s = timed(lambda: [pre.probe(d) for d in batch])
             decoded, decode_s = timed(decode)
@@ -163,4 +170,4 @@ def stage_times(
                 for step, seconds in zip(samples, steps, strict=True):
                     samples[step].append(seconds)
     ms = {step: 1e3 * statistics.median(v) / len(batch) for step, v in samples.items()}
-    return {"path": "nvjpeg" if nvjpeg else "pillow", "images": len(batch), "ms_per_image": ms}
+    return {"path": "nvjpeg" if nvjpeg else "cpu", "images": len(batch), "ms_per_image": ms}

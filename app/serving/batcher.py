@@ -56,7 +56,8 @@ class Prediction:
     decode_s: float  # the decode stage of its batch
     inference_s: float
     batch_size: int
-    decoder: str | None  # "nvjpeg", "pillow", or None for a payload decoded beforehand
+    decoder: str | None  # "nvjpeg", "pillow" (the CPU path: simplejpeg or Pillow), or None
+    # for a payload decoded beforehand
 
 
 Predict = Callable[[torch.Tensor], torch.Tensor]

@@ -6,8 +6,9 @@ its JPEGs that nvjpeg decodes as Pillow does (:class:`~app.serving.preprocess.Pr
 decoded together on the GPU (``torchvision.io.decode_jpeg(device="cuda")``), then resized
 and cropped there one by one with the eval transform's own steps. Everything else -- PNG,
 WebP, progressive, CMYK or EXIF-rotated JPEGs, and every image of a CPU replica -- goes
-through Pillow in the decode thread pool, with draft-mode downscaling of large JPEGs. Both
-paths give uint8 crops, normalised together on the model's device.
+through the CPU path in the decode thread pool (``Preprocessor.decode_crop``: simplejpeg for
+upright RGB JPEGs, Pillow for the rest, both at draft scale for large JPEGs; reported as
+decoder "pillow"). Both paths give uint8 crops, normalised together on the model's device.
 
 On a GPU each decode thread runs on its own CUDA stream, so the next batches decode while
 the current one computes.

@@ -2,8 +2,9 @@
 
 ``probe`` reads only the header (limits, format, whether nvjpeg may take the image) and
 runs as the request arrives, so bad input is refused before it queues. ``decode_crop``
-is Pillow's decode, then the eval transform's resize + crop on a tensor, to a uint8 crop,
-run in worker threads (both release the GIL); ``normalize`` is the float part, done per
+is libjpeg-turbo's decode (simplejpeg for upright RGB JPEGs, Pillow for everything else),
+then the eval transform's resize + crop on a tensor, to a uint8 crop, run in worker
+threads (all release the GIL); ``normalize`` is the float part, done per
 batch on the model's device. ``__call__`` chains them: timm's eval transform within two
 grey levels before normalising (torch's resize, not Pillow's: ~4x faster on the CPU).
 """
@@ -17,6 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import simplejpeg
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -110,9 +112,12 @@ class TensorResizeCrop:
             nh, nw = self.resized(h, w)
             if ch > nh or cw > nw:
                 raise ValueError(f"crop {self.crop} is larger than the resized {nh}x{nw}")
-            x_N3HW = torch.stack([images_3HW[k] for k in ks])
-            if x_N3HW.device.type != "cpu":
-                x_N3HW = x_N3HW.float()
+            if images_3HW[ks[0]].device.type == "cpu":
+                # channels-last: torch's uint8 resize runs ~1.4x faster on it, same pixels
+                x_N3HW = torch.stack([images_3HW[k].permute(1, 2, 0) for k in ks])
+                x_N3HW = x_N3HW.permute(0, 3, 1, 2)
+            else:
+                x_N3HW = torch.stack([images_3HW[k] for k in ks]).float()
             if (nh, nw) != (h, w):
                 x_N3HW = F.interpolate(
                     x_N3HW, size=(nh, nw), mode=self.mode, antialias=True, align_corners=False
@@ -162,8 +167,38 @@ class Preprocessor:
         return self.normalize(self.decode_crop(data)[None])[0]
 
     def decode_crop(self, data: bytes) -> torch.Tensor:
-        """bytes → uint8 tensor [3, H, W]: decoded by Pillow, resized and cropped by torch."""
-        return self.crop(self.decode(data))
+        """bytes → uint8 tensor [3, H, W]: decoded by libjpeg-turbo (:meth:`decode_jpeg`) or
+        Pillow, resized and cropped by torch."""
+        image = self._open(data)
+        pixels = self.decode_jpeg(data, image)
+        if pixels is None:
+            return self.crop(self._load(image))
+        return self._tensor_resize_crop([pixels])[0]
+
+    def decode_jpeg(self, data: bytes, image: Image.Image) -> torch.Tensor | None:
+        """An upright RGB JPEG (``image``: its opened header) → uint8 [3, H, W] (an HWC
+        array's view), or None where Pillow decodes it.
+
+        simplejpeg runs the same libjpeg-turbo as Pillow, at the same DCT scale as
+        Pillow's draft, so the pixels are Pillow's, bit for bit (tested), at ~1.35x the
+        speed and with the GIL released. CMYK, grey, EXIF-rotated JPEGs and whatever it
+        refuses (it is strict: libjpeg's warnings are errors) go to Pillow, which decides.
+        """
+        if image.format != "JPEG" or image.mode != "RGB" or _rotated(image):
+            return None
+        width, height = image.size
+        factor = min(width // self._draft_size, height // self._draft_size)
+        scale = next((s for s in (8, 4, 2) if factor >= s), 1)  # what Image.draft picks
+        try:
+            array = simplejpeg.decode_jpeg(
+                data,
+                colorspace="RGB",
+                min_height=-(-height // scale),
+                min_width=-(-width // scale),
+            )
+        except ValueError:
+            return None
+        return torch.from_numpy(array).permute(2, 0, 1)
 
     def crop(self, image: Image.Image) -> torch.Tensor:
         """A decoded image → uint8 crop [3, h, w] (:class:`TensorResizeCrop`)."""
@@ -179,15 +214,11 @@ class Preprocessor:
     def probe(self, data: bytes) -> Probe:
         """Header checks only (format, pixel limits); raises an ``InputError`` subclass."""
         image = self._open(data)
-        try:
-            rotated = image.format == "JPEG" and image.getexif().get(EXIF_ORIENTATION, 1) != 1
-        except (OSError, SyntaxError, ValueError, TypeError, KeyError):
-            rotated = True  # an unreadable EXIF block: let Pillow's path handle it
         nvjpeg_ok = (
             image.format == "JPEG"
             and image.mode == "RGB"
             and not image.info.get("progressive")
-            and not rotated
+            and not _rotated(image)
             and data[-64:].rstrip(b"\0").endswith(b"\xff\xd9")  # EOI marker: not truncated
         )
         return Probe(image.format, image.width, image.height, nvjpeg_ok)
@@ -213,7 +244,10 @@ class Preprocessor:
         return image
 
     def decode(self, data: bytes) -> Image.Image:
-        image = self._open(data)
+        """bytes → upright 8-bit RGB Pillow image (JPEGs at draft scale)."""
+        return self._load(self._open(data))
+
+    def _load(self, image: Image.Image) -> Image.Image:
         try:
             if image.format == "JPEG":
                 image.draft("RGB", (self._draft_size, self._draft_size))
@@ -251,6 +285,15 @@ class Preprocessor:
                 f"image is {width}x{height}: resizing its shorter side to {self._short_side} "
                 f"gives {resized} pixels; the limit is {limit} (aspect ratio too extreme)"
             )
+
+
+def _rotated(image: Image.Image) -> bool:
+    """Whether a JPEG's EXIF asks for rotation (an unreadable block counts: Pillow's path
+    handles it)."""
+    try:
+        return image.format == "JPEG" and image.getexif().get(EXIF_ORIENTATION, 1) != 1
+    except (OSError, SyntaxError, ValueError, TypeError, KeyError):
+        return True
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

@@ -82,6 +82,49 @@ def test_large_jpeg_uses_reduced_dct_decoding_but_stays_close(pre):
     assert (ours - ref).norm() / ref.norm() < 0.05
 
 
+def pillow_crop(pre: Preprocessor, data: bytes) -> torch.Tensor:
+    """The crop as Pillow decodes the image (draft scale included)."""
+    return pre.crop(pre.decode(data))
+
+
+@pytest.mark.parametrize(
+    "size,kw",
+    [
+        ((500, 375), {"quality": 90}),  # a photo's size: no DCT scaling
+        ((2400, 1800), {"quality": 92}),  # draft scale 1/4
+        ((1200, 1030), {"quality": 85}),  # draft scale 1/2, odd height
+        ((375, 500), {"progressive": True}),
+        ((333, 251), {"subsampling": 0}),  # 4:4:4
+    ],
+)
+def test_upright_rgb_jpegs_decode_as_pillow_does_bit_for_bit(pre, size, kw):
+    data = encode(photo_like(size), "JPEG", **kw)
+    assert pre.decode_jpeg(data, Image.open(io.BytesIO(data))) is not None
+    assert torch.equal(pre.decode_crop(data), pillow_crop(pre, data))
+
+
+def test_real_photos_decode_as_pillow_does_bit_for_bit(pre):
+    require_shared(DEV_IMAGES)
+    for path in sorted(DEV_IMAGES.glob("*.JPEG"))[:40]:
+        data = path.read_bytes()
+        assert torch.equal(pre.decode_crop(data), pillow_crop(pre, data)), path.name
+
+
+def test_jpegs_simplejpeg_cannot_take_go_to_pillow(pre):
+    grey = encode(photo_like().convert("L"), "JPEG")
+    cmyk = encode(photo_like().convert("CMYK"), "JPEG")
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    rotated = encode(photo_like(), "JPEG", exif=exif)
+    for data in (grey, cmyk, rotated):
+        assert pre.decode_jpeg(data, Image.open(io.BytesIO(data))) is None
+        assert torch.equal(pre.decode_crop(data), pillow_crop(pre, data))
+    truncated = encode(photo_like(), "JPEG")[:-2000]
+    assert pre.decode_jpeg(truncated, Image.open(io.BytesIO(truncated))) is None  # strict
+    with pytest.raises(CorruptImage):
+        pre.decode_crop(truncated)  # and Pillow refuses it as before
+
+
 @pytest.mark.parametrize(
     "fmt,mode,kw",
     [
