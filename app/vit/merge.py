@@ -300,6 +300,12 @@ def mask_bias_attention(
     )
 
 
+def bias_in_qkv(device: torch.device) -> bool:
+    """Whether proportional attention's bias head comes out of the qkv projection itself
+    (:meth:`MergeAttention.qkv_with_bias_head`): off the CPU, where the mask form is used."""
+    return device.type != "cpu"
+
+
 class MergeAttention(nn.Module):
     """timm ``Attention`` with proportional attention that also returns its keys.
 
@@ -321,6 +327,33 @@ class MergeAttention(nn.Module):
         self.gate = getattr(dense, "gate", None)  # older timm: no gate
         self.proj = dense.proj
         self.proj_drop = dense.proj_drop
+        # q's column of the bias head (head_bias_attention's form): 1 from the qkv bias;
+        # the rest of the padding is zeros. Not in the state dict: derived, like the padding.
+        pad = 8 - self.head_dim % 8
+        bias_head_3HP = torch.zeros(3, self.num_heads, pad, dtype=dense.qkv.weight.dtype)
+        bias_head_3HP[0, :, 0] = 1
+        self.register_buffer("bias_head_3HP", bias_head_3HP, persistent=False)
+
+    def qkv_with_bias_head(
+        self, x_BNC: torch.Tensor, log_size_BN1: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v ``[B, H, N, E]`` as :func:`head_bias_attention` builds them (E = D padded
+        to a multiple of 8, past D), but straight out of one GEMM: the qkv weight padded with
+        zero rows per head (an eighth more of that GEMM), q's 1 from the bias, k's
+        ``log(size) / scale`` written into its column. On the GPU at served batches this
+        replaces three concatenations and their fills per block."""
+        B, N, C = x_BNC.shape
+        H, D, P = self.num_heads, self.head_dim, self.bias_head_3HP.shape[-1]
+        weight_3HDC = self.qkv.weight.view(3, H, D, C)
+        weight = F.pad(weight_3HDC, (0, 0, 0, P)).reshape(3 * H * (D + P), C)
+        bias_3HD = (
+            self.qkv.bias.view(3, H, D) if self.qkv.bias is not None else weight.new_zeros(3, H, D)
+        )
+        bias = torch.cat([bias_3HD, self.bias_head_3HP.to(bias_3HD.dtype)], dim=-1)
+        qkv_BN3HE = F.linear(x_BNC, weight, bias.reshape(-1)).view(B, N, 3, H, D + P)
+        qkv_BN3HE[:, :, 1, :, D] = (log_size_BN1 / self.scale).to(qkv_BN3HE.dtype)
+        q_BHNE, k_BHNE, v_BHNE = qkv_BN3HE.permute(2, 0, 3, 1, 4).unbind(0)
+        return q_BHNE, k_BHNE, v_BHNE
 
     def forward(
         self, x_BNC: torch.Tensor, log_size_BN1: torch.Tensor | None = None, keys: bool = True
@@ -328,12 +361,32 @@ class MergeAttention(nn.Module):
         """Attention output ``[B, N, C]`` and, if ``keys``, the keys averaged over heads
         ``[B, N, D]`` (a block that merges nothing skips that reduction)."""
         B, N, _ = x_BNC.shape
+        dropout_p = self.attn_drop.p if self.training else 0.0
+        plain_norms = isinstance(self.q_norm, nn.Identity) and isinstance(self.k_norm, nn.Identity)
+        if log_size_BN1 is not None and plain_norms and bias_in_qkv(x_BNC.device):
+            q_BHNE, k_BHNE, v_BHNE = self.qkv_with_bias_head(x_BNC, log_size_BN1)
+            out_BHNE = F.scaled_dot_product_attention(
+                q_BHNE, k_BHNE, v_BHNE, dropout_p=dropout_p, scale=self.scale
+            )
+            out_BHND, k_BHND = out_BHNE[..., : self.head_dim], k_BHNE[..., : self.head_dim]
+        else:
+            out_BHND, k_BHND = self._attend(x_BNC, log_size_BN1, dropout_p)
+        out_BNA = self.norm(out_BHND.transpose(1, 2).reshape(B, N, self.attn_dim))
+        if self.gate is not None:
+            out_BNA = out_BNA * self.gate(x_BNC).sigmoid()
+        return self.proj_drop(self.proj(out_BNA)), k_BHND.mean(dim=1) if keys else None
+
+    def _attend(
+        self, x_BNC: torch.Tensor, log_size_BN1: torch.Tensor | None, dropout_p: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """timm's fused path, with the bias (if any) in :func:`proportional_attention`'s
+        form for the device: attention output and keys, ``[B, H, N, D]`` each."""
+        B, N, _ = x_BNC.shape
         qkv_3BHND = (
             self.qkv(x_BNC).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         )
         q_BHND, k_BHND, v_BHND = qkv_3BHND.unbind(0)
         q_BHND, k_BHND = self.q_norm(q_BHND), self.k_norm(k_BHND)
-        dropout_p = self.attn_drop.p if self.training else 0.0
         if log_size_BN1 is None:
             out_BHND = F.scaled_dot_product_attention(
                 q_BHND, k_BHND, v_BHND, dropout_p=dropout_p, scale=self.scale
@@ -342,10 +395,7 @@ class MergeAttention(nn.Module):
             out_BHND = proportional_attention(
                 q_BHND, k_BHND, v_BHND, log_size_BN1, scale=self.scale, dropout_p=dropout_p
             )
-        out_BNA = self.norm(out_BHND.transpose(1, 2).reshape(B, N, self.attn_dim))
-        if self.gate is not None:
-            out_BNA = out_BNA * self.gate(x_BNC).sigmoid()
-        return self.proj_drop(self.proj(out_BNA)), k_BHND.mean(dim=1) if keys else None
+        return out_BHND, k_BHND
 
 
 class MergeBlock(nn.Module):

@@ -479,12 +479,15 @@ def test_real_deit_tiny_r13_agrees_with_dense(monkeypatch: pytest.MonkeyPatch) -
 
 
 @pytest.mark.parametrize(("head_dim", "qkv_bias"), [(64, True), (12, True), (7, False)])
-@pytest.mark.parametrize("attend", [head_bias_attention, mask_bias_attention])
+@pytest.mark.parametrize("form", ["head from the qkv GEMM", "head", "mask"])
 def test_proportional_attention_equals_the_masked_softmax(
-    head_dim: int, qkv_bias: bool, attend: object, monkeypatch: pytest.MonkeyPatch
+    head_dim: int, qkv_bias: bool, form: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Both forms of the log-size bias (an extra head dimension for the GPU, an additive
-    mask for the CPU) are the masked softmax, exactly."""
+    """Every form of the log-size bias (an extra head dimension out of the qkv projection,
+    the GPU's; one concatenated to q, k and v; an additive mask, the CPU's) is the masked
+    softmax, exactly."""
+    monkeypatch.setattr("app.vit.merge.bias_in_qkv", lambda device: form.endswith("GEMM"))
+    attend = mask_bias_attention if form == "mask" else head_bias_attention
     monkeypatch.setattr("app.vit.merge.proportional_attention", attend)
     torch.manual_seed(head_dim)
     dense = Attention(3 * head_dim, num_heads=3, qkv_bias=qkv_bias).double().eval()
