@@ -45,10 +45,9 @@ COLUMNS = 11
 
 
 @triton.jit
-def _weight(j, count, first_m_center, invscale, total, BICUBIC: tl.constexpr):
-    """aten's weight of the ``j`` th input pixel of each span (0 past its end): Pillow's
-    filter (Keys' cubic with a = -0.5, or the triangle) at its distance from the centre,
-    divided by ``total``."""
+def _filter(j, count, first_m_center, invscale, BICUBIC: tl.constexpr):
+    """aten's raw weight of the ``j`` th input pixel of each span (0 past its end): Pillow's
+    filter (Keys' cubic with a = -0.5, or the triangle) at its distance from the centre."""
     x = tl.abs((j + first_m_center + 0.5) * invscale)
     if BICUBIC:
         near = ((-0.5 + 2.0) * x - (-0.5 + 3.0)) * x * x + 1.0
@@ -56,16 +55,16 @@ def _weight(j, count, first_m_center, invscale, total, BICUBIC: tl.constexpr):
         w = tl.where(x < 1.0, near, tl.where(x < 2.0, far, 0.0))
     else:
         w = tl.where(x < 1.0, 1.0 - x, 0.0)
-    w = tl.where(j < count, w, 0.0)
-    return tl.math.div_rn(w, tl.where(total != 0.0, total, 1.0))
+    return tl.where(j < count, w, 0.0)
 
 
 @triton.jit
 def _span(position, in_size, out_size, HALF_WIDTH: tl.constexpr, BICUBIC: tl.constexpr):
     """aten's ``_compute_weights_span`` along one axis for output ``position`` s: the first
     input pixel, how many are read, and what the weights need (offset of the first from
-    the centre, 1/scale when downscaling, the sum of the raw weights); plus the window,
-    the most pixels any position reads (the loop bound)."""
+    the centre, 1/scale when downscaling, the sum of the raw weights that normalises them,
+    1 where it is 0, as aten leaves those as they are); plus the window, the most pixels
+    any position reads (the loop bound)."""
     scale = tl.math.div_rn(in_size.to(tl.float32), out_size.to(tl.float32))
     down = scale >= 1.0
     support = tl.where(down, HALF_WIDTH * scale, HALF_WIDTH)
@@ -77,7 +76,8 @@ def _span(position, in_size, out_size, HALF_WIDTH: tl.constexpr, BICUBIC: tl.con
     window = tl.math.ceil(support).to(tl.int32) * 2 + 1
     total = tl.zeros_like(center)
     for j in range(0, window):
-        total += _weight(j, count, first_m_center, invscale, 1.0, BICUBIC)  # unnormalised
+        total += _filter(j, count, first_m_center, invscale, BICUBIC)
+    total = tl.where(total != 0.0, total, 1.0)
     return first, count, first_m_center, invscale, total, window
 
 
@@ -128,14 +128,14 @@ def _resize_crop_normalize_kernel(
     blue = tl.zeros([BLOCK_Y, BLOCK_X], tl.float32)
     x_first = src + x0.to(tl.int64)[None, :] * stride_x
     for dy in range(0, y_window):
-        wy = _weight(dy, ny, y_off, y_inv, y_total, BICUBIC)[:, None]
+        wy = tl.math.div_rn(_filter(dy, ny, y_off, y_inv, BICUBIC), y_total)[:, None]
         line = x_first + (y0 + dy).to(tl.int64)[:, None] * stride_y
         line_read = inside & (dy < ny)[:, None]
         row_r = tl.zeros([BLOCK_Y, BLOCK_X], tl.float32)
         row_g = tl.zeros([BLOCK_Y, BLOCK_X], tl.float32)
         row_b = tl.zeros([BLOCK_Y, BLOCK_X], tl.float32)
         for dx in range(0, x_window):
-            wx = _weight(dx, nx, x_off, x_inv, x_total, BICUBIC)[None, :]
+            wx = tl.math.div_rn(_filter(dx, nx, x_off, x_inv, BICUBIC), x_total)[None, :]
             read = line_read & (dx < nx)[None, :]
             at = line + dx * stride_x
             row_r += tl.load(at, mask=read, other=0).to(tl.float32) * wx
