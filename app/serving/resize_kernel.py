@@ -27,6 +27,7 @@ must run on the stream that made them (as the decode stage does), or after it.
 
 # No ``from __future__ import annotations``: Triton reads the kernels' annotations as
 # objects (tl.constexpr), never strings.
+import contextlib
 from collections.abc import Sequence
 
 import torch
@@ -208,16 +209,19 @@ class ResizeCropNormalize:
         if device not in self._affine:
             self._affine[device] = self._affine_cpu.to(device)
         grid = (triton.cdiv(crop_w, BLOCK_X), triton.cdiv(crop_h, BLOCK_Y), len(table))
-        _resize_crop_normalize_kernel[grid](
-            table_NC,
-            self._affine[device],
-            out_B3hw,
-            crop_h,
-            crop_w,
-            COLUMNS=COLUMNS,
-            HALF_WIDTH=HALF_WIDTH[self.geometry.mode],
-            BICUBIC=self.geometry.mode == "bicubic",
-            BLOCK_Y=BLOCK_Y,
-            BLOCK_X=BLOCK_X,
-        )
+        # Triton launches on the current device: a replica on cuda:1 must make it current
+        on_device = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+        with on_device:
+            _resize_crop_normalize_kernel[grid](
+                table_NC,
+                self._affine[device],
+                out_B3hw,
+                crop_h,
+                crop_w,
+                COLUMNS=COLUMNS,
+                HALF_WIDTH=HALF_WIDTH[self.geometry.mode],
+                BICUBIC=self.geometry.mode == "bicubic",
+                BLOCK_Y=BLOCK_Y,
+                BLOCK_X=BLOCK_X,
+            )
         return out_B3hw
