@@ -2,7 +2,8 @@
 
 ``vitserve bench service`` reports each level's throughput as a share of it, so a reader
 sees how close to the request path's own limit the service runs, and where the stage's
-time goes per image (:func:`stage_times`: probe, decode, resize + crop, normalise).
+time goes per image (:func:`stage_times`: probe, decode, resize + crop, normalise; on CUDA
+with the resize kernel, resize + crop includes normalising, as the served path does).
 """
 
 from __future__ import annotations
@@ -123,7 +124,9 @@ def stage_times(
     one after another in one thread and each synchronised (the GPU's share is timed, not
     queued): medians over ``repeats``. The path is the server's: nvjpeg for the JPEGs it
     takes on a CUDA device, the CPU decode otherwise (simplejpeg or Pillow; a server spreads
-    it over its decode threads, this is one thread's cost)."""
+    it over its decode threads, this is one thread's cost). Where the decode stage resizes
+    nvjpeg's images with its kernel (path ``nvjpeg+kernel``), that one step also
+    normalises: ``normalize`` is then nothing."""
     pre = Preprocessor(preprocessing, settings.max_image_pixels)
     dev = resolve_device(device)
     batch = _batch_of(images, batch_size)
@@ -154,12 +157,20 @@ def stage_times(
     with ThreadPoolExecutor(1) as pool:
         decoder = _warm_decoder(pre, settings, dev, pool, nvjpeg=nvjpeg)
 
-        def normalize(crops: list[torch.Tensor]) -> torch.Tensor:
+        fused = nvjpeg and decoder.fused is not None  # the served path on CUDA with Triton
+
+        def kernel(decoded: list[torch.Tensor]) -> torch.Tensor:
+            shape = (len(decoded), 3, *decoder.resize_crop.crop)
+            return decoder.fused(decoded, torch.empty(shape, dtype=decoder.dtype, device=dev))
+
+        def normalize(crops: list[torch.Tensor] | torch.Tensor) -> torch.Tensor:
+            if fused:
+                return crops  # the kernel's batch, normalised already
             return pre.normalize(torch.stack(crops).to(dev)).to(decoder.dtype)
 
         resize_crop = decoder.resize_crop
         decode = partial(decoder.nvjpeg_decode, batch) if nvjpeg else cpu_decode
-        resize = resize_crop if nvjpeg else cpu_resize
+        resize = kernel if fused else resize_crop if nvjpeg else cpu_resize
         for round_ in range(repeats + 1):  # the first round warms caches and is dropped
             _, probe_s = timed(lambda: [pre.probe(d) for d in batch])
             decoded, decode_s = timed(decode)
@@ -170,4 +181,5 @@ def stage_times(
                 for step, seconds in zip(samples, steps, strict=True):
                     samples[step].append(seconds)
     ms = {step: 1e3 * statistics.median(v) / len(batch) for step, v in samples.items()}
-    return {"path": "nvjpeg" if nvjpeg else "cpu", "images": len(batch), "ms_per_image": ms}
+    path = "nvjpeg+kernel" if fused else "nvjpeg" if nvjpeg else "cpu"
+    return {"path": path, "images": len(batch), "ms_per_image": ms}

@@ -12,10 +12,18 @@ Issue #21 asks for the decode ceiling of each backend before the engine picks on
 * ``nvimgcodec-cpu``: nvImageCodec's CPU backend (libjpeg-turbo) on one thread.
 
 Each runs one Python thread over batches of baseline RGB JPEGs (what nvjpeg takes;
-``Preprocessor.probe``), decode alone and decode + resize + crop
-(:class:`~app.serving.preprocess.TensorResizeCrop` on the decoder's device), synchronised
-per batch. Fidelity: each backend's crops against the eval transform (Pillow decode and
-resize), as maximum, mean and 99.9th-percentile absolute difference in grey levels.
+``Preprocessor.probe``), synchronised per batch, in up to three steps:
+
+* ``decode``: decode alone;
+* ``decode+crop``: then resize + crop (:class:`~app.serving.preprocess.TensorResizeCrop` on
+  the decoder's device: one ``interpolate`` per image size, float crops, not normalised);
+* ``decode+fused``: for the backends that decode onto the GPU, then the resize kernel
+  (:class:`~app.serving.resize_kernel.ResizeCropNormalize`) writing the whole normalised
+  batch in the model's dtype (``--dtype``) in one launch, as the decode stage does.
+
+Fidelity: each backend's crops against the eval transform (Pillow decode and resize), as
+maximum, mean and 99.9th-percentile absolute difference in grey levels; for the GPU
+backends also the kernel's (its fp32 output turned back into grey levels).
 """
 
 from __future__ import annotations
@@ -38,7 +46,15 @@ from app.serving.preprocess import Preprocessor, TensorResizeCrop
 from app.store.manifest import Preprocessing
 from app.timing import device_slug, environment
 
+try:
+    from app.serving.resize_kernel import ResizeCropNormalize
+except ImportError:  # no Triton: no decode+fused step
+    ResizeCropNormalize = None
+
 Decode = Callable[[list[bytes]], list[torch.Tensor]]  # JPEGs -> uint8 [3, H, W] each
+Step = Callable[[list[torch.Tensor]], Any]  # what runs on each batch's decoded images
+# The backends whose images land on the GPU, where the resize kernel can take them.
+GPU_OUTPUT = ("torchvision-nvjpeg", "nvimgcodec-hw", "nvimgcodec-cuda")
 
 
 def _nvimgcodec_decoder(kind: str, device: torch.device) -> Decode | None:
@@ -90,12 +106,39 @@ def decoders(device: torch.device) -> dict[str, Decode]:
     return found
 
 
-def fidelity(decode: Decode, jpegs: list[bytes], device: torch.device) -> dict[str, float]:
-    """Grey-level differences of ``decode``'s crops (resized on its output's device) from the
-    eval transform's own (Pillow decode, Pillow resize and crop)."""
+def fused_runs(device: torch.device) -> bool:
+    """Whether the resize kernel runs here: Triton and CUDA."""
+    return ResizeCropNormalize is not None and device.type == "cuda"
+
+
+def fused_step(batch: int, dtype: torch.dtype, device: torch.device) -> Step:
+    """The resize kernel writing a normalised ``batch`` in ``dtype`` (see :func:`fused_runs`)."""
+    kernel = ResizeCropNormalize(Preprocessor(Preprocessing(), 10**9))
+    out = torch.empty(batch, 3, *kernel.geometry.crop, dtype=dtype, device=device)
+    return lambda images: kernel(images, out)
+
+
+def fused_crops(images: list[torch.Tensor]) -> torch.Tensor:
+    """The resize kernel's fp32 output for ``images``, back in grey levels, on the CPU."""
     pre = Preprocessor(Preprocessing(), 10**9)
-    crop = TensorResizeCrop(pre.resize_crop)
-    ours = torch.stack([c.float().cpu() for c in crop(decode(jpegs))])
+    kernel = ResizeCropNormalize(pre)
+    out = torch.empty(len(images), 3, *kernel.geometry.crop, device=images[0].device)
+    normalized = kernel(images, out).cpu()
+    return (normalized + (pre.mean / pre.std)[:, None, None]) * (255 * pre.std)[:, None, None]
+
+
+def fidelity(
+    decode: Decode, jpegs: list[bytes], device: torch.device, *, fused: bool = False
+) -> dict[str, float]:
+    """Grey-level differences of ``decode``'s crops (resized on its output's device by
+    ``TensorResizeCrop``, or with ``fused`` by the resize kernel) from the eval transform's
+    own (Pillow decode, Pillow resize and crop)."""
+    pre = Preprocessor(Preprocessing(), 10**9)
+    if fused:
+        ours = fused_crops(decode(jpegs)).round()  # undoing normalize leaves ~1e-5 levels
+    else:
+        crop = TensorResizeCrop(pre.resize_crop)
+        ours = torch.stack([c.float().cpu() for c in crop(decode(jpegs))])
     reference = torch.stack([pil_to_tensor(pre.resize_crop(pre.decode(j))) for j in jpegs])
     diff = (ours - reference.float()).abs().flatten()
     return {
@@ -105,51 +148,68 @@ def fidelity(decode: Decode, jpegs: list[bytes], device: torch.device) -> dict[s
     }
 
 
-def rate(
-    decode: Decode, jpegs: list[bytes], *, crop: TensorResizeCrop | None, seconds: float
-) -> float:
-    """Images a second through ``decode`` (and ``crop``) on one thread, each batch synchronised."""
+def rate(decode: Decode, jpegs: list[bytes], *, then: Step | None, seconds: float) -> float:
+    """Images a second through ``decode`` (and ``then``) on one thread, each batch
+    synchronised."""
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-    for _ in range(2):  # warm-up: allocations, nvjpeg/nvimgcodec state
-        decode(jpegs)
+    for _ in range(2):  # warm-up: allocations, nvjpeg/nvimgcodec state, kernel compilation
+        images = decode(jpegs)
+        if then is not None:
+            then(images)
     sync()
     done, started = 0, time.perf_counter()
     while time.perf_counter() - started < seconds:
         images = decode(jpegs)
-        if crop is not None:
-            images = crop(images)
+        if then is not None:
+            then(images)
         sync()
         done += len(jpegs)
     return done / (time.perf_counter() - started)
 
 
+def steps(
+    name: str, batch: int, device: torch.device, dtype: torch.dtype
+) -> dict[str, Step | None]:
+    """The steps measured for decoder ``name`` at ``batch``: what follows the decode."""
+    crop = TensorResizeCrop(Preprocessor(Preprocessing(), 10**9).resize_crop)
+    found: dict[str, Step | None] = {"decode": None, "decode+crop": crop}
+    if name in GPU_OUTPUT and fused_runs(device):
+        found["decode+fused"] = fused_step(batch, dtype, device)
+    return found
+
+
 def run(
-    folder: Path, *, device: torch.device, batches: Sequence[int], seconds: float
+    folder: Path,
+    *,
+    device: torch.device,
+    batches: Sequence[int],
+    seconds: float,
+    dtype: torch.dtype = torch.bfloat16,
 ) -> dict[str, Any]:
     pre = Preprocessor(Preprocessing(), 10**9)
     photos = [data for _, data in load_images(folder, count=10**6) if pre.probe(data).nvjpeg_ok]
-    crop = TensorResizeCrop(pre.resize_crop)
     rows = []
     found = decoders(device)
-    steps = [(n, b, c) for n in found for b in batches for c in (False, True)]
-    for name, batch, with_crop in tqdm(steps, desc="decoder x batch x step"):
+    plan = [
+        (n, b, s, then)
+        for n in found
+        for b in batches
+        for s, then in steps(n, b, device, dtype).items()
+    ]
+    for name, batch, step, then in tqdm(plan, desc="decoder x batch x step"):
         jpegs = (photos * (batch // len(photos) + 1))[:batch]
-        img_s = rate(found[name], jpegs, crop=crop if with_crop else None, seconds=seconds)
-        rows.append(
-            {
-                "decoder": name,
-                "batch": batch,
-                "step": "decode+crop" if with_crop else "decode",
-                "img_s": img_s,
-            }
-        )
+        img_s = rate(found[name], jpegs, then=then, seconds=seconds)
+        rows.append({"decoder": name, "batch": batch, "step": step, "img_s": img_s})
+    fused = [name for name in found if name in GPU_OUTPUT and fused_runs(device)]
     return {
         **environment(device),
         "photos": len(photos),
         "folder": str(folder),
         "threads_per_decoder": 1,
+        "fused_dtype": str(dtype).removeprefix("torch."),
         "rows": rows,
         "fidelity": {name: fidelity(decode, photos[:64], device) for name, decode in found.items()},
+        "fidelity_fused": {n: fidelity(found[n], photos[:64], device, fused=True) for n in fused},
     }
 
 
@@ -162,18 +222,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batches", type=int, nargs="+", default=[64, 256])
     parser.add_argument("--seconds", type=float, default=2.0)
+    parser.add_argument(
+        "--dtype",
+        choices=["bfloat16", "float16", "float32"],
+        default="bfloat16",
+        help="the batch decode+fused writes (the model's input dtype; bfloat16 as served)",
+    )
     parser.add_argument("--out-dir", type=Path, default=Path("bench/results/decode"))
     args = parser.parse_args(argv)
     device = torch.device(args.device)
-    result = run(args.images, device=device, batches=args.batches, seconds=args.seconds)
+    dtype = getattr(torch, args.dtype)
+    result = run(
+        args.images, device=device, batches=args.batches, seconds=args.seconds, dtype=dtype
+    )
     print(f"{'decoder':20} {'batch':>5} {'step':12} {'img/s':>9}")
     for row in result["rows"]:
         print(f"{row['decoder']:20} {row['batch']:5} {row['step']:12} {row['img_s']:9.0f}")
-    for name, diff in result["fidelity"].items():
-        print(
-            f"{name:20} crop vs eval transform: max {diff['max']:.0f}, mean {diff['mean']:.3f}, "
-            f"p99.9 {diff['p99_9']:.1f} grey levels"
-        )
+    for kind, label in (("fidelity", "crop"), ("fidelity_fused", "fused")):
+        for name, diff in result[kind].items():
+            print(
+                f"{name:20} {label:5} vs eval transform: max {diff['max']:.0f}, "
+                f"mean {diff['mean']:.3f}, p99.9 {diff['p99_9']:.1f} grey levels"
+            )
     args.out_dir.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     path = args.out_dir / f"jpeg-decoders-{device_slug(device)}-{stamp}.json"

@@ -3,12 +3,16 @@
 The queue holds what clients sent (compressed bytes, ~100 KB a photo), never decoded float
 tensors (600 KB each at 224×224), so a full queue costs little memory. When a batch closes,
 its JPEGs that nvjpeg decodes as Pillow does (:class:`~app.serving.preprocess.Probe`) are
-decoded together on the GPU (``torchvision.io.decode_jpeg(device="cuda")``), then resized
-and cropped there one by one with the eval transform's own steps. Everything else -- PNG,
-WebP, progressive, CMYK or EXIF-rotated JPEGs, and every image of a CPU replica -- goes
+decoded together on the GPU (``torchvision.io.decode_jpeg(device="cuda")``); they and the
+client's decoded pixels (:class:`Pixels`) are then resized, cropped and normalised into
+their rows of the batch by one Triton kernel
+(:class:`~app.serving.resize_kernel.ResizeCropNormalize`), whatever their sizes. Without
+Triton, or for an interpolation the kernel lacks, the eval transform's own steps resize them
+one size at a time (:class:`~app.serving.preprocess.TensorResizeCrop`). Everything else --
+PNG, WebP, progressive, CMYK or EXIF-rotated JPEGs, and every image of a CPU replica -- goes
 through the CPU path in the decode thread pool (``Preprocessor.decode_crop``: simplejpeg for
 upright RGB JPEGs, Pillow for the rest, both at draft scale for large JPEGs; reported as
-decoder "pillow"). Both paths give uint8 crops, normalised together on the model's device.
+decoder "pillow"), to uint8 crops normalised together on the model's device.
 
 On a GPU each decode thread runs on its own CUDA stream, so the next batches decode while
 the current one computes.
@@ -30,6 +34,11 @@ from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from app.serving.preprocess import Preprocessor, Probe, TensorResizeCrop
+
+try:
+    from app.serving import resize_kernel
+except ImportError:  # no Triton (a CPU-only install): decoded images resize with torch
+    resize_kernel = None
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +90,20 @@ def stack_tensors(payloads: Sequence[torch.Tensor]) -> DecodedBatch:
     return DecodedBatch(torch.stack(list(payloads)), list(range(len(payloads))))
 
 
+def fused_resize(
+    preprocessor: Preprocessor, device: torch.device
+) -> resize_kernel.ResizeCropNormalize | None:
+    """The one-launch resize, crop and normalise of decoded images where it runs (CUDA,
+    Triton, an interpolation it implements), else None: the torch path."""
+    if resize_kernel is None or device.type != "cuda":
+        return None
+    try:
+        return resize_kernel.ResizeCropNormalize(preprocessor)
+    except ValueError as exc:
+        log.info("decoded images resize with torch: %s", exc)
+        return None
+
+
 class BatchDecoder:
     """Payloads → normalised batch on ``device``, nvjpeg where it may, Pillow elsewhere."""
 
@@ -95,7 +118,9 @@ class BatchDecoder:
     ) -> None:
         self.preprocessor, self.device, self.dtype, self.pool = preprocessor, device, dtype, pool
         self.nvjpeg = nvjpeg and device.type == "cuda"
-        # the eval transform's resize and centre crop of decoded images, on their device
+        # decoded images on the device: into the batch in one kernel where it runs, else the
+        # eval transform's resize and centre crop, one size at a time
+        self.fused = fused_resize(preprocessor, device)
         self.resize_crop = TensorResizeCrop(preprocessor.resize_crop)
         self._streams = threading.local()  # one CUDA stream per decode thread
 
@@ -108,11 +133,15 @@ class BatchDecoder:
         return self._streams.stream
 
     def warm_up(self) -> None:
-        """One image through each path, so nvjpeg's start-up is not a request's."""
+        """One image through each path, so nvjpeg's start-up (and the resize kernel's
+        compilation) is not a request's."""
         buffer = io.BytesIO()
         Image.new("RGB", (64, 48), (120, 60, 30)).save(buffer, "JPEG")
         data = buffer.getvalue()
-        batch = self([Encoded(data, self.preprocessor.probe(data))])
+        pixels = (
+            [Pixels(torch.zeros(3, 48, 64, dtype=torch.uint8))] if self.fused is not None else []
+        )
+        batch = self([Encoded(data, self.preprocessor.probe(data)), *pixels])
         if batch.errors:
             raise next(iter(batch.errors.values()))
 
@@ -120,32 +149,36 @@ class BatchDecoder:
         started = time.perf_counter()
         own = self._stream
         with torch.cuda.stream(own) if own else contextlib.nullcontext():
-            crops, decoders, errors = self._crops(payloads)
+            crops, images, decoders, errors = self._decode(payloads)
             ready = {i: p.tensor for i, p in enumerate(payloads) if isinstance(p, Preprocessed)}
-            rows = sorted([*crops, *ready])
-            inputs = self._inputs(crops, ready, rows) if rows else None
+            rows = sorted([*crops, *images, *ready])
+            inputs = self._inputs(crops, images, ready, rows) if rows else None
         if own:
             own.synchronize()  # ready before the inference thread reads it
         return DecodedBatch(inputs, rows, errors, time.perf_counter() - started, decoders)
 
     def _inputs(
-        self, crops: dict[int, torch.Tensor], ready: dict[int, torch.Tensor], rows: list[int]
+        self,
+        crops: dict[int, torch.Tensor],
+        images: dict[int, torch.Tensor],
+        ready: dict[int, torch.Tensor],
+        rows: list[int],
     ) -> torch.Tensor:
-        """The batch in ``rows`` order: crops normalised here, preprocessed inputs as sent."""
-        if not ready:
+        """The batch in ``rows`` order: crops normalised here, full-size decoded images
+        resized into their rows by the kernel, preprocessed inputs as sent."""
+        if not images and not ready:
             return self.preprocessor.normalize(self._gather(crops, rows)).to(self.dtype)
-        shape = (len(rows), *ready[next(iter(ready))].shape)
-        batch = torch.empty(shape, dtype=self.dtype, device=self.device)
-        ready_at = [k for k, i in enumerate(rows) if i in ready]
-        batch[ready_at] = torch.stack([ready[rows[k]] for k in ready_at]).to(
-            self.device, self.dtype
-        )
+        shape = next(iter(ready.values())).shape if ready else (3, *self.resize_crop.crop)
+        batch = torch.empty((len(rows), *shape), dtype=self.dtype, device=self.device)
+        at = {i: k for k, i in enumerate(rows)}
+        if ready:
+            stacked = torch.stack(list(ready.values()))
+            batch[[at[i] for i in ready]] = stacked.to(self.device, self.dtype)
         if crops:
-            crop_at = [k for k, i in enumerate(rows) if i in crops]
-            normalized = self.preprocessor.normalize(
-                self._gather(crops, [rows[k] for k in crop_at])
-            )
-            batch[crop_at] = normalized.to(self.dtype)
+            normalized = self.preprocessor.normalize(self._gather(crops, list(crops)))
+            batch[[at[i] for i in crops]] = normalized.to(self.dtype)
+        if images:
+            self.fused(list(images.values()), batch, [at[i] for i in images])
         return batch
 
     def _gather(self, crops: dict[int, torch.Tensor], rows: list[int]) -> torch.Tensor:
@@ -160,28 +193,32 @@ class BatchDecoder:
                 batch[part] = (stacked.to(self.device) if move else stacked).float()
         return batch
 
-    def _crops(
+    def _decode(
         self, payloads: Sequence[Payload]
-    ) -> tuple[dict[int, torch.Tensor], dict[int, str], dict[int, Exception]]:
-        """Each payload's uint8 crop (or its error), and which decoder made it."""
+    ) -> tuple[
+        dict[int, torch.Tensor], dict[int, torch.Tensor], dict[int, str], dict[int, Exception]
+    ]:
+        """Each payload's uint8 crop, or its full-size decoded image on the device where the
+        kernel resizes it, or its error; and which decoder made it."""
         crops = {i: p for i, p in enumerate(payloads) if isinstance(p, torch.Tensor)}
+        images: dict[int, torch.Tensor] = {}
         pixels = {i: p.tensor for i, p in enumerate(payloads) if isinstance(p, Pixels)}
         if pixels:
-            images = [image.to(self.device, non_blocking=True) for image in pixels.values()]
-            crops.update(zip(pixels, self.resize_crop(images), strict=True))
+            decoded = [image.to(self.device, non_blocking=True) for image in pixels.values()]
+            self._place(dict(zip(pixels, decoded, strict=True)), crops, images)
         decoders: dict[int, str] = {}
         encoded = {i: p for i, p in enumerate(payloads) if isinstance(p, Encoded)}
         on_gpu = [i for i, p in encoded.items() if self.nvjpeg and p.probe.nvjpeg_ok]
         if on_gpu:
             try:
-                decoded = self.resize_crop(self.nvjpeg_decode([encoded[i].data for i in on_gpu]))
-                crops.update(zip(on_gpu, decoded, strict=True))
+                decoded = self.nvjpeg_decode([encoded[i].data for i in on_gpu])
+                self._place(dict(zip(on_gpu, decoded, strict=True)), crops, images)
                 decoders.update(dict.fromkeys(on_gpu, "nvjpeg"))
             except Exception as exc:  # noqa: BLE001 - one bad image fails nvjpeg's whole batch
                 log.warning(
                     "nvjpeg failed on %d images (%s); Pillow decodes them", len(on_gpu), exc
                 )
-        by_pillow = [i for i in encoded if i not in crops]
+        by_pillow = [i for i in encoded if i not in crops and i not in images]
         errors: dict[int, Exception] = {}
         results = self.pool.map(self._pillow, [encoded[i].data for i in by_pillow])
         for i, result in zip(by_pillow, results, strict=True):
@@ -189,7 +226,20 @@ class BatchDecoder:
                 errors[i] = result
             else:
                 crops[i], decoders[i] = result, "pillow"
-        return crops, decoders, errors
+        return crops, images, decoders, errors
+
+    def _place(
+        self,
+        decoded: dict[int, torch.Tensor],
+        crops: dict[int, torch.Tensor],
+        images: dict[int, torch.Tensor],
+    ) -> None:
+        """Full-size decoded images join ``images`` for the kernel, or (without it) are
+        resized and cropped here into ``crops``."""
+        if self.fused is not None:
+            images.update(decoded)
+        else:
+            crops.update(zip(decoded, self.resize_crop(list(decoded.values())), strict=True))
 
     def nvjpeg_decode(self, jpegs: Sequence[bytes]) -> list[torch.Tensor]:
         """JPEGs → full-size uint8 images [3, H, W] on the device, decoded as one batch."""

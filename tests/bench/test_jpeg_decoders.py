@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from app.bench.images import load_images
-from app.bench.jpeg_decoders import decoders, fidelity, rate
+from app.bench.jpeg_decoders import GPU_OUTPUT, decoders, fidelity, fused_runs, rate, steps
 from app.serving.preprocess import Preprocessor
 from app.store.manifest import Preprocessing
 
@@ -25,7 +25,7 @@ def test_every_cpu_decoder_is_timed_and_its_crops_match_the_eval_transform() -> 
 
     assert "pillow" in found and "torchvision-nvjpeg" not in found  # GPU ones need CUDA
     for name, decode in found.items():
-        assert rate(decode, jpegs(), crop=None, seconds=0.05) > 0, name
+        assert rate(decode, jpegs(), then=None, seconds=0.05) > 0, name
         diff = fidelity(decode, jpegs(), CPU)
         assert diff["max"] <= 2 and diff["mean"] < 0.1, (name, diff)
 
@@ -37,3 +37,28 @@ def test_nvimgcodec_cpu_decodes_exactly_as_pillow() -> None:
     data = jpegs(2)
     for ours, pillows in zip(found["nvimgcodec-cpu"](data), found["pillow"](data), strict=True):
         assert torch.equal(ours, pillows)
+
+
+def test_the_fused_step_is_measured_for_gpu_decoders_only() -> None:
+    """decode+fused needs the decoded images on the GPU: never for a CPU backend, and on a
+    CPU-only machine for none (the step is left out, not failed)."""
+    assert list(steps("pillow", 4, CPU, torch.bfloat16)) == ["decode", "decode+crop"]
+    assert "decode+fused" not in steps("torchvision-nvjpeg", 4, CPU, torch.bfloat16)
+    assert not fused_runs(CPU)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (nvjpeg)")
+def test_the_fused_step_is_timed_and_its_crops_match_the_eval_transform() -> None:
+    """On CUDA with Triton: every GPU backend's decode+fused runs, and the kernel's crops are
+    as close to the eval transform as TensorResizeCrop's (the same resize, to a grey level)."""
+    cuda = torch.device("cuda")
+    if not fused_runs(cuda):
+        pytest.skip("Triton is not installed")
+    found = {name: d for name, d in decoders(cuda).items() if name in GPU_OUTPUT}
+    assert "torchvision-nvjpeg" in found
+    for name, decode in found.items():
+        fused = steps(name, 4, cuda, torch.bfloat16)["decode+fused"]
+        assert rate(decode, jpegs(), then=fused, seconds=0.05) > 0, name
+        crop, kernel = fidelity(decode, jpegs(), cuda), fidelity(decode, jpegs(), cuda, fused=True)
+        assert kernel["max"] <= crop["max"] + 1 and kernel["mean"] <= crop["mean"] + 0.01, name
