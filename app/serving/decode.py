@@ -209,6 +209,12 @@ class BatchDecoder:
         decoders: dict[int, str] = {}
         encoded = {i: p for i, p in enumerate(payloads) if isinstance(p, Encoded)}
         on_gpu = [i for i, p in encoded.items() if self.nvjpeg and p.probe.nvjpeg_ok]
+        # The CPU path's images start first and decode in the pool while nvjpeg decodes the
+        # rest: a batch waits for the slower of the two, not for their sum.
+        gpu = set(on_gpu)
+        on_cpu = {
+            i: self.pool.submit(self._pillow, p.data) for i, p in encoded.items() if i not in gpu
+        }
         if on_gpu:
             try:
                 decoded = self.nvjpeg_decode([encoded[i].data for i in on_gpu])
@@ -218,10 +224,10 @@ class BatchDecoder:
                 log.warning(
                     "nvjpeg failed on %d images (%s); Pillow decodes them", len(on_gpu), exc
                 )
-        by_pillow = [i for i in encoded if i not in crops and i not in images]
+                on_cpu |= {i: self.pool.submit(self._pillow, encoded[i].data) for i in on_gpu}
         errors: dict[int, Exception] = {}
-        results = self.pool.map(self._pillow, [encoded[i].data for i in by_pillow])
-        for i, result in zip(by_pillow, results, strict=True):
+        for i, future in on_cpu.items():
+            result = future.result()
             if isinstance(result, Exception):
                 errors[i] = result
             else:
