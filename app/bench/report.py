@@ -152,6 +152,9 @@ def service_table(table: Table, repo: Path) -> list[str]:
                 f"{workers} HTTP worker(s), {engines['processes']} engine(s) × "
                 f"{engines['threads']} decode threads"
             )
+            paths = {s["path"] for s in result.get("decode_stage_steps", {}).values()}
+            if paths:  # how the decode stage turned JPEGs into the batch
+                where += f", decode: {', '.join(sorted(paths))}"
         else:
             where = f"{workers} process(es), models in each (before the engine)"
         for model, best in result["best_img_s"].items():
