@@ -57,7 +57,7 @@ class Settings(BaseSettings):
     queue_size: int = Field(512, ge=1, description="Images waiting per model; beyond: 429.")
     request_timeout_s: float = Field(30.0, gt=0, description="Deadline; expired before run: 504.")
     decode_workers: int = Field(
-        4, ge=1, description="Threads decoding with Pillow (each batch's non-nvjpeg images)."
+        4, ge=1, description="Threads decoding on the CPU (each batch's non-nvjpeg images)."
     )
     decode_threads: int = Field(
         2,
