@@ -45,6 +45,12 @@ def server(tmp_path_factory):
         yield base
 
 
+def locust_env() -> dict[str, str]:
+    """The locustfile imports ``app``: found from the checkout, installed or not."""
+    path = os.environ.get("PYTHONPATH")
+    return {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{path}" if path else str(REPO)}
+
+
 def read_csv(path: Path) -> list[dict[str, str]]:
     with path.open(newline="") as f:
         return list(csv.DictReader(f))
@@ -59,7 +65,7 @@ def test_headless_locust_mixed_traffic_has_no_server_errors(server, tmp_path):
         *("--host", server, "--csv", str(prefix), "--only-summary", "--skip-log-setup"),
         *("--exit-code-on-error", "1"),
     ]
-    env = {**os.environ, "VITSERVE_LOADTEST_MODELS": "tiny,tiny-b"}  # configured by env
+    env = {**locust_env(), "VITSERVE_LOADTEST_MODELS": "tiny,tiny-b"}  # configured by env
     done = subprocess.run(
         command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60
     )
@@ -90,6 +96,8 @@ def test_locustfile_refuses_a_remote_host(tmp_path):
         *(sys.executable, "-m", "locust", "-f", str(REPO / "loadtest" / "locustfile.py")),
         *("--headless", "-u", "1", "-t", "1s", "--host", "http://192.0.2.1:8000"),
     ]
-    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        command, cwd=tmp_path, env=locust_env(), capture_output=True, text=True, timeout=60
+    )
     assert done.returncode != 0
     assert "non-loopback" in done.stdout + done.stderr
