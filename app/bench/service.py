@@ -70,6 +70,7 @@ class Level:
     offered_img_s: float | None = None  # open loop: the arrival rate (concurrency: its cap)
     cpu_busy: float | None = None  # share of all host cores busy (server and client)
     gpu_busy: float | None = None  # share of time a kernel ran on the GPU (NVML)
+    cores: dict[str, float] | None = None  # cores busy on average: client, server, engine
 
 
 def batch_totals(metrics_text: str, model: str) -> tuple[float, float]:
@@ -108,7 +109,7 @@ def measure_level(
     before = after = (0.0, 0.0)
     if not baseline:
         before = batch_totals(httpx.get(f"{base}/metrics", timeout=30).text, model)
-    with Utilisation() as busy:
+    with Utilisation(getattr(base, "pid", None)) as busy:
         samples, elapsed = client.drive(base, route_model, load, concurrency, seconds, rate)
     if not baseline:
         after = batch_totals(httpx.get(f"{base}/metrics", timeout=30).text, model)
@@ -141,6 +142,7 @@ def measure_level(
         offered_img_s=offered_img_s,
         cpu_busy=busy.cpu_busy,
         gpu_busy=busy.gpu_busy,
+        cores=busy.cores,
     )
 
 
@@ -154,7 +156,8 @@ def format_table(levels: list[Level], ceilings: dict[str, float]) -> str:
     head = (
         f"{'model':28s} {'conc':>4s} {'img/s':>8s} {'ceil%':>6s} {'p50':>8s} {'p95':>8s} "
         f"{'p99':>8s} {'batch':>6s} {'dec':>6s} {'queue':>7s} {'infer':>7s} {'us/img':>7s} "
-        f"{'other':>7s} {'gpu-dec':>7s} {'cpu%':>5s} {'gpu%':>5s} {'err':>5s}"
+        f"{'other':>7s} {'gpu-dec':>7s} {'cpu%':>5s} {'gpu%':>5s} {'cores c/s/e':>14s} "
+        f"{'err':>5s}"
     )
     rows = [head, "-" * len(head)]
     for lv in levels:
@@ -167,7 +170,7 @@ def format_table(levels: list[Level], ceilings: dict[str, float]) -> str:
             f"{fmt(lv.inference_ms):>7s} {fmt(lv.device_us_per_image, '.0f'):>7s} "
             f"{fmt(lv.other_ms):>7s} {fmt(lv.nvjpeg_share, '.0%'):>7s} "
             f"{fmt(lv.cpu_busy, '.0%'):>5s} {fmt(lv.gpu_busy, '.0%'):>5s} "
-            f"{sum(lv.errors.values()):5d}"
+            f"{format_cores(lv.cores):>14s} {sum(lv.errors.values()):5d}"
         )
     rows.append(
         "latency in ms (client, per request); dec/queue/infer: server ms per image (its "
@@ -175,10 +178,17 @@ def format_table(levels: list[Level], ceilings: dict[str, float]) -> str:
         "latency outside those stages (HTTP, parsing, client); gpu-dec: share nvjpeg "
         "decoded; ceil%: of the decode stage alone (no model, no HTTP; in as many processes as "
         "the server has workers); cpu%/gpu%: how busy all "
-        "host cores (server and client) and the GPU were; conc ½: open loop, "
+        "host cores (server and client) and the GPU were; cores c/s/e: cores the load client, "
+        "the HTTP server and the engine kept busy; conc ½: open loop, "
         "Poisson arrivals at half the best closed-loop throughput"
     )
     return "\n".join(rows)
+
+
+def format_cores(cores: dict[str, float] | None) -> str:
+    if not cores:
+        return "-"
+    return "/".join(f"{cores.get(side, 0.0):.1f}" for side in ("client", "server", "engine"))
 
 
 def format_steps(stages: dict[str, dict[str, Any]]) -> str:

@@ -118,6 +118,9 @@ class DynamicBatcher:
         self._task: asyncio.Task[None] | None = None
         self._accepting = False
         self._last_batch_s = 0.05
+        # this model's children of the metrics, looked up once (they are touched per image)
+        self._queue_depth = metrics.queue_depth.labels(name)
+        self._queue_wait = metrics.queue_wait.labels(name)
 
     # ---- lifecycle ---------------------------------------------------------------------
     def start(self) -> None:
@@ -142,6 +145,11 @@ class DynamicBatcher:
 
     # ---- request side --------------------------------------------------------------------
     async def submit(self, payload: Any, deadline: float) -> Prediction:
+        return await self.enqueue(payload, deadline)
+
+    def enqueue(self, payload: Any, deadline: float) -> asyncio.Future[Prediction]:
+        """Queue an image; its prediction's future. Raises at once when it cannot queue.
+        (The engine answers from the future's callback: no task per image.)"""
         if not self._accepting:
             raise BatcherStopped(f"model {self.name!r} is shutting down")
         item = _Item(payload, deadline, asyncio.get_running_loop().create_future())
@@ -150,8 +158,7 @@ class DynamicBatcher:
         except asyncio.QueueFull:
             self._metrics.rejected.labels(self.name, "queue_full").inc()
             raise QueueFull(self.name, self._retry_after()) from None
-        self._metrics.queue_depth.labels(self.name).set(self.depth)
-        return await item.future
+        return item.future
 
     def _retry_after(self) -> float:
         """Seconds to drain a full queue at the recent batch rate (at least 1)."""
@@ -163,6 +170,7 @@ class DynamicBatcher:
         while True:
             replica = await self._free.get()  # close a batch only once a slot is free
             batch = await self._gather()
+            self._queue_depth.set(self.depth)  # per batch, not per image: a gauge scraped
             task = asyncio.create_task(self._run_on(replica, batch))
             self._in_flight.add(task)
             task.add_done_callback(self._in_flight.discard)
@@ -173,7 +181,7 @@ class DynamicBatcher:
         finally:
             for _ in batch:
                 self._queue.task_done()
-            self._metrics.queue_depth.labels(self.name).set(self.depth)
+            self._queue_depth.set(self.depth)
             self._free.put_nowait(replica)
 
     async def _gather(self) -> list[_Item]:
@@ -256,7 +264,7 @@ class DynamicBatcher:
         for k, n in kept.items():
             item, row = rows[k], decoded.rows[k]
             queue_s = decode_started - item.enqueued
-            self._metrics.queue_wait.labels(self.name).observe(queue_s)
+            self._queue_wait.observe(queue_s)
             if not item.future.done():
                 item.future.set_result(
                     Prediction(
@@ -274,18 +282,19 @@ class DynamicBatcher:
     @staticmethod
     def _compute(
         predict: Predict, inputs: torch.Tensor, deadlines: list[float], top_k: int
-    ) -> tuple[float, list[int], torch.Tensor | None, tuple[list, list]]:
+    ) -> tuple[float, list[int], Sequence[torch.Tensor], tuple[list, list]]:
         """On the inference thread: drop rows whose deadline passed while the batch waited
-        for it (decoded, behind the batch computing), compute the rest, rank their top-k."""
+        for it (decoded, behind the batch computing), compute the rest, rank their top-k,
+        and split the probabilities into rows (the event loop only hands them out)."""
         started = time.monotonic()
         keep = [k for k, deadline in enumerate(deadlines) if deadline > started]
         if not keep:
-            return started, keep, None, ([], [])
+            return started, keep, (), ([], [])
         if len(keep) < len(deadlines):
             inputs = inputs[keep]
         probs = predict(inputs)
         scores, indices = probs.topk(min(top_k, probs.shape[-1]), dim=-1)
-        return started, keep, probs, (scores.tolist(), indices.tolist())
+        return started, keep, probs.unbind(0), (scores.tolist(), indices.tolist())
 
     def _fail(self, items: list[_Item], exc: Exception, stage: str) -> None:
         log.error("model %s: %s of %d images failed", self.name, stage, len(items), exc_info=exc)

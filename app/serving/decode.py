@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 class Encoded:
     """An image as the client sent it, with its header already checked."""
 
-    data: bytes
+    data: bytes | bytearray  # a bytearray where it was copied anyway (the engine's arena)
     probe: Probe
 
 
@@ -247,9 +247,14 @@ class BatchDecoder:
         else:
             crops.update(zip(decoded, self.resize_crop(list(decoded.values())), strict=True))
 
-    def nvjpeg_decode(self, jpegs: Sequence[bytes]) -> list[torch.Tensor]:
+    def nvjpeg_decode(self, jpegs: Sequence[bytes | bytearray]) -> list[torch.Tensor]:
         """JPEGs → full-size uint8 images [3, H, W] on the device, decoded as one batch."""
-        encoded = [torch.frombuffer(bytearray(data), dtype=torch.uint8) for data in jpegs]
+        encoded = [  # frombuffer needs a writable buffer: bytes are copied once, into one
+            torch.frombuffer(
+                data if isinstance(data, bytearray) else bytearray(data), dtype=torch.uint8
+            )
+            for data in jpegs
+        ]
         return decode_jpeg(encoded, mode=ImageReadMode.RGB, device=self.device)
 
     def _pillow(self, data: bytes) -> torch.Tensor | Exception:

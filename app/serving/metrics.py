@@ -206,7 +206,7 @@ class Metrics:
         self.distance.labels(mode, reference, candidate, "js_divergence").observe(a.js_divergence)
 
     def sample_gpu_memory(self, device: torch.device) -> None:
-        """torch's view of this process's GPU memory; called after warm-up and each batch."""
+        """torch's view of this process's GPU memory; called after warm-up and after batches."""
         index = device.index if device.index is not None else torch.cuda.current_device()
         self.gpu_allocated.labels(str(index)).set(torch.cuda.memory_allocated(index))
         self.gpu_reserved.labels(str(index)).set(torch.cuda.memory_reserved(index))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import logging
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -31,6 +32,8 @@ from app.store.errors import UnknownModel, WeightsMissing
 from app.store.pull import pull
 
 log = logging.getLogger(__name__)
+
+GPU_MEMORY_EVERY_S = 1.0  # how often the inference thread samples torch's memory figures
 
 
 class ModelState(StrEnum):
@@ -199,15 +202,20 @@ class ModelPool:
 
     def _predict_fn(self, runner: ModelRunner) -> Callable[[torch.Tensor], torch.Tensor]:
         """The batcher's forward; on CUDA it also samples torch's memory figures, on the
-        inference thread right after each batch (a cheap allocator query, no sync)."""
+        inference thread after a batch, at most every ``GPU_MEMORY_EVERY_S`` (the allocator
+        query needs no sync, but walks its statistics in Python: per batch it showed up)."""
         if runner.device.type != "cuda":
             return runner.predict
+        sampled = 0.0
 
         def predict(images: torch.Tensor) -> torch.Tensor:
+            nonlocal sampled
             try:
                 return runner.predict(images)
             finally:
-                self.metrics.sample_gpu_memory(runner.device)
+                if (now := time.monotonic()) - sampled >= GPU_MEMORY_EVERY_S:
+                    sampled = now
+                    self.metrics.sample_gpu_memory(runner.device)
 
         return predict
 

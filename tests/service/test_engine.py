@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import struct
 import time
 
 import httpx
@@ -14,12 +15,20 @@ import pytest
 import torch
 
 from app.bench.server import running_server
-from app.serving.batcher import BatcherStopped, DeadlineExceeded, QueueFull
+from app.serving.batcher import BatcherStopped, DeadlineExceeded, Prediction, QueueFull
 from app.serving.decode import Encoded, Pixels, Preprocessed
 from app.serving.engine.arena import ShmArena, attach
 from app.serving.engine.client import EngineLink, payload_item
 from app.serving.engine.server import read_payload
-from app.serving.engine.wire import decode_error, encode_error, frame, read_frame
+from app.serving.engine.wire import (
+    FrameReader,
+    answer_frame,
+    decode_error,
+    encode_error,
+    frame,
+    read_answer,
+    read_frame,
+)
 from app.serving.pipeline import ModelUnavailable
 from app.serving.preprocess import ImageTooLarge, InputError, Probe
 from app.store import ModelStore
@@ -90,6 +99,55 @@ def test_errors_raised_in_the_engine_are_raised_again_as_the_same_kind(exc):
     assert type(again) is type(exc) and str(again) == str(exc)
 
 
+def prediction(k: int = 3, classes: int = 10, decoder: str | None = "nvjpeg") -> Prediction:
+    probs = torch.softmax(torch.randn(100, classes), -1)[37]  # a row of a batch, as served
+    scores, indices = probs.topk(k)
+    return Prediction(probs, scores.tolist(), indices.tolist(), 0.001, 0.002, 0.003, 100, decoder)
+
+
+@pytest.mark.parametrize("decoder", ["nvjpeg", "pillow", None])
+def test_an_answer_is_packed_without_json_and_read_back_whole(decoder):
+    sent = prediction(decoder=decoder)
+    data = answer_frame(41, sent)
+    assert struct.unpack_from("<I", data, 4) == (0,)  # no JSON header: an answer
+    rid, got = read_answer(data[8:])
+    assert rid == 41
+    assert got.top_indices == sent.top_indices and got.decoder == decoder
+    assert got.top_scores == pytest.approx(sent.top_scores)  # float32 on the wire
+    assert (got.queue_s, got.decode_s, got.inference_s, got.batch_size) == (
+        0.001,
+        0.002,
+        0.003,
+        100,
+    )
+    assert torch.equal(got.probs, sent.probs)
+
+
+async def test_the_reader_parses_every_frame_that_arrived_however_the_bytes_were_cut():
+    frames = [frame({"op": "status", "n": i}, b"x" * i) for i in range(3)]
+    frames.append(answer_frame(5, prediction()))
+    stream = b"".join(frames)
+    reader = asyncio.StreamReader()
+    frames_reader = FrameReader(reader)
+    reader.feed_data(stream[:3])  # not even one frame's sizes yet
+    reader.feed_data(stream[3:-10])  # all but the end of the answer
+    first = await frames_reader.frames()
+    assert [(h["n"], b) for h, b in first] == [(0, b""), (1, b"x"), (2, b"xx")]
+    reader.feed_data(stream[-10:])
+    ((head, blob),) = await frames_reader.frames()
+    assert head is None and read_answer(blob)[0] == 5
+    reader.feed_eof()
+    with pytest.raises(asyncio.IncompleteReadError):
+        await frames_reader.frames()
+
+
+async def test_a_malformed_frame_ends_the_connection():
+    reader = asyncio.StreamReader()
+    reader.feed_data((10).to_bytes(4, "little") + (11).to_bytes(4, "little") + b"0" * 10)
+    with pytest.raises(ConnectionError, match="malformed"):
+        await FrameReader(reader).frames()
+
+
 def test_an_input_error_keeps_its_status_and_code_and_a_full_queue_its_retry_time():
     again = decode_error(encode_error(ImageTooLarge("big")))
     assert isinstance(again, InputError) and (again.status, again.code) == (413, "image_too_large")
@@ -112,17 +170,8 @@ async def test_a_request_frame_carries_where_the_image_is_not_the_image(tmp_path
         seen.append(len(frame(head, blob)))
         assert bytes(shm.buf[head["off"] : head["off"] + head["len"]]) == data
         assert head["probe"] == ["JPEG", 640, 480, True]
-        answer = {
-            "id": head["id"],
-            "scores": [0.9],
-            "indices": [7],
-            "queue_s": 0.0,
-            "decode_s": 0.0,
-            "inference_s": 0.0,
-            "batch_size": 1,
-            "decoder": "pillow",
-        }
-        writer.write(frame(answer, np.full(10, 0.1, np.float32).tobytes()))
+        probs = torch.from_numpy(np.full(10, 0.1, np.float32))
+        writer.write(answer_frame(head["id"], Prediction(probs, [0.9], [7], 0, 0, 0, 1, "pillow")))
         await writer.drain()
         shm.close()
 
@@ -173,16 +222,9 @@ def readyz(base: str) -> httpx.Response:
     return httpx.get(f"{base}/readyz", timeout=5)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=TimeoutError,
-    reason="known bug: with two HTTP workers in front of an engine, one worker's "
-    "vitserve_workers_ready stays 0 while /readyz is polled, so the server never reports "
-    "both workers ready (it does when only /metrics is polled)",
-)
 def test_every_http_worker_feeds_one_engine(tiny_store):
     data = image_bytes("JPEG", (64, 48))
-    env = serve_env(tiny_store, max_delay_ms=2, engine="process")
+    env = serve_env(tiny_store, max_delay_ms=2, engine="process", workers=2)
     with running_server(env, workers=2, timeout_s=120) as base:
         pids = {readyz(base).json()["engines"][0]["pid"] for _ in range(20)}
         for _ in range(8):

@@ -16,7 +16,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from app.serving.batcher import Prediction
@@ -24,10 +23,11 @@ from app.serving.decode import Encoded, Payload, Pixels, Preprocessed
 from app.serving.engine.arena import ShmArena
 from app.serving.engine.wire import (
     EngineUnavailable,
+    FrameReader,
     FrameWriter,
     decode_error,
     frame,
-    read_frame,
+    read_answer,
 )
 
 log = logging.getLogger(__name__)
@@ -52,20 +52,6 @@ def payload_item(payload: Payload) -> tuple[memoryview | bytes, dict[str, Any]]:
     dtype = str(tensor.dtype).removeprefix("torch.")
     item = {"kind": kind, "dtype": dtype, "shape": list(array.shape)}
     return memoryview(array).cast("B"), item
-
-
-def prediction(head: dict[str, Any], blob: bytes) -> Prediction:
-    probs = torch.from_numpy(np.frombuffer(blob, dtype=np.float32).copy())
-    return Prediction(
-        probs,
-        head["scores"],
-        head["indices"],
-        head["queue_s"],
-        head["decode_s"],
-        head["inference_s"],
-        head["batch_size"],
-        head["decoder"],
-    )
 
 
 class EngineLink:
@@ -111,14 +97,17 @@ class EngineLink:
             out.send(frame({"op": "hello", "arena": self.arena.name, "pid": os.getpid()}))
             self._out = out
             self.restarts += 1
+            frames = FrameReader(reader)
             try:
                 while True:
-                    head, blob = await read_frame(reader)
-                    if head.get("op") == "status":
-                        self.status = head
-                        self.on_status()
-                    else:
-                        self._answer(head, blob)
+                    for head, blob in await frames.frames():
+                        if head is None:
+                            self._answer(*read_answer(blob))
+                        elif head.get("op") == "status":
+                            self.status = head
+                            self.on_status()
+                        else:
+                            self._fail(head["id"], decode_error(head["error"]))
             except (asyncio.IncompleteReadError, ConnectionError):
                 log.warning("engine at %s went away", self.socket_path)
             finally:
@@ -128,18 +117,22 @@ class EngineLink:
                 await out.close()
             await asyncio.sleep(RECONNECT_S)
 
-    def _answer(self, head: dict[str, Any], blob: bytes) -> None:
-        pending = self._pending.pop(head["id"], None)
+    def _settle(self, rid: int) -> asyncio.Future[Prediction] | None:
+        """The request's future, its region freed; None where nobody waits any more."""
+        pending = self._pending.pop(rid, None)
         if pending is None:
-            return
+            return None
         future, region = pending
         self.arena.free(region)
-        if future.done():  # the request was cancelled (client went away)
-            return
-        if "error" in head:
-            future.set_exception(decode_error(head["error"]))
-        else:
-            future.set_result(prediction(head, blob))
+        return None if future.done() else future  # done: cancelled (the client went away)
+
+    def _answer(self, rid: int, prediction: Prediction) -> None:
+        if future := self._settle(rid):
+            future.set_result(prediction)
+
+    def _fail(self, rid: int, exc: Exception) -> None:
+        if future := self._settle(rid):
+            future.set_exception(exc)
 
     def _fail_pending(self) -> None:
         pending, self._pending = self._pending, {}

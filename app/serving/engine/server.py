@@ -5,6 +5,11 @@ decode stage per model) behind a Unix socket. Each worker connects once, names i
 shared-memory arena, and sends one small frame per image; the engine reads the image out of
 the arena, queues it with every other worker's images of that model, and answers with the
 image's top-k, timings and probabilities.
+
+Its event loop carries every image of every worker, so what it does per image is kept to a
+parse, a queue and a packed answer: frames are read in bulk, an image's answer is sent from
+its future's callback (no task per image), and the GIL is handed over often enough that the
+decode and inference threads are not kept waiting behind the loop (:data:`SWITCH_INTERVAL_S`).
 """
 
 from __future__ import annotations
@@ -15,7 +20,9 @@ import json
 import logging
 import os
 import signal
+import sys
 import time
+from functools import partial
 from multiprocessing.shared_memory import SharedMemory
 from pathlib import Path
 from typing import Any
@@ -23,9 +30,17 @@ from typing import Any
 import torch
 
 from app.config import Settings
+from app.serving.batcher import Prediction
 from app.serving.decode import Encoded, Payload, Pixels, Preprocessed
 from app.serving.engine.arena import attach
-from app.serving.engine.wire import FrameWriter, encode_error, frame, read_frame
+from app.serving.engine.wire import (
+    FrameReader,
+    FrameWriter,
+    answer_frame,
+    encode_error,
+    frame,
+    read_frame,
+)
 from app.serving.metrics import Metrics
 from app.serving.pipeline import ModelUnavailable
 from app.serving.pool import ModelPool, ModelState
@@ -35,14 +50,17 @@ from app.store import ModelStore
 log = logging.getLogger(__name__)
 
 STATUS_EVERY_S = 0.5  # how stale a worker's view of model states and queue depths may be
+# CPython's default is 5 ms: a decode thread back from a GPU call would wait that long for the
+# GIL while the event loop runs Python, several times per batch.
+SWITCH_INTERVAL_S = 0.0005
 
 
 def read_payload(item: dict[str, Any], shm: SharedMemory) -> Payload:
     """The payload an infer frame points at, copied out of the worker's arena (the region
     is reused once the image is answered, and a batch may outlive that)."""
     start, stop = item["off"], item["off"] + item["len"]
-    if item["kind"] == "encoded":
-        return Encoded(bytes(shm.buf[start:stop]), Probe(*item["probe"]))
+    if item["kind"] == "encoded":  # a bytearray: nvjpeg takes it as it is, without a copy
+        return Encoded(bytearray(shm.buf[start:stop]), Probe(*item["probe"]))
     dtype = getattr(torch, item["dtype"])
     data = bytearray(shm.buf[start:stop])
     tensor = torch.frombuffer(data, dtype=dtype).reshape(item["shape"])
@@ -58,7 +76,7 @@ class EngineServer:
             settings, ModelStore(settings.store_dir), self.metrics, reports_worker_ready=False
         )
         self._writers: set[FrameWriter] = set()
-        self._requests: set[asyncio.Task[None]] = set()
+        self._pending: set[asyncio.Future[Prediction]] = set()  # images queued, not answered
 
     def status(self) -> dict[str, Any]:
         models = {
@@ -89,7 +107,7 @@ class EngineServer:
         log.info("engine stopping: finishing queued images")
         server.close()
         await self.pool.stop()
-        await asyncio.gather(*self._requests, return_exceptions=True)
+        await asyncio.gather(*self._pending, return_exceptions=True)
         broadcaster.cancel()
         for writer in list(self._writers):
             await writer.close()
@@ -111,16 +129,10 @@ class EngineServer:
             shm = attach(hello["arena"])
             self._writers.add(out)
             out.send(frame(self.status()))
+            frames = FrameReader(reader)
             while True:
-                head, _ = await read_frame(reader)
-                try:
-                    payload = read_payload(head, shm)
-                except (KeyError, TypeError, ValueError) as exc:
-                    out.send(frame({"id": head.get("id"), "error": encode_error(exc)}))
-                    continue
-                task = asyncio.create_task(self._infer(head, payload, out))
-                self._requests.add(task)
-                task.add_done_callback(self._requests.discard)
+                for head, _ in await frames.frames():
+                    self._submit(head, shm, out)
         except (asyncio.IncompleteReadError, ConnectionError):
             pass  # the worker went away; its queued images still run, their answers are lost
         finally:
@@ -128,26 +140,29 @@ class EngineServer:
             if shm is not None:
                 shm.close()
 
-    async def _infer(self, head: dict[str, Any], payload: Payload, out: FrameWriter) -> None:
+    def _submit(self, head: dict[str, Any], shm: SharedMemory, out: FrameWriter) -> None:
+        """Queue one image; its answer (or error) goes back from its future's callback."""
+        rid = head.get("id")
         try:
+            payload = read_payload(head, shm)
             model = self.pool.get(head["model"])
             if model.state is not ModelState.READY:
                 raise ModelUnavailable(f"model {model.name!r} is {model.state}")
-            p = await model.batcher.submit(payload, head["deadline"])
+            future = model.batcher.enqueue(payload, head["deadline"])
         except Exception as exc:  # noqa: BLE001 - every failure goes back to its request
-            out.send(frame({"id": head["id"], "error": encode_error(exc)}))
+            out.send(frame({"id": rid, "error": encode_error(exc)}))
             return
-        answer = {
-            "id": head["id"],
-            "scores": p.top_scores,
-            "indices": p.top_indices,
-            "queue_s": p.queue_s,
-            "decode_s": p.decode_s,
-            "inference_s": p.inference_s,
-            "batch_size": p.batch_size,
-            "decoder": p.decoder,
-        }
-        out.send(frame(answer, p.probs.float().numpy().tobytes()))
+        self._pending.add(future)
+        future.add_done_callback(partial(self._answer, rid, out))
+
+    def _answer(self, rid: int, out: FrameWriter, future: asyncio.Future[Prediction]) -> None:
+        self._pending.discard(future)
+        if future.cancelled():
+            return
+        if (exc := future.exception()) is not None:
+            out.send(frame({"id": rid, "error": encode_error(exc)}))
+        else:
+            out.send(answer_frame(rid, future.result()))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -161,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         format=f"%(asctime)s %(levelname)s engine[{os.getpid()}] %(name)s: %(message)s",
     )
     started = time.monotonic()
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
     try:  # one event loop carries every worker's images: the faster one where installed
         from uvloop import run
     except ImportError:

@@ -1,8 +1,11 @@
 """Frames between HTTP workers and an engine: ``[u32 size][u32 header size][JSON][blob]``.
 
-The JSON header is small (an image's place in the arena, its probe, its deadline; an answer's
-top-k and timings). The blob carries what is big and binary: an answer's class
-probabilities (float32), so they never pass through JSON. Image bytes never travel here.
+Control frames and requests carry a small JSON header (an image's place in the arena, its
+probe, its deadline). Answers, the one frame the engine sends per image, carry no JSON: a
+header size of 0 marks one, and its blob is the packed :data:`ANSWER` fields, the top-k
+scores and indices, then the class probabilities (float32). Encoding floats as JSON cost
+the engine's event loop more than everything else it does per image. Image bytes never
+travel here: they stay in the worker's shared-memory arena.
 """
 
 from __future__ import annotations
@@ -13,31 +16,111 @@ import json
 import struct
 from typing import Any
 
-from app.serving.batcher import BatcherStopped, DeadlineExceeded, QueueFull
+import numpy as np
+import torch
+
+from app.serving.batcher import BatcherStopped, DeadlineExceeded, Prediction, QueueFull
 from app.serving.pipeline import ModelUnavailable
 from app.serving.preprocess import InputError
 from app.store.errors import UnknownModel
 
 _SIZES = struct.Struct("<II")
 MAX_FRAME = 64 * 1024 * 1024
+READ_CHUNK = 1 << 20  # a reader takes what has arrived, up to this, and parses every frame in it
+# id, queue_s, decode_s, inference_s, batch size, decoder, k (scores and indices follow)
+ANSWER = struct.Struct("<qdddIBB")
+DECODERS = (None, "nvjpeg", "pillow")
 
 
 class EngineUnavailable(Exception):
     """The engine is down (restarting) or went away mid-request: HTTP 503, never a hang."""
 
 
+_encode_json = json.JSONEncoder(separators=(",", ":")).encode
+
+
 def frame(header: dict[str, Any], blob: bytes | memoryview = b"") -> bytes:
-    head = json.dumps(header, separators=(",", ":")).encode()
+    head = _encode_json(header).encode()
     return b"".join((_SIZES.pack(len(head) + len(blob), len(head)), head, blob))
 
 
-async def read_frame(reader: asyncio.StreamReader) -> tuple[dict[str, Any], bytes]:
-    """The next frame; ``asyncio.IncompleteReadError`` when the other side closed."""
+def answer_frame(request_id: int, p: Prediction) -> bytes:
+    """An image's answer: its prediction packed, probabilities as they are (float32, CPU)."""
+    k = len(p.top_indices)
+    fields = ANSWER.pack(
+        request_id,
+        p.queue_s,
+        p.decode_s,
+        p.inference_s,
+        p.batch_size,
+        DECODERS.index(p.decoder),
+        k,
+    )
+    top = struct.pack(f"<{k}f{k}q", *p.top_scores, *p.top_indices)
+    probs = memoryview(p.probs.numpy()).cast("B")
+    size = len(fields) + len(top) + len(probs)
+    return b"".join((_SIZES.pack(size, 0), fields, top, probs))
+
+
+def read_answer(blob: bytes) -> tuple[int, Prediction]:
+    """The request id and prediction of an answer frame's blob."""
+    rid, queue_s, decode_s, inference_s, batch_size, decoder, k = ANSWER.unpack_from(blob)
+    top = struct.unpack_from(f"<{k}f{k}q", blob, ANSWER.size)
+    start = ANSWER.size + 12 * k
+    probs = torch.from_numpy(np.frombuffer(blob, np.float32, offset=start).copy())
+    scores, indices = list(top[:k]), list(top[k:])
+    return rid, Prediction(
+        probs, scores, indices, queue_s, decode_s, inference_s, batch_size, DECODERS[decoder]
+    )
+
+
+def _split(body: bytes | memoryview, head_size: int) -> tuple[dict[str, Any] | None, bytes]:
+    head = json.loads(bytes(body[:head_size])) if head_size else None
+    return head, bytes(body[head_size:])
+
+
+async def read_frame(reader: asyncio.StreamReader) -> tuple[dict[str, Any] | None, bytes]:
+    """The next frame (header None: an answer); ``asyncio.IncompleteReadError`` when the
+    other side closed. For one frame (a hello); a stream of them: :class:`FrameReader`."""
     size, head_size = _SIZES.unpack(await reader.readexactly(_SIZES.size))
     if size > MAX_FRAME or head_size > size:
         raise ConnectionError(f"malformed frame: {size} bytes, header {head_size}")
-    body = await reader.readexactly(size)
-    return json.loads(body[:head_size]), body[head_size:]
+    return _split(await reader.readexactly(size), head_size)
+
+
+class FrameReader:
+    """Every frame that has arrived, per wake-up: under load one read brings many, and they
+    are parsed in one go instead of two awaits each."""
+
+    def __init__(self, reader: asyncio.StreamReader) -> None:
+        self._reader = reader
+        self._buffer = bytearray()
+
+    async def frames(self) -> list[tuple[dict[str, Any] | None, bytes]]:
+        """The frames complete so far (at least one); ``asyncio.IncompleteReadError`` when
+        the other side closed."""
+        while True:
+            data = await self._reader.read(READ_CHUNK)
+            if not data:
+                raise asyncio.IncompleteReadError(bytes(self._buffer), None)
+            self._buffer += data
+            if found := self._parse():
+                return found
+
+    def _parse(self) -> list[tuple[dict[str, Any] | None, bytes]]:
+        buffer, found, at = self._buffer, [], 0
+        with memoryview(buffer) as view:  # released before the buffer shrinks
+            while len(buffer) - at >= _SIZES.size:
+                size, head_size = _SIZES.unpack_from(buffer, at)
+                if size > MAX_FRAME or head_size > size:
+                    raise ConnectionError(f"malformed frame: {size} bytes, header {head_size}")
+                start = at + _SIZES.size
+                if len(buffer) - start < size:
+                    break
+                found.append(_split(view[start : start + size], head_size))
+                at = start + size
+        del buffer[:at]
+        return found
 
 
 class FrameWriter:
