@@ -5,7 +5,8 @@
 # (default merge-t5); then LitServe at its best set-up (12 workers x 1 torch thread, 4 API
 # servers, batch 64, 10 ms) in the same run, same client and images.
 # Reproduces: the service table of docs/performance.md. Takes ~6 min; PARTS picks the runs
-# (default "tests s litserve"; "b" adds DeiT-B, "inline" the per-worker design of before).
+# (default "tests s litserve"; "b" adds DeiT-B, "s16" DeiT-S dense with 16 images a request,
+# "inline" the per-worker design of before).
 # Carry: .whl (fastapi, uvicorn, pydantic, litserve, ... for python3.12) and
 # .carry/images/imagenet-dev.
 set -uo pipefail
@@ -21,21 +22,25 @@ for arch in small base; do
 done
 common=(--store $store --images .carry/images/imagenet-dev --device cuda --seconds 5
   --warmup 1.5 --client-processes 4 --max-batch-size 256 --queue-size 4096
-  --images-per-request 1 --concurrency 64 256 --start-timeout 240 --out "$out")
+  --start-timeout 240 --out "$out")
+one=(--images-per-request 1 --concurrency 64 256)
 for part in ${PARTS:-tests s litserve}; do
   case $part in
     tests) timeout 150 python3 -m pytest -q -m gpu --tb=short -p no:cacheprovider \
         tests/unit/test_decode.py tests/unit/test_cuda_graphs.py tests/service/test_gpu_metrics.py \
         2>&1 | grep -v "Warning\|warn\|^$\|^  " ;;
-    s) python3 -m app bench service "${common[@]}" --engine process --workers "${WORKERS:-12}" \
+    s) python3 -m app bench service "${common[@]}" "${one[@]}" --engine process --workers "${WORKERS:-12}" \
         --decode-threads "${DECODE_THREADS:-2}" --models deit_small "deit_small-$cfg" \
         --half-load-seconds 10 ;;
-    b) python3 -m app bench service "${common[@]}" --engine process --workers "${WORKERS:-12}" \
+    b) python3 -m app bench service "${common[@]}" "${one[@]}" --engine process --workers "${WORKERS:-12}" \
         --decode-threads "${DECODE_THREADS:-2}" --models deit_base "deit_base-$cfg" \
         --no-half-load ;;
-    inline) python3 -m app bench service "${common[@]}" --engine inline --workers 6 \
+    s16) python3 -m app bench service "${common[@]}" --images-per-request 16 --concurrency 16 64 \
+        --engine process --workers "${WORKERS:-12}" --decode-threads "${DECODE_THREADS:-2}" \
+        --models deit_small --no-half-load ;;
+    inline) python3 -m app bench service "${common[@]}" "${one[@]}" --engine inline --workers 6 \
         --models deit_small "deit_small-$cfg" --no-half-load ;;
-    litserve) python3 -m app bench service "${common[@]}" --engine process --workers "${WORKERS:-12}" \
+    litserve) python3 -m app bench service "${common[@]}" "${one[@]}" --engine process --workers "${WORKERS:-12}" \
         --decode-threads "${DECODE_THREADS:-2}" --models deit_small --no-half-load \
         --litserve --litserve-workers 12 --litserve-api-servers 4 \
         --litserve-max-batch-size 64 --litserve-timeout-ms 10 ;;
