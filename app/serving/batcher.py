@@ -6,7 +6,8 @@ image arrived, whichever is first. The queue holds payloads as clients sent them
 :class:`~app.serving.decode.BatchDecoder`: nvjpeg on a GPU), then computed. Each replica
 has one decode thread and one inference thread, and two batch slots: while one batch
 computes the next ones decode (``decode_threads`` at once), so neither the device nor the
-decoder waits on the other.
+decoder waits on the other. On a CPU there is one slot: decode and compute take the same
+cores, and overlapping them slows the forward more than it saves.
 A batch is only closed once a slot is free, so under load batches grow to the size the
 device drains. With several replicas (one per GPU, say) there is still one queue; a
 batch goes to the replica whose slot freed.
@@ -85,12 +86,17 @@ class DynamicBatcher:
         queue_size: int,
         metrics: Metrics,
         decode_threads: int = 1,
+        pipelined: bool = True,
     ) -> None:
         """``predict`` and ``decode``: one each per replica (a single one: one replica;
         the default ``decode`` stacks ready tensors). ``top_k``: the most classes a caller may
         ask for; they are ranked for the whole batch on the inference thread, so the event
         loop never touches a tensor per image. ``decode_threads``: batches a replica decodes
-        at once (``decode`` must be safe to call from that many threads)."""
+        at once (``decode`` must be safe to call from that many threads). ``pipelined``:
+        decode the next batches while one computes; off where decode and compute share the
+        same cores (a CPU), since there a decode thread preempts one of the forward's OpenMP
+        threads and every parallel region waits for it (measured on 2 cores: the forward
+        took 2.6x as long beside one decode thread)."""
         self.name = name
         self.top_k = top_k
         self._replicas = list(predict) if isinstance(predict, Sequence) else [predict]
@@ -111,7 +117,8 @@ class DynamicBatcher:
             for i in range(len(self._replicas))
         ]
         self._free: asyncio.Queue[int] = asyncio.Queue()  # a free batch slot, by replica
-        for _ in range(decode_threads + 1):  # one batch computing, the next ones decoding
+        # one batch computing, the next ones decoding; unpipelined, one batch at a time
+        for _ in range(decode_threads + 1 if pipelined else 1):
             for i in range(len(self._replicas)):
                 self._free.put_nowait(i)
         self._in_flight: set[asyncio.Task[None]] = set()

@@ -190,6 +190,7 @@ class ModelPool:
             queue_size=s.queue_size,
             metrics=self.metrics,
             decode_threads=s.decode_threads,
+            pipelined=self.device.type != "cpu",
         )
         model.batcher.start()
         model.devices = [str(runner.device) for runner in model.runners]
