@@ -4,6 +4,8 @@ turns into model-ready crops, and how close its crops come to the eval transform
 Issue #21 asks for the decode ceiling of each backend before the engine picks one:
 
 * ``pillow``: Pillow (libjpeg-turbo) on one core, then the server's CPU resize;
+* ``simplejpeg``: the server's CPU decode of upright RGB JPEGs (the same libjpeg-turbo at
+  Pillow's DCT scale, without Pillow's overhead and the GIL);
 * ``torchvision-nvjpeg``: ``torchvision.io.decode_jpeg(device="cuda")``, what the server
   uses today (nvjpeg's CUDA decoder: Huffman on the host, IDCT on the SMs);
 * ``nvimgcodec-hw``: nvImageCodec's hardware backend, the GPU's NVJPG engines (no SMs, no
@@ -29,6 +31,7 @@ backends also the kernel's (its fp32 output turned back into grey levels).
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import time
 from collections.abc import Callable, Sequence
@@ -37,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms.functional import pil_to_tensor
 from tqdm import tqdm
@@ -89,6 +93,7 @@ def decoders(device: torch.device) -> dict[str, Decode]:
     pre = Preprocessor(Preprocessing(), 10**9)
     found: dict[str, Decode] = {
         "pillow": lambda jpegs: [pil_to_tensor(pre.decode(j)) for j in jpegs],
+        "simplejpeg": lambda jpegs: [pre.decode_jpeg(j, Image.open(io.BytesIO(j))) for j in jpegs],
     }
     kinds = {"nvimgcodec-cpu": "CPU_ONLY"}
     if device.type == "cuda":

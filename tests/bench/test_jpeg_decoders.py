@@ -23,7 +23,8 @@ def jpegs(count: int = 4) -> list[bytes]:
 def test_every_cpu_decoder_is_timed_and_its_crops_match_the_eval_transform() -> None:
     found = decoders(CPU)
 
-    assert "pillow" in found and "torchvision-nvjpeg" not in found  # GPU ones need CUDA
+    assert {"pillow", "simplejpeg"} <= set(found)
+    assert "torchvision-nvjpeg" not in found  # GPU ones need CUDA
     for name, decode in found.items():
         assert rate(decode, jpegs(), then=None, seconds=0.05) > 0, name
         diff = fidelity(decode, jpegs(), CPU)
@@ -36,6 +37,12 @@ def test_nvimgcodec_cpu_decodes_exactly_as_pillow() -> None:
         pytest.skip("nvImageCodec is not installed (pip install nvidia-nvimgcodec-cu13)")
     data = jpegs(2)
     for ours, pillows in zip(found["nvimgcodec-cpu"](data), found["pillow"](data), strict=True):
+        assert torch.equal(ours, pillows)
+
+
+def test_simplejpeg_decodes_the_server_s_cpu_path_exactly_as_pillow() -> None:
+    found, data = decoders(CPU), jpegs(2)
+    for ours, pillows in zip(found["simplejpeg"](data), found["pillow"](data), strict=True):
         assert torch.equal(ours, pillows)
 
 
