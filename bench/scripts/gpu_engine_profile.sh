@@ -15,7 +15,7 @@ main=$!
 spy=/tmp/site/bin/py-spy
 for i in $(seq 1 300); do
   sleep 1
-  [ $(grep -c "c=64:" $OUT/engine.log 2>/dev/null || echo 0) -ge 2 ] && break
+  [ "$(grep -c "c=64:" $OUT/engine.log 2>/dev/null)" -ge 2 ] 2>/dev/null && break
 done
 sleep 1.0
 serve=$(pgrep -f "app serve" | head -1)
