@@ -49,26 +49,24 @@ class Load:
     images: Images
     per_request: int = 1
 
-    def parts(self) -> list[bytes]:
-        """Each image as one multipart part named ``file`` (a request joins some)."""
-        return [
+
+class Bodies:
+    """Request ``i``'s multipart body: images ``i`` .. ``i + per_request - 1`` (cyclic),
+    each image's part encoded once."""
+
+    content_type = f"multipart/form-data; boundary={BOUNDARY}"
+
+    def __init__(self, load: Load) -> None:
+        self.per_request = load.per_request
+        self._parts = [
             (
                 f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="file"; '
                 f'filename="{name}"\r\nContent-Type: {content_type(name)}\r\n\r\n'
             ).encode()
             + data
             + b"\r\n"
-            for name, data in self.images
+            for name, data in load.images
         ]
-
-
-class Bodies:
-    """Request ``i``'s multipart body: images ``i`` .. ``i + per_request - 1`` (cyclic)."""
-
-    content_type = f"multipart/form-data; boundary={BOUNDARY}"
-
-    def __init__(self, load: Load) -> None:
-        self._parts, self.per_request = load.parts(), load.per_request
         self._end = f"--{BOUNDARY}--\r\n".encode()
 
     def __call__(self, i: int) -> bytes:

@@ -59,11 +59,11 @@ def read_payload(item: dict[str, Any], shm: SharedMemory) -> Payload:
     """The payload an infer frame points at, copied out of the worker's arena (the region
     is reused once the image is answered, and a batch may outlive that)."""
     start, stop = item["off"], item["off"] + item["len"]
-    if item["kind"] == "encoded":  # a bytearray: nvjpeg takes it as it is, without a copy
-        return Encoded(bytearray(shm.buf[start:stop]), Probe(*item["probe"]))
-    dtype = getattr(torch, item["dtype"])
+    # a bytearray: writable, so nvjpeg and torch.frombuffer take it without another copy
     data = bytearray(shm.buf[start:stop])
-    tensor = torch.frombuffer(data, dtype=dtype).reshape(item["shape"])
+    if item["kind"] == "encoded":
+        return Encoded(data, Probe(*item["probe"]))
+    tensor = torch.frombuffer(data, dtype=getattr(torch, item["dtype"])).reshape(item["shape"])
     wrap = {"preprocessed": Preprocessed, "pixels": Pixels}.get(item["kind"])
     return wrap(tensor) if wrap else tensor
 
