@@ -72,6 +72,12 @@ class Settings(BaseSettings):
         description="On CUDA replicas, decode baseline JPEGs with nvjpeg (batched, on the GPU); "
         "other formats, and every image on CPU, use Pillow.",
     )
+    hardware_decode: bool = Field(
+        True,
+        description="With the `hwdecode` extra (nvImageCodec) on a GPU with JPEG engines "
+        "(A100, H100, H200), the engines decode a share of each batch's baseline JPEGs beside "
+        "nvjpeg, the share following what each measured (docs/operations.md).",
+    )
 
     # input limits
     max_upload_bytes: int = Field(

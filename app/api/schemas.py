@@ -21,7 +21,8 @@ class ImageTimings(BaseModel):
     inference_ms: float = Field(description="Forward time of the batch this image ran in.")
     batch_size: int
     decoder: str | None = Field(
-        description="'nvjpeg' (GPU), 'pillow', or null when decoded before queueing (compare)."
+        description="'nvjpeg' (GPU, CUDA), 'hardware' (the GPU's JPEG engines), 'pillow' (CPU), "
+        "or null when decoded before queueing (compare)."
     )
 
 

@@ -24,6 +24,7 @@ from PIL import Image
 from app.bench.load_client import Images
 from app.devices import resolve_device, resolve_dtype
 from app.serving.decode import BatchDecoder, Encoded
+from app.serving.hardware_jpeg import HardwareJpeg
 from app.serving.preprocess import Preprocessor
 
 
@@ -49,9 +50,16 @@ def _batch_of(images: Images, batch_size: int) -> list[bytes]:
 def _warm_decoder(
     pre: Preprocessor, settings: Any, dev: torch.device, pool: Executor, *, nvjpeg: bool
 ) -> BatchDecoder:
-    """The decode stage as the server builds it (``settings``' dtype), warmed up."""
+    """The decode stage as the server builds it (``settings``' dtype, the JPEG engines where
+    they run and are allowed), warmed up."""
+    hardware = nvjpeg and settings.hardware_decode
     decoder = BatchDecoder(
-        pre, device=dev, dtype=resolve_dtype(settings.dtype, dev), pool=pool, nvjpeg=nvjpeg
+        pre,
+        device=dev,
+        dtype=resolve_dtype(settings.dtype, dev),
+        pool=pool,
+        nvjpeg=nvjpeg,
+        hardware=HardwareJpeg.load(dev) if hardware else None,
     )
     decoder.warm_up()
     return decoder

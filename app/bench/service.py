@@ -66,7 +66,8 @@ class Level:
     inference_ms: float | None  # the forward pass of an image's batch
     device_us_per_image: float | None  # forward time / batch size
     other_ms: float | None  # latency not spent in the stages above: HTTP, parsing, client
-    nvjpeg_share: float | None  # images the GPU decoded
+    nvjpeg_share: float | None  # images nvjpeg (CUDA) decoded
+    hardware_share: float | None = None  # images the GPU's JPEG engines decoded
     offered_img_s: float | None = None  # open loop: the arrival rate (concurrency: its cap)
     cpu_busy: float | None = None  # share of all host cores busy (server and client)
     gpu_busy: float | None = None  # share of time a kernel ran on the GPU (NVML)
@@ -139,6 +140,7 @@ def measure_level(
         device_us_per_image=device_us,
         other_ms=other_ms,
         nvjpeg_share=samples.decoders["nvjpeg"] / decoded if decoded else None,
+        hardware_share=samples.decoders["hardware"] / decoded if decoded else None,
         offered_img_s=offered_img_s,
         cpu_busy=busy.cpu_busy,
         gpu_busy=busy.gpu_busy,
@@ -150,6 +152,13 @@ def speedups(best: dict[str, float], reference: str) -> dict[str, float | None]:
     """Best throughput of each other model over the reference's (the first model given)."""
     ref = best.get(reference) or 0.0
     return {m: (v / ref if ref else None) for m, v in best.items() if m != reference}
+
+
+def gpu_decoded(level: Level) -> float | None:
+    """The share of images decoded on the GPU, by nvjpeg or the JPEG engines."""
+    if level.nvjpeg_share is None:
+        return None
+    return level.nvjpeg_share + (level.hardware_share or 0.0)
 
 
 def format_table(levels: list[Level], ceilings: dict[str, float]) -> str:
@@ -168,16 +177,16 @@ def format_table(levels: list[Level], ceilings: dict[str, float]) -> str:
             f"{fmt(lv.p50_ms):>8s} {fmt(lv.p95_ms):>8s} {fmt(lv.p99_ms):>8s} "
             f"{fmt(lv.mean_batch):>6s} {fmt(lv.decode_ms):>6s} {fmt(lv.queue_ms):>7s} "
             f"{fmt(lv.inference_ms):>7s} {fmt(lv.device_us_per_image, '.0f'):>7s} "
-            f"{fmt(lv.other_ms):>7s} {fmt(lv.nvjpeg_share, '.0%'):>7s} "
+            f"{fmt(lv.other_ms):>7s} {fmt(gpu_decoded(lv), '.0%'):>7s} "
             f"{fmt(lv.cpu_busy, '.0%'):>5s} {fmt(lv.gpu_busy, '.0%'):>5s} "
             f"{format_cores(lv.cores):>14s} {sum(lv.errors.values()):5d}"
         )
     rows.append(
         "latency in ms (client, per request); dec/queue/infer: server ms per image (its "
         "batch's decode stage, queue wait, forward); us/img: forward time per image; other: "
-        "latency outside those stages (HTTP, parsing, client); gpu-dec: share nvjpeg "
-        "decoded; ceil%: of the decode stage alone (no model, no HTTP; in as many processes as "
-        "the server has workers); cpu%/gpu%: how busy all "
+        "latency outside those stages (HTTP, parsing, client); gpu-dec: share decoded on the "
+        "GPU (nvjpeg and the JPEG engines); ceil%: of the decode stage alone (no model, no "
+        "HTTP; in as many processes as the server has workers); cpu%/gpu%: how busy all "
         "host cores (server and client) and the GPU were; cores c/s/e: cores the load client, "
         "the HTTP server and the engine kept busy; conc ½: open loop, "
         "Poisson arrivals at half the best closed-loop throughput"

@@ -57,8 +57,9 @@ class Prediction:
     decode_s: float  # the decode stage of its batch
     inference_s: float
     batch_size: int
-    decoder: str | None  # "nvjpeg", "pillow" (the CPU path: simplejpeg or Pillow), or None
-    # for a payload decoded beforehand
+    # "nvjpeg", "hardware" (the NVJPG engines), "pillow" (the CPU path: simplejpeg or
+    # Pillow), or None for a payload decoded beforehand
+    decoder: str | None
 
 
 Predict = Callable[[torch.Tensor], torch.Tensor]

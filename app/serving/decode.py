@@ -14,6 +14,11 @@ through the CPU path in the decode thread pool (``Preprocessor.decode_crop``: si
 upright RGB JPEGs, Pillow for the rest, both at draft scale for large JPEGs; reported as
 decoder "pillow"), to uint8 crops normalised together on the model's device.
 
+Where nvImageCodec is installed and the GPU has JPEG engines (NVJPG), a share of those JPEGs
+goes to the engines on a thread of their own while nvjpeg decodes the rest, the share
+following what each measured (:mod:`app.serving.hardware_jpeg`); reported as decoder
+"hardware".
+
 On a GPU each decode thread runs on its own CUDA stream, so the next batches decode while
 the current one computes.
 """
@@ -26,13 +31,14 @@ import logging
 import threading
 import time
 from collections.abc import Sequence
-from concurrent.futures import Executor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
 from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 
+from app.serving.hardware_jpeg import HardwareJpeg, Split
 from app.serving.preprocess import Preprocessor, Probe, TensorResizeCrop
 
 try:
@@ -82,7 +88,8 @@ class DecodedBatch:
     rows: list[int]  # payload index of each row of ``inputs``
     errors: dict[int, Exception] = field(default_factory=dict)  # payload index -> error
     seconds: float = 0.0
-    decoders: dict[int, str] = field(default_factory=dict)  # payload index -> "nvjpeg"/"pillow"
+    # payload index -> "nvjpeg", "hardware" (the NVJPG engines) or "pillow"
+    decoders: dict[int, str] = field(default_factory=dict)
 
 
 def stack_tensors(payloads: Sequence[torch.Tensor]) -> DecodedBatch:
@@ -115,9 +122,17 @@ class BatchDecoder:
         dtype: torch.dtype,
         pool: Executor,
         nvjpeg: bool,
+        hardware: HardwareJpeg | None = None,
     ) -> None:
+        """``hardware``: the NVJPG engines' decoder, which takes a share of each batch's
+        nvjpeg JPEGs on a thread of its own (see :mod:`app.serving.hardware_jpeg`)."""
         self.preprocessor, self.device, self.dtype, self.pool = preprocessor, device, dtype, pool
         self.nvjpeg = nvjpeg and device.type == "cuda"
+        self.hardware = hardware if self.nvjpeg else None
+        self.split = Split()
+        self._hardware_pool = (
+            ThreadPoolExecutor(2, thread_name_prefix="nvjpg") if self.hardware else None
+        )
         # decoded images on the device: into the batch in one kernel where it runs, else the
         # eval transform's resize and centre crop, one size at a time
         self.fused = fused_resize(preprocessor, device)
@@ -133,17 +148,19 @@ class BatchDecoder:
         return self._streams.stream
 
     def warm_up(self) -> None:
-        """One image through each path, so nvjpeg's start-up (and the resize kernel's
-        compilation) is not a request's."""
+        """One image through each path, so nvjpeg's and the JPEG engines' start-up (and the
+        resize kernel's compilation) is not a request's."""
         buffer = io.BytesIO()
         Image.new("RGB", (64, 48), (120, 60, 30)).save(buffer, "JPEG")
         data = buffer.getvalue()
         pixels = (
             [Pixels(torch.zeros(3, 48, 64, dtype=torch.uint8))] if self.fused is not None else []
         )
-        batch = self([Encoded(data, self.preprocessor.probe(data)), *pixels])
+        jpeg = Encoded(data, self.preprocessor.probe(data))
+        batch = self([jpeg, jpeg, *pixels])  # two: one each for nvjpeg and the JPEG engines
         if batch.errors:
             raise next(iter(batch.errors.values()))
+        self.split = Split()  # a cold start's timings are not the backends' speeds
 
     def __call__(self, payloads: Sequence[Payload]) -> DecodedBatch:
         started = time.perf_counter()
@@ -215,9 +232,21 @@ class BatchDecoder:
         on_cpu = {
             i: self.pool.submit(self._pillow, p.data) for i, p in encoded.items() if i not in gpu
         }
+        # likewise the hardware decoder's share, on its own thread
+        on_hardware = on_gpu[: self.split.count(len(on_gpu))] if self.hardware else []
+        on_gpu = on_gpu[len(on_hardware) :]
+        hardware = (
+            self._hardware_pool.submit(
+                self._timed, "hardware", self.hardware, [encoded[i].data for i in on_hardware]
+            )
+            if on_hardware
+            else None
+        )
         if on_gpu:
             try:
-                decoded = self.nvjpeg_decode([encoded[i].data for i in on_gpu])
+                decoded = self._timed(
+                    "nvjpeg", self.nvjpeg_decode, [encoded[i].data for i in on_gpu]
+                )
                 self._place(dict(zip(on_gpu, decoded, strict=True)), crops, images)
                 decoders.update(dict.fromkeys(on_gpu, "nvjpeg"))
             except Exception as exc:  # noqa: BLE001 - one bad image fails nvjpeg's whole batch
@@ -225,6 +254,10 @@ class BatchDecoder:
                     "nvjpeg failed on %d images (%s); Pillow decodes them", len(on_gpu), exc
                 )
                 on_cpu |= {i: self.pool.submit(self._pillow, encoded[i].data) for i in on_gpu}
+        if hardware is not None:
+            on_cpu |= self._hardware_results(
+                hardware, on_hardware, encoded, crops, images, decoders
+            )
         errors: dict[int, Exception] = {}
         for i, future in on_cpu.items():
             result = future.result()
@@ -246,6 +279,35 @@ class BatchDecoder:
             images.update(decoded)
         else:
             crops.update(zip(decoded, self.resize_crop(list(decoded.values())), strict=True))
+
+    def _timed(self, backend: str, decode, jpegs: list) -> list:  # noqa: ANN001
+        """``decode(jpegs)``, its time per image feeding the split between backends."""
+        started = time.perf_counter()
+        decoded = decode(jpegs)
+        self.split.observe(backend, len(jpegs), time.perf_counter() - started)
+        return decoded
+
+    def _hardware_results(
+        self,
+        hardware: Future,
+        rows: list[int],
+        encoded: dict[int, Encoded],
+        crops: dict[int, torch.Tensor],
+        images: dict[int, torch.Tensor],
+        decoders: dict[int, str],
+    ) -> dict[int, Future]:
+        """Place the hardware decoder's images; what it refused goes to the CPU path."""
+        try:
+            decoded = dict(zip(rows, hardware.result(), strict=True))
+        except Exception as exc:  # noqa: BLE001 - as nvjpeg's: the CPU path takes them
+            log.warning(
+                "hardware decode failed on %d images (%s); Pillow decodes them", len(rows), exc
+            )
+            decoded = dict.fromkeys(rows)
+        done = {i: image for i, image in decoded.items() if image is not None}
+        self._place(done, crops, images)
+        decoders.update(dict.fromkeys(done, "hardware"))
+        return {i: self.pool.submit(self._pillow, encoded[i].data) for i in rows if i not in done}
 
     def nvjpeg_decode(self, jpegs: Sequence[bytes | bytearray]) -> list[torch.Tensor]:
         """JPEGs → full-size uint8 images [3, H, W] on the device, decoded as one batch."""

@@ -23,6 +23,7 @@ from app.heap import freeze_heap, thaw_heap
 from app.serving.batcher import DynamicBatcher
 from app.serving.cuda_graphs import bucket_sizes
 from app.serving.decode import BatchDecoder
+from app.serving.hardware_jpeg import HardwareJpeg
 from app.serving.labels import class_names
 from app.serving.metrics import Metrics
 from app.serving.preprocess import Preprocessor
@@ -79,6 +80,7 @@ class ModelPool:
         self._reloading = asyncio.Lock()
         # Pillow's share of every model's decode stage, and compare mode's decodes.
         self.decode_pool = ThreadPoolExecutor(settings.decode_workers, thread_name_prefix="pillow")
+        self._hardware: dict[torch.device, HardwareJpeg | None] = {}  # per device, found once
 
     # ---- lifecycle ---------------------------------------------------------------------
     async def start(self) -> None:
@@ -220,6 +222,14 @@ class ModelPool:
 
         return predict
 
+    def hardware_jpeg(self, device: torch.device) -> HardwareJpeg | None:
+        """The JPEG engines of ``device`` where the settings allow them and they run."""
+        if not self.settings.gpu_decode or not self.settings.hardware_decode:
+            return None
+        if device not in self._hardware:
+            self._hardware[device] = HardwareJpeg.load(device)
+        return self._hardware[device]
+
     def _prepare(self, model: ServedModel) -> None:
         """Blocking part of a load: (pull,) verify, build, move to device, warm up."""
         name = model.name
@@ -264,6 +274,7 @@ class ModelPool:
                 dtype=runner.dtype,
                 pool=self.decode_pool,
                 nvjpeg=self.settings.gpu_decode,
+                hardware=self.hardware_jpeg(runner.device),
             )
             for runner in model.runners
         ]

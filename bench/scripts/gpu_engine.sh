@@ -27,7 +27,8 @@ one=(--images-per-request 1 --concurrency 64 256)
 for part in ${PARTS:-tests s litserve}; do
   case $part in
     tests) timeout 150 python3 -m pytest -q -m gpu --tb=short -p no:cacheprovider \
-        tests/unit/test_decode.py tests/unit/test_cuda_graphs.py tests/service/test_gpu_metrics.py \
+        tests/unit/test_decode.py tests/unit/test_hardware_jpeg.py tests/unit/test_cuda_graphs.py \
+        tests/service/test_gpu_metrics.py \
         2>&1 | grep -v "Warning\|warn\|^$\|^  " ;;
     s) python3 -m app bench service "${common[@]}" "${one[@]}" --engine process --workers "${WORKERS:-12}" \
         --decode-threads "${DECODE_THREADS:-2}" --models deit_small "deit_small-$cfg" \
