@@ -26,7 +26,6 @@ the current one computes.
 from __future__ import annotations
 
 import contextlib
-import io
 import logging
 import threading
 import time
@@ -35,10 +34,9 @@ from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
-from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from app.serving.hardware_jpeg import HardwareJpeg, Split
+from app.serving.hardware_jpeg import HardwareJpeg, Split, small_jpeg
 from app.serving.preprocess import Preprocessor, Probe, TensorResizeCrop
 
 try:
@@ -150,9 +148,7 @@ class BatchDecoder:
     def warm_up(self) -> None:
         """One image through each path, so nvjpeg's and the JPEG engines' start-up (and the
         resize kernel's compilation) is not a request's."""
-        buffer = io.BytesIO()
-        Image.new("RGB", (64, 48), (120, 60, 30)).save(buffer, "JPEG")
-        data = buffer.getvalue()
+        data = small_jpeg()
         pixels = (
             [Pixels(torch.zeros(3, 48, 64, dtype=torch.uint8))] if self.fused is not None else []
         )

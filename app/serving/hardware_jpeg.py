@@ -25,6 +25,13 @@ from PIL import Image
 log = logging.getLogger(__name__)
 
 
+def small_jpeg() -> bytes:
+    """A 64x48 baseline JPEG: what start-up decodes to find (and warm up) a decoder."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 48), (120, 60, 30)).save(buffer, "JPEG")
+    return buffer.getvalue()
+
+
 class HardwareJpeg:
     """Baseline JPEGs → full-size uint8 [3, H, W] views on ``device``, from the NVJPG engines.
     One nvImageCodec decoder and CUDA stream per calling thread."""
@@ -44,10 +51,8 @@ class HardwareJpeg:
         except ImportError:
             return None
         decoder = cls(nvimgcodec, device)
-        buffer = io.BytesIO()
-        Image.new("RGB", (64, 48), (120, 60, 30)).save(buffer, "JPEG")
         try:
-            images = decoder([buffer.getvalue()])
+            images = decoder([small_jpeg()])
         except Exception as exc:  # noqa: BLE001 - no NVJPG, no nvjpeg library, ...
             log.info("no hardware JPEG decode on %s: %s", device, exc)
             return None
