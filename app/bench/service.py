@@ -341,7 +341,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "batch": settings.max_batch_size,
         "dtype": info[args.models[0]].get("dtype"),
         "models": {
-            m: {"variant": info[m].get("variant"), "compression": info[m].get("compression")}
+            m: {k: info[m].get(k) for k in ("architecture", "variant", "compression")}
             for m in args.models
         },
         "reference": args.models[0],

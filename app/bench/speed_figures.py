@@ -1,0 +1,145 @@
+"""Write benchmark results into the store's manifests as their speed figures.
+
+A manifest's speed figure is the entry's own network, timed with its own compression
+config, dense beside it in the same run: the model alone (``app.bench.models``, per batch)
+or end to end through HTTP (``app.bench.service``, best level against best level). Typing
+those numbers by hand is how a DeiT-S figure ends up shown as DeiT-Tiny's; this writes them
+from the result files instead: every entry whose architecture and config a result timed
+gets one figure per (device, mode, dtype), replacing the figure it had for the same.
+
+    python -m app.bench.speed_figures bench/results/models/models-cpu-....json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from app.bench.models import mode_name
+from app.store.manifest import MANIFEST_FILE, Manifest, SpeedFigure
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def device_label(result: Mapping[str, Any]) -> str:
+    """'NVIDIA H200', or 'CPU, 2 cores (AMD EPYC)': a CPU figure depends on its cores."""
+    if result["device_type"] == "cpu":
+        cores = result.get("threads") or result["usable_cpus"]
+        return f"CPU, {cores} cores ({result['device']})"
+    return result["device"]
+
+
+SERVED_MODE = {"cuda": "graphs", "cpu": "eager"}  # how the server runs a model by default
+MODE_LABEL = {"graphs": "served: CUDA graphs, no compile", "eager": "eager (as served on CPU)"}
+
+
+def figures_of(result: Mapping[str, Any], source: str) -> dict[tuple[str, str], list[SpeedFigure]]:
+    """``{(architecture, config text): figures}``: one figure per (mode, dtype) the result
+    timed in the mode the server runs on that device, its speed-up per batch. Failed rows
+    are left out, never written as a number."""
+    served = SERVED_MODE.get(result["device_type"], "eager")
+    mode = f"model alone, {MODE_LABEL[served]}"
+    grouped: dict[tuple[str, str, str, str], dict[int, float]] = {}
+    for row in result["rows"]:
+        if row["config"] == "dense" or row.get("speedup") is None or row.get("error"):
+            continue
+        if mode_name(row["compiled"], row.get("cuda_graphs", False)) != served:
+            continue
+        key = (row["arch"], row["config"], mode, row["dtype"])
+        grouped.setdefault(key, {})[int(row["batch"])] = round(float(row["speedup"]), 3)
+    out: dict[tuple[str, str], list[SpeedFigure]] = {}
+    for (arch, config, mode, dtype), speedup in grouped.items():
+        figure = SpeedFigure(
+            architecture=arch,
+            device=device_label(result),
+            mode=mode,
+            dtype=dtype,
+            speedup=dict(sorted(speedup.items())),
+            source=source,
+        )
+        out.setdefault((arch, config), []).append(figure)
+    return out
+
+
+def service_figures_of(
+    result: Mapping[str, Any], source: str
+) -> dict[tuple[str, str], list[SpeedFigure]]:
+    """The same from a service result: each compressed model's best level against dense's
+    best, keyed by the server's max batch (the mode says how the load was offered)."""
+    mode = (
+        f"end to end through HTTP: {result['images_per_request']} photos a request, "
+        f"{max(result['concurrency'])} in flight, one server, best level of each"
+    )
+    out: dict[tuple[str, str], list[SpeedFigure]] = {}
+    for name, ratio in result["speedups"].items():
+        model = result["models"][name]
+        if ratio is None or not model.get("compression") or not model.get("architecture"):
+            continue
+        figure = SpeedFigure(
+            architecture=model["architecture"],
+            device=device_label(result),
+            mode=mode,
+            dtype=result["dtype"],
+            speedup={int(result["batch"]): round(float(ratio), 3)},
+            source=source,
+        )
+        out.setdefault((model["architecture"], model["compression"]), []).append(figure)
+    return out
+
+
+def _same_measurement(a: Mapping[str, Any], b: SpeedFigure) -> bool:
+    return (a["architecture"], a["device"], a["mode"], a["dtype"]) == (
+        b.architecture,
+        b.device,
+        b.mode,
+        b.dtype,
+    )
+
+
+def update_store(store: Path, result_path: Path) -> dict[str, int]:
+    """Write ``result_path``'s figures into every matching manifest under ``store``;
+    ``{entry name: figures written}``. Other fields and figures stay as they were."""
+    result = json.loads(result_path.read_text())
+    try:
+        source = result_path.resolve().relative_to(REPO).as_posix()
+    except ValueError:
+        source = result_path.name
+    read = service_figures_of if "levels" in result else figures_of
+    figures = read(result, source)
+    written: dict[str, int] = {}
+    for path in sorted(store.glob(f"*/{MANIFEST_FILE}")):
+        raw = json.loads(path.read_text())
+        manifest = Manifest.model_validate(raw)
+        if manifest.compression is None:
+            continue
+        new = figures.get((manifest.architecture, str(manifest.compression)), [])
+        if not new:
+            continue
+        speed = raw.setdefault("figures", {}).setdefault("speed", [])
+        speed[:] = [old for old in speed if not any(_same_measurement(old, f) for f in new)]
+        speed += [f.model_dump(mode="json", exclude_none=True) for f in new]
+        Manifest.model_validate(raw)  # still a valid manifest before it is written
+        path.write_text(json.dumps(raw, indent=2, ensure_ascii=False) + "\n")
+        written[manifest.name] = len(new)
+    return written
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m app.bench.speed_figures", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument(
+        "results", nargs="+", type=Path, help="app.bench.models or app.bench.service result JSONs"
+    )
+    parser.add_argument("--store", type=Path, default=REPO / "model_store")
+    args = parser.parse_args(argv)
+    for result in args.results:
+        written = update_store(args.store, result)
+        print(f"{result.name}: " + (", ".join(f"{k} ({v})" for k, v in written.items()) or "-"))
+
+
+if __name__ == "__main__":
+    main()
