@@ -110,7 +110,7 @@ def test_the_jpeg_engines_decode_within_the_eval_transforms_tolerance():
         decoder = BatchDecoder(
             pre, device=cuda, dtype=torch.float32, pool=pool, nvjpeg=True, hardware=hardware
         )
-        decoder.split.share = 0.95  # all but the last to the engines
+        decoder.split.share = 5 / 6  # all but the last to the engines (0.95 rounds to all 6)
         batch = decoder([Encoded(d, pre.probe(d)) for d in plain])
     assert [batch.decoders[i] for i in range(6)] == ["hardware"] * 5 + ["nvjpeg"]
     expected = torch.stack([pre(d) for d in plain]).to(cuda)
