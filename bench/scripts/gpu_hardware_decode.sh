@@ -6,6 +6,7 @@
 # Pillow) and the engine tables with profiles (gpu_engine_profile.sh; PARTS, default "s").
 # Reproduces: the decoders table and the service table of docs/performance.md. ~7 min.
 #   OUT=$OUT bash bench/scripts/gpu_hardware_decode.sh
+# AB=1 instead runs part s twice, VITSERVE_HARDWARE_DECODE=false then true (~6 min).
 # Carry: .whl (device_wheels.sh), .carry/nvimg.tgz (device_nvimgcodec.sh) and
 # .carry/images/imagenet-dev.
 set -uo pipefail
@@ -27,6 +28,13 @@ except ImportError:
 PY
 export LD_LIBRARY_PATH=/tmp/nv/nvidia/cu13/lib:${LD_LIBRARY_PATH:-}
 export PYTHONPATH=/tmp/site:$PWD
+if [ -n "${AB:-}" ]; then  # AB=1: part s with the engines off, then on, in one call
+  for on in false true; do
+    VITSERVE_HARDWARE_DECODE=$on PARTS=s OUT=${OUT:-bench/results}/hw-$on \
+      timeout ${T:-240} bash bench/scripts/gpu_engine.sh
+  done
+  exit
+fi
 python3 -c "import torch; from app.serving.hardware_jpeg import HardwareJpeg
 print('JPEG engines:', HardwareJpeg.load(torch.device('cuda')))"
 timeout 120 python3 -m pytest -q -m gpu --tb=short -p no:cacheprovider \
