@@ -19,9 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from app.bench.models import mode_name
+from app.bench.report import REPO
 from app.store.manifest import MANIFEST_FILE, Manifest, SpeedFigure
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 def device_label(result: Mapping[str, Any]) -> str:
@@ -42,16 +41,16 @@ def figures_of(result: Mapping[str, Any], source: str) -> dict[tuple[str, str], 
     are left out, never written as a number."""
     served = SERVED_MODE.get(result["device_type"], "eager")
     mode = f"model alone, {MODE_LABEL[served]}"
-    grouped: dict[tuple[str, str, str, str], dict[int, float]] = {}
+    grouped: dict[tuple[str, str, str], dict[int, float]] = {}
     for row in result["rows"]:
         if row["config"] == "dense" or row.get("speedup") is None or row.get("error"):
             continue
         if mode_name(row["compiled"], row.get("cuda_graphs", False)) != served:
             continue
-        key = (row["arch"], row["config"], mode, row["dtype"])
+        key = (row["arch"], row["config"], row["dtype"])
         grouped.setdefault(key, {})[int(row["batch"])] = round(float(row["speedup"]), 3)
     out: dict[tuple[str, str], list[SpeedFigure]] = {}
-    for (arch, config, mode, dtype), speedup in grouped.items():
+    for (arch, config, dtype), speedup in grouped.items():
         figure = SpeedFigure(
             architecture=arch,
             device=device_label(result),
@@ -119,8 +118,13 @@ def update_store(store: Path, result_path: Path) -> dict[str, int]:
         if not new:
             continue
         speed = raw.setdefault("figures", {}).setdefault("speed", [])
-        speed[:] = [old for old in speed if not any(_same_measurement(old, f) for f in new)]
-        speed += [f.model_dump(mode="json", exclude_none=True) for f in new]
+        for figure in new:
+            dumped = figure.model_dump(mode="json", exclude_none=True)
+            at = next((i for i, old in enumerate(speed) if _same_measurement(old, figure)), None)
+            if at is None:
+                speed.append(dumped)
+            else:
+                speed[at] = dumped  # where it was: rewriting the same result changes nothing
         Manifest.model_validate(raw)  # still a valid manifest before it is written
         path.write_text(json.dumps(raw, indent=2, ensure_ascii=False) + "\n")
         written[manifest.name] = len(new)
