@@ -4,7 +4,7 @@ turns into model-ready crops, and how close its crops come to the eval transform
 Issue #21 asks for the decode ceiling of each backend before the engine picks one:
 
 * ``pillow``: Pillow (libjpeg-turbo) on one core, then the server's CPU resize;
-* ``simplejpeg``: the server's CPU decode of upright RGB JPEGs (the same libjpeg-turbo at
+* ``simplejpeg``: the server's CPU decode of upright RGB and grey JPEGs (the same libjpeg-turbo at
   Pillow's DCT scale, without Pillow's overhead and the GIL);
 * ``torchvision-nvjpeg``: ``torchvision.io.decode_jpeg(device="cuda")``, what the server
   uses today (nvjpeg's CUDA decoder: Huffman on the host, IDCT on the SMs);
@@ -13,7 +13,9 @@ Issue #21 asks for the decode ceiling of each backend before the engine picks on
 * ``nvimgcodec-cuda``: nvImageCodec's CUDA backend (nvjpeg, as torchvision's);
 * ``nvimgcodec-cpu``: nvImageCodec's CPU backend (libjpeg-turbo) on one thread.
 
-Each runs one Python thread over batches of baseline RGB JPEGs (what nvjpeg takes;
+Each runs one Python thread (``--threads``: then also several at once, one decoder and CUDA
+stream each: torchvision's nvjpeg decodes behind one process-wide lock, nvImageCodec's
+decoders are independent) over batches of baseline RGB JPEGs (what nvjpeg takes;
 ``Preprocessor.probe``), synchronised per batch, in up to three steps:
 
 * ``decode``: decode alone;
@@ -31,11 +33,15 @@ backends also the kernel's (its fp32 output turned back into grey levels).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
+import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -58,29 +64,45 @@ except ImportError:  # no Triton: no decode+fused step
 Decode = Callable[[list[bytes]], list[torch.Tensor]]  # JPEGs -> uint8 [3, H, W] each
 Step = Callable[[list[torch.Tensor]], Any]  # what runs on each batch's decoded images
 # The backends whose images land on the GPU, where the resize kernel can take them.
-GPU_OUTPUT = ("torchvision-nvjpeg", "nvimgcodec-hw", "nvimgcodec-cuda")
+GPU_OUTPUT = ("torchvision-nvjpeg", "nvimgcodec-hw", "nvimgcodec-cuda", "nvimgcodec-hw+cuda")
 
 
-def _nvimgcodec_decoder(kind: str, device: torch.device) -> Decode | None:
-    """An nvImageCodec decoder of one backend kind, or None where it cannot run here."""
+# nvImageCodec decoders by name: their backends (kind, load hint) and host threads each.
+# "hw+cuda" is one decoder over both GPU backends: the NVJPG engines take the load hint's
+# share of a batch and nvjpeg's CUDA decode the rest, split inside nvImageCodec, with its
+# own host threads for the Huffman pass (no Python lock, no torchvision one).
+NVIMGCODEC = {
+    "nvimgcodec-cpu": ([("CPU_ONLY", 1.0)], 1),
+    "nvimgcodec-hw": ([("HW_GPU_ONLY", 1.0)], 1),
+    "nvimgcodec-cuda": ([("GPU_ONLY", 1.0)], 1),
+    "nvimgcodec-hw+cuda": ([("HW_GPU_ONLY", 0.5), ("GPU_ONLY", 1.0)], 4),
+}
+
+
+def _nvimgcodec_decoder(name: str, device: torch.device) -> Decode | None:
+    """The nvImageCodec decoder ``name`` (:data:`NVIMGCODEC`), or None where it cannot run
+    here (why goes to stderr)."""
     try:
         from nvidia import nvimgcodec
     except ImportError:
         return None
-    backend = getattr(nvimgcodec.BackendKind, kind)
-    on_cpu = kind == "CPU_ONLY"
+    kinds, cpu_threads = NVIMGCODEC[name]
+    on_cpu = kinds[0][0] == "CPU_ONLY"
     device_id = nvimgcodec.NVIMGCODEC_DEVICE_CPU_ONLY if on_cpu else device.index or 0
+    backends = [nvimgcodec.Backend(getattr(nvimgcodec.BackendKind, k), h) for k, h in kinds]
     try:
         decoder = nvimgcodec.Decoder(
-            device_id=device_id, backends=[nvimgcodec.Backend(backend)], max_num_cpu_threads=1
+            device_id=device_id, backends=backends, max_num_cpu_threads=cpu_threads
         )
-    except RuntimeError:
+    except RuntimeError as exc:
+        print(f"{name}: no decoder here ({exc})", file=sys.stderr)
         return None
 
     def decode(jpegs: list[bytes]) -> list[torch.Tensor]:
-        images = decoder.decode(jpegs)
+        stream = {} if on_cpu else {"cuda_stream": torch.cuda.current_stream(device).cuda_stream}
+        images = decoder.decode(jpegs, **stream)
         if any(image is None for image in images):
-            raise RuntimeError(f"nvImageCodec {kind} decoded {images.count(None)} images to None")
+            raise RuntimeError(f"{name} decoded {images.count(None)} images to None")
         if on_cpu:
             return [torch.from_numpy(image.cpu().__array__()).permute(2, 0, 1) for image in images]
         return [torch.from_dlpack(image).permute(2, 0, 1) for image in images]
@@ -88,27 +110,32 @@ def _nvimgcodec_decoder(kind: str, device: torch.device) -> Decode | None:
     return decode
 
 
-def decoders(device: torch.device) -> dict[str, Decode]:
-    """Every backend that runs on this machine (the GPU ones only with ``device`` CUDA)."""
+def makers(device: torch.device) -> dict[str, Callable[[], Decode | None]]:
+    """Each backend that may run on ``device``, as a maker of a fresh decoder (one per
+    thread: nvImageCodec's are independent; torchvision's share one process-wide decoder)."""
     pre = Preprocessor(Preprocessing(), 10**9)
-    found: dict[str, Decode] = {
-        "pillow": lambda jpegs: [pil_to_tensor(pre.decode(j)) for j in jpegs],
-        "simplejpeg": lambda jpegs: [pre.decode_jpeg(j, Image.open(io.BytesIO(j))) for j in jpegs],
+    found: dict[str, Callable[[], Decode | None]] = {
+        "pillow": lambda: lambda jpegs: [pil_to_tensor(pre.decode(j)) for j in jpegs],
+        "simplejpeg": lambda: (
+            lambda jpegs: [pre.decode_jpeg(j, Image.open(io.BytesIO(j))) for j in jpegs]
+        ),
     }
-    kinds = {"nvimgcodec-cpu": "CPU_ONLY"}
     if device.type == "cuda":
 
         def torchvision_nvjpeg(jpegs: list[bytes]) -> list[torch.Tensor]:
             encoded = [torch.frombuffer(bytearray(j), dtype=torch.uint8) for j in jpegs]
             return decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
 
-        found["torchvision-nvjpeg"] = torchvision_nvjpeg
-        kinds |= {"nvimgcodec-hw": "HW_GPU_ONLY", "nvimgcodec-cuda": "GPU_ONLY"}
-    for name, kind in kinds.items():
-        decode = _nvimgcodec_decoder(kind, device)
-        if decode is not None:
-            found[name] = decode
+        found["torchvision-nvjpeg"] = lambda: torchvision_nvjpeg
+    for name in NVIMGCODEC if device.type == "cuda" else ["nvimgcodec-cpu"]:
+        found[name] = partial(_nvimgcodec_decoder, name, device)
     return found
+
+
+def decoders(device: torch.device) -> dict[str, Decode]:
+    """Every backend that runs on this machine (the GPU ones only with ``device`` CUDA)."""
+    made = {name: make() for name, make in makers(device).items()}
+    return {name: decode for name, decode in made.items() if decode is not None}
 
 
 def fused_runs(device: torch.device) -> bool:
@@ -172,6 +199,58 @@ def rate(decode: Decode, jpegs: list[bytes], *, then: Step | None, seconds: floa
     return done / (time.perf_counter() - started)
 
 
+def rate_threads(
+    make: Callable[[], tuple[Decode, Step | None]],
+    jpegs: list[bytes],
+    *,
+    threads: int,
+    seconds: float,
+) -> float:
+    """Images a second through ``threads`` Python threads at once, each with its own decoder
+    and step (from ``make``) on its own CUDA stream, each batch synchronised on it: whether
+    a backend decodes more with more threads, as the server's decode stage runs it."""
+    done = [0] * threads
+    started = threading.Barrier(threads + 1)
+    stop = threading.Event()
+    failed: list[BaseException] = []
+
+    def work(k: int) -> None:
+        try:
+            decode, then = make()
+            stream = torch.cuda.Stream() if torch.cuda.is_available() else None
+            with torch.cuda.stream(stream) if stream else contextlib.nullcontext():
+                for warm in (True, True, False):
+                    if not warm:
+                        started.wait()
+                    while not stop.is_set():
+                        images = decode(jpegs)
+                        if then is not None:
+                            then(images)
+                        if stream is not None:
+                            stream.synchronize()
+                        if warm:
+                            break
+                        done[k] += len(jpegs)
+        except BaseException as exc:  # noqa: BLE001 - reported by the caller's thread
+            failed.append(exc)
+            started.abort()
+
+    workers = [threading.Thread(target=work, args=(k,), daemon=True) for k in range(threads)]
+    for worker in workers:
+        worker.start()
+    with contextlib.suppress(threading.BrokenBarrierError):  # a thread failed: raised below
+        started.wait()
+    begun = time.perf_counter()
+    if not failed:
+        time.sleep(seconds)
+    stop.set()
+    for worker in workers:
+        worker.join()
+    if failed:
+        raise failed[0]
+    return sum(done) / (time.perf_counter() - begun)
+
+
 def steps(
     name: str, batch: int, device: torch.device, dtype: torch.dtype
 ) -> dict[str, Step | None]:
@@ -190,7 +269,10 @@ def run(
     batches: Sequence[int],
     seconds: float,
     dtype: torch.dtype = torch.bfloat16,
+    threads: Sequence[int] = (1,),
 ) -> dict[str, Any]:
+    """Every decoder x batch x step on one thread; then, for each count in ``threads`` above
+    one, the GPU decoders' decode and decode+fused on that many threads at once."""
     pre = Preprocessor(Preprocessing(), 10**9)
     photos = [data for _, data in load_images(folder, count=10**6) if pre.probe(data).nvjpeg_ok]
     rows = []
@@ -204,13 +286,33 @@ def run(
     for name, batch, step, then in tqdm(plan, desc="decoder x batch x step"):
         jpegs = (photos * (batch // len(photos) + 1))[:batch]
         img_s = rate(found[name], jpegs, then=then, seconds=seconds)
-        rows.append({"decoder": name, "batch": batch, "step": step, "img_s": img_s})
+        rows.append({"decoder": name, "batch": batch, "step": step, "threads": 1, "img_s": img_s})
+    make = makers(device)
+    parallel = [
+        (n, b, s, k)
+        for k in threads
+        if k > 1
+        for n in found
+        if n in GPU_OUTPUT
+        for b in batches
+        for s in steps(n, b, device, dtype)
+        if s != "decode+crop"
+    ]
+    for name, batch, step, k in tqdm(parallel, desc="decoder x batch x step x threads"):
+        jpegs = (photos * (batch // len(photos) + 1))[:batch]
+
+        def both(name: str = name, batch: int = batch, step: str = step) -> tuple[Decode, Step]:
+            then = fused_step(batch, dtype, device) if step == "decode+fused" else None
+            return make[name](), then
+
+        img_s = rate_threads(both, jpegs, threads=k, seconds=seconds)
+        rows.append({"decoder": name, "batch": batch, "step": step, "threads": k, "img_s": img_s})
     fused = [name for name in found if name in GPU_OUTPUT and fused_runs(device)]
     return {
         **environment(device),
         "photos": len(photos),
         "folder": str(folder),
-        "threads_per_decoder": 1,
+        "threads": sorted({1, *threads}),
         "fused_dtype": str(dtype).removeprefix("torch."),
         "rows": rows,
         "fidelity": {name: fidelity(decode, photos[:64], device) for name, decode in found.items()},
@@ -228,6 +330,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--batches", type=int, nargs="+", default=[64, 256])
     parser.add_argument("--seconds", type=float, default=2.0)
     parser.add_argument(
+        "--threads",
+        type=int,
+        nargs="+",
+        default=[1],
+        help="also time the GPU decoders on this many threads at once (one decoder and CUDA "
+        "stream each), as the server's decode threads run them",
+    )
+    parser.add_argument(
         "--dtype",
         choices=["bfloat16", "float16", "float32"],
         default="bfloat16",
@@ -238,11 +348,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
     result = run(
-        args.images, device=device, batches=args.batches, seconds=args.seconds, dtype=dtype
+        args.images,
+        device=device,
+        batches=args.batches,
+        seconds=args.seconds,
+        dtype=dtype,
+        threads=args.threads,
     )
-    print(f"{'decoder':20} {'batch':>5} {'step':12} {'img/s':>9}")
+    print(f"{'decoder':20} {'threads':>7} {'batch':>5} {'step':12} {'img/s':>9}")
     for row in result["rows"]:
-        print(f"{row['decoder']:20} {row['batch']:5} {row['step']:12} {row['img_s']:9.0f}")
+        print(
+            f"{row['decoder']:20} {row['threads']:7} {row['batch']:5} {row['step']:12} "
+            f"{row['img_s']:9.0f}"
+        )
     for kind, label in (("fidelity", "crop"), ("fidelity_fused", "fused")):
         for name, diff in result[kind].items():
             print(

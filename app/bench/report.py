@@ -257,16 +257,20 @@ def decoders_table(table: Table, repo: Path) -> list[str]:
     for name in table["files"]:
         result = _load(repo, name)
         columns = list(dict.fromkeys((row["batch"], row["step"]) for row in result["rows"]))
-        rates = {(r["decoder"], r["batch"], r["step"]): r["img_s"] for r in result["rows"]}
+        # results before --threads ran every decoder on one thread
+        rates = {
+            (r["decoder"], r.get("threads", 1), r["batch"], r["step"]): r["img_s"]
+            for r in result["rows"]
+        }
         header = ["decoder", *(f"{step} @{batch}" for batch, step in columns)]
         header.append("crop vs eval transform: max / mean / p99.9 grey levels")
         rows = []
-        for decoder in dict.fromkeys(r["decoder"] for r in result["rows"]):
-            cells = [f"`{decoder}`"]
+        for decoder, threads in dict.fromkeys((d, k) for d, k, _, _ in rates):
+            cells = [f"`{decoder}`" + (f" × {threads} threads" if threads > 1 else "")]
             for batch, step in columns:
-                img_s = rates.get((decoder, batch, step))
+                img_s = rates.get((decoder, threads, batch, step))
                 cells.append("–" if img_s is None else f"{img_s:,.0f} img/s")
-            diff = result["fidelity"].get(decoder)
+            diff = result["fidelity"].get(decoder) if threads == 1 else None
             cells.append(
                 f"{diff['max']:.0f} / {diff['mean']:.3f} / {diff['p99_9']:.0f}" if diff else "–"
             )
@@ -274,9 +278,9 @@ def decoders_table(table: Table, repo: Path) -> list[str]:
         caption = (
             f"Device: {result['device']} (torch {result['torch_version']}); "
             f"{result['photos']} baseline RGB JPEGs of `{Path(result['folder']).name}`, "
-            f"{result['threads_per_decoder']} Python thread per decoder, each batch "
-            f"synchronised; crops are the eval transform's resize and centre crop on the "
-            f"decoder's device. Source: `{_stamp(name)}`."
+            "one Python thread per decoder (or the threads named, one decoder and CUDA "
+            "stream each), each batch synchronised; crops are the eval transform's resize "
+            f"and centre crop on the decoder's device. Source: `{_stamp(name)}`."
         )
         lines += [caption, "", *_markdown(header, rows), ""]
     return lines[:-1]

@@ -11,7 +11,7 @@ Triton, or for an interpolation the kernel lacks, the eval transform's own steps
 one size at a time (:class:`~app.serving.preprocess.TensorResizeCrop`). Everything else --
 PNG, WebP, progressive, CMYK or EXIF-rotated JPEGs, and every image of a CPU replica -- goes
 through the CPU path in the decode thread pool (``Preprocessor.decode_crop``: simplejpeg for
-upright RGB JPEGs, Pillow for the rest, both at draft scale for large JPEGs; reported as
+upright RGB and grey JPEGs, Pillow for the rest, both at draft scale for large JPEGs; reported as
 decoder "pillow"), to uint8 crops normalised together on the model's device.
 
 Where nvImageCodec is installed and the GPU has JPEG engines (NVJPG), a share of those JPEGs

@@ -2,7 +2,7 @@
 
 ``probe`` reads only the header (limits, format, whether nvjpeg may take the image) and
 runs as the request arrives, so bad input is refused before it queues. ``decode_crop``
-is libjpeg-turbo's decode (simplejpeg for upright RGB JPEGs, Pillow for everything else),
+is libjpeg-turbo's decode (simplejpeg for upright RGB and grey JPEGs, Pillow for the rest),
 then the eval transform's resize + crop on a tensor, to a uint8 crop, run in worker
 threads (all release the GIL); ``normalize`` is the float part, done per
 batch on the model's device. ``__call__`` chains them: timm's eval transform within two
@@ -176,15 +176,17 @@ class Preprocessor:
         return self._tensor_resize_crop([pixels])[0]
 
     def decode_jpeg(self, data: bytes, image: Image.Image) -> torch.Tensor | None:
-        """An upright RGB JPEG (``image``: its opened header) → uint8 [3, H, W] (an HWC
+        """An upright RGB or grey JPEG (``image``: its opened header) → uint8 [3, H, W] (an HWC
         array's view), or None where Pillow decodes it.
 
         simplejpeg runs the same libjpeg-turbo as Pillow, at the same DCT scale as
         Pillow's draft, so the pixels are Pillow's, bit for bit (tested), at ~1.35x the
-        speed and with the GIL released. CMYK, grey, EXIF-rotated JPEGs and whatever it
-        refuses (it is strict: libjpeg's warnings are errors) go to Pillow, which decides.
+        speed and with the GIL released. Grey JPEGs too: libjpeg-turbo expands them to RGB
+        as Pillow's convert does (tested), where Pillow's copy out holds the GIL. CMYK,
+        EXIF-rotated JPEGs and whatever it refuses (it is strict: libjpeg's warnings are
+        errors) go to Pillow, which decides.
         """
-        if image.format != "JPEG" or image.mode != "RGB" or _rotated(image):
+        if image.format != "JPEG" or image.mode not in ("RGB", "L") or _rotated(image):
             return None
         width, height = image.size
         factor = min(width // self._draft_size, height // self._draft_size)

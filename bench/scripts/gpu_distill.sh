@@ -18,9 +18,7 @@
 # WHEELS: the folder of wheels to install (default .whl; distillation needs only pydantic's).
 set -uo pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_CACHE=$PWD/.carry/hf-cache HF_HUB_OFFLINE=1
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-  --target /tmp/site "${WHEELS:-.whl}"/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD
+source bench/scripts/device_site.sh || exit 1
 out=${OUT:-runs}; store=/tmp/store; mkdir -p "$out"
 python3 -m app store pull deit_tiny_patch16_224 --store $store
 workers=$(( $(nproc) / $# - 1 ))

@@ -6,14 +6,13 @@
 # servers, batch 64, 10 ms) in the same run, same client and images.
 # Reproduces: the service table of docs/performance.md. Takes ~6 min; PARTS picks the runs
 # (default "tests s litserve"; "b" adds DeiT-B, "s16" DeiT-S dense with 16 images a request,
-# "inline" the per-worker design of before).
+# "inline" the per-worker design of before; REPLICAS='["cuda:0","cuda:0"]' runs part s with
+# that many engines on one GPU).
 # Carry: .whl (fastapi, uvicorn, pydantic, litserve, ... for python3.12) and
 # .carry/images/imagenet-dev.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-  --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD
+source bench/scripts/device_site.sh || exit 1
 out=${OUT:-bench/results}/service; store=/tmp/store; cfg=${CONFIG:-merge-t5}; mkdir -p "$out"
 for arch in small base; do
   python3 -m app store random deit_${arch}_patch16_224 --name deit_$arch --store $store
@@ -32,7 +31,7 @@ for part in ${PARTS:-tests s litserve}; do
         2>&1 | grep -v "Warning\|warn\|^$\|^  " ;;
     s) python3 -m app bench service "${common[@]}" "${one[@]}" --engine process --workers "${WORKERS:-12}" \
         --decode-threads "${DECODE_THREADS:-2}" --models deit_small "deit_small-$cfg" \
-        --half-load-seconds 10 ;;
+        ${REPLICAS:+--replica-devices "$REPLICAS"} --half-load-seconds 10 ;;
     b) python3 -m app bench service "${common[@]}" "${one[@]}" --engine process --workers "${WORKERS:-12}" \
         --decode-threads "${DECODE_THREADS:-2}" --models deit_base "deit_base-$cfg" \
         --no-half-load ;;

@@ -6,14 +6,16 @@
 # Pillow) and the engine tables with profiles (gpu_engine_profile.sh; PARTS, default "s").
 # Reproduces: the decoders table and the service table of docs/performance.md. ~7 min.
 #   OUT=$OUT bash bench/scripts/gpu_hardware_decode.sh
-# AB=1 instead runs part s twice, VITSERVE_HARDWARE_DECODE=false then true (~6 min).
+# AB=1 instead runs part s twice, VITSERVE_HARDWARE_DECODE=false then
+# true (~6 min), then, with REPLICAS='["cuda:0","cuda:0","cuda:0"]', once more on that many
+# engines. THREADS='1 2 4' also times the GPU decoders on 2 and 4 threads at once; PARTS=none
+# stops after the decoders.
 # Carry: .whl (device_wheels.sh), .carry/nvimg.tgz (device_nvimgcodec.sh) and
 # .carry/images/imagenet-dev.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 mkdir -p /tmp/nv && tar xzf .carry/nvimg.tgz -C /tmp/nv || exit 1
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-  --target /tmp/site .whl/*.whl || exit 1
+source bench/scripts/device_site.sh || exit 1
 cat > /tmp/site/sitecustomize.py <<'PY'
 import sys
 
@@ -27,18 +29,23 @@ except ImportError:
     pass
 PY
 export LD_LIBRARY_PATH=/tmp/nv/nvidia/cu13/lib:${LD_LIBRARY_PATH:-}
-export PYTHONPATH=/tmp/site:$PWD
+gpu_tests() {
+  timeout 120 python3 -m pytest -q -m gpu --tb=short -p no:cacheprovider \
+    tests/unit/test_hardware_jpeg.py tests/unit/test_decode.py 2>&1 | tail -8
+}
 if [ -n "${AB:-}" ]; then  # AB=1: part s with the engines off, then on, in one call
   for on in false true; do
     VITSERVE_HARDWARE_DECODE=$on PARTS=s OUT=${OUT:-bench/results}/hw-$on \
       timeout ${T:-240} bash bench/scripts/gpu_engine.sh
   done
+  [ -n "${REPLICAS:-}" ] && PARTS=s OUT=${OUT:-bench/results}/replicas \
+    timeout ${T:-240} bash bench/scripts/gpu_engine.sh  # REPLICAS: then that many engines
   exit
 fi
 python3 -c "import torch; from app.serving.hardware_jpeg import HardwareJpeg
 print('JPEG engines:', HardwareJpeg.load(torch.device('cuda')))"
-timeout 120 python3 -m pytest -q -m gpu --tb=short -p no:cacheprovider \
-  tests/unit/test_hardware_jpeg.py tests/unit/test_decode.py 2>&1 | tail -8
-timeout 150 python3 -m app.bench.jpeg_decoders --images .carry/images/imagenet-dev \
-  --batches 64 256 --seconds 2 --out-dir "${OUT:-bench/results}/decode"
-PARTS="${PARTS:-s}" T=${T:-300} OUT=${OUT:-bench/results} bash bench/scripts/gpu_engine_profile.sh
+gpu_tests
+timeout 300 python3 -m app.bench.jpeg_decoders --images .carry/images/imagenet-dev \
+  --batches 64 256 --seconds 1.5 --threads ${THREADS:-1} --out-dir "${OUT:-bench/results}/decode"
+[ "${PARTS:-s}" = none ] ||
+  PARTS="${PARTS:-s}" T=${T:-300} OUT=${OUT:-bench/results} bash bench/scripts/gpu_engine_profile.sh

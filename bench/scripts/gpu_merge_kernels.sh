@@ -18,9 +18,7 @@
 # Carry: .whl (pydantic and the server's packages for python3.12: the tests import them).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-  --target /tmp/site .whl/*.whl || echo "WARNING: no wheels installed (carry .whl)"
-export PYTHONPATH=/tmp/site:$PWD
+source bench/scripts/device_site.sh || echo "WARNING: no wheels installed (carry .whl)"
 out=${OUT:-bench/results}; mkdir -p "$out/kernels" "$out/models"
 status=0
 fail() { echo "!!!!! $1 FAILED (rc $2) !!!!!"; status=1; }

@@ -14,9 +14,7 @@
 # Carry: .whl (fastapi, uvicorn, litserve, ... for python3.12) and .carry/images/imagenet-dev.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-  --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD
+source bench/scripts/device_site.sh || exit 1
 out=${OUT:-bench/results/service}; store=/tmp/store; cfg=${CONFIG:-glad-t3}; mkdir -p "$out"
 for arch in small base; do
   python3 -m app store random deit_${arch}_patch16_224 --name deit_$arch --store $store

@@ -17,8 +17,7 @@ export PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/../.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 if ! python3 -c "import pydantic" 2>/dev/null && [ -d .whl ]; then  # a device's python lacks it
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
-  export PYTHONPATH="$PYTHONPATH:/tmp/site"
+  source bench/scripts/device_site.sh
 fi
 out="${OUT:-bench/results/models}"
 mkdir -p "$out" bench/results/models

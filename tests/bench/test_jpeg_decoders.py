@@ -6,7 +6,16 @@ import pytest
 import torch
 
 from app.bench.images import load_images
-from app.bench.jpeg_decoders import GPU_OUTPUT, decoders, fidelity, fused_runs, rate, steps
+from app.bench.jpeg_decoders import (
+    GPU_OUTPUT,
+    decoders,
+    fidelity,
+    fused_runs,
+    makers,
+    rate,
+    rate_threads,
+    steps,
+)
 from app.serving.preprocess import Preprocessor
 from app.store.manifest import Preprocessing
 
@@ -69,3 +78,15 @@ def test_the_fused_step_is_timed_and_its_crops_match_the_eval_transform() -> Non
         assert rate(decode, jpegs(), then=fused, seconds=0.05) > 0, name
         crop, kernel = fidelity(decode, jpegs(), cuda), fidelity(decode, jpegs(), cuda, fused=True)
         assert kernel["max"] <= crop["max"] + 1 and kernel["mean"] <= crop["mean"] + 0.01, name
+
+
+def test_several_threads_decode_at_once_and_a_failing_one_fails_the_measure() -> None:
+    """--threads: each thread its own decoder; a decoder that raises is not timed as fast."""
+    simplejpeg = makers(CPU)["simplejpeg"]
+    assert rate_threads(lambda: (simplejpeg(), None), jpegs(), threads=2, seconds=0.05) > 0
+
+    def broken(_: list[bytes]) -> list[torch.Tensor]:
+        raise RuntimeError("no decoder")
+
+    with pytest.raises(RuntimeError, match="no decoder"):
+        rate_threads(lambda: (broken, None), jpegs(), threads=2, seconds=0.05)
