@@ -78,6 +78,13 @@ class Settings(BaseSettings):
         "(A100, H100, H200), the engines decode a share of each batch's baseline JPEGs beside "
         "nvjpeg, the share following what each measured (docs/operations.md).",
     )
+    nvimgcodec_decode: bool = Field(
+        False,
+        description="With the `hwdecode` extra, nvImageCodec decodes every baseline JPEG "
+        "instead of torchvision's nvjpeg: one decoder per decode thread over the JPEG engines "
+        "and nvjpeg's CUDA decode, with host threads of its own, so decode threads are not "
+        "serialised behind torchvision's process-wide lock. Needs hardware_decode.",
+    )
 
     # input limits
     max_upload_bytes: int = Field(

@@ -45,7 +45,8 @@ class ImageResult:
     queue_s: float
     inference_s: float
     batch_size: int
-    decoder: str | None  # "nvjpeg", "hardware", "pillow" (the CPU path), None if decoded before
+    # "nvjpeg", "hardware", "nvimgcodec", "pillow" (the CPU path), None if decoded before
+    decoder: str | None
 
 
 class ClassifyPipeline:

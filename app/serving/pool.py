@@ -227,7 +227,8 @@ class ModelPool:
         if not self.settings.gpu_decode or not self.settings.hardware_decode:
             return None
         if device not in self._hardware:
-            self._hardware[device] = HardwareJpeg.load(device)
+            whole = self.settings.nvimgcodec_decode
+            self._hardware[device] = HardwareJpeg.load(device, whole=whole)
         return self._hardware[device]
 
     def _prepare(self, model: ServedModel) -> None:
