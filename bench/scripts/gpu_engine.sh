@@ -7,22 +7,26 @@
 # Reproduces: the service table of docs/performance.md. Takes ~6 min; PARTS picks the runs
 # (default "tests s litserve"; "b" adds DeiT-B, "s16" DeiT-S dense with 16 images a request,
 # "inline" the per-worker design of before; REPLICAS='["cuda:0","cuda:0"]' runs part s with
-# that many engines on one GPU).
+# that many engines on one GPU; DENSE_ONLY=1 times part s on dense DeiT-S alone, no half load).
 # Carry: .whl (fastapi, uvicorn, pydantic, litserve, ... for python3.12) and
 # .carry/images/imagenet-dev.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 source bench/scripts/device_site.sh || exit 1
 out=${OUT:-bench/results}/service; store=/tmp/store; cfg=${CONFIG:-merge-t5}; mkdir -p "$out"
-for arch in small base; do
-  python3 -m app store random deit_${arch}_patch16_224 --name deit_$arch --store $store
-  python3 -m app store random deit_${arch}_patch16_224 --name deit_$arch-$cfg --config $cfg \
-    --store $store
+for arch in small base; do  # kept between runs of one call
+  [ -f $store/deit_$arch/manifest.json ] ||
+    python3 -m app store random deit_${arch}_patch16_224 --name deit_$arch --store $store
+  [ -f $store/deit_$arch-$cfg/manifest.json ] ||
+    python3 -m app store random deit_${arch}_patch16_224 --name deit_$arch-$cfg --config $cfg \
+      --store $store
 done
 common=(--store $store --images .carry/images/imagenet-dev --device cuda --seconds 5
   --warmup 1.5 --client-processes 4 --max-batch-size 256 --queue-size 4096
   --start-timeout 240 --out "$out")
 one=(--images-per-request 1 --concurrency 64 256)
+s_models=(--models deit_small "deit_small-$cfg" --half-load-seconds 10)
+[ -n "${DENSE_ONLY:-}" ] && s_models=(--models deit_small --no-half-load)
 for part in ${PARTS:-tests s litserve}; do
   case $part in
     tests) timeout 150 python3 -m pytest -q -m gpu --tb=short -p no:cacheprovider \
@@ -30,8 +34,8 @@ for part in ${PARTS:-tests s litserve}; do
         tests/service/test_gpu_metrics.py \
         2>&1 | grep -v "Warning\|warn\|^$\|^  " ;;
     s) python3 -m app bench service "${common[@]}" "${one[@]}" --engine process --workers "${WORKERS:-12}" \
-        --decode-threads "${DECODE_THREADS:-2}" --models deit_small "deit_small-$cfg" \
-        ${REPLICAS:+--replica-devices "$REPLICAS"} --half-load-seconds 10 ;;
+        --decode-threads "${DECODE_THREADS:-2}" "${s_models[@]}" \
+        ${REPLICAS:+--replica-devices "$REPLICAS"} ;;
     b) python3 -m app bench service "${common[@]}" "${one[@]}" --engine process --workers "${WORKERS:-12}" \
         --decode-threads "${DECODE_THREADS:-2}" --models deit_base "deit_base-$cfg" \
         --no-half-load ;;

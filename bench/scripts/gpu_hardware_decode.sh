@@ -6,10 +6,12 @@
 # Pillow) and the engine tables with profiles (gpu_engine_profile.sh; PARTS, default "s").
 # Reproduces: the decoders table and the service table of docs/performance.md. ~7 min.
 #   OUT=$OUT bash bench/scripts/gpu_hardware_decode.sh
-# AB=1 instead runs part s twice, VITSERVE_HARDWARE_DECODE=false then
-# true (~6 min), then, with REPLICAS='["cuda:0","cuda:0","cuda:0"]', once more on that many
-# engines. THREADS='1 2 4' also times the GPU decoders on 2 and 4 threads at once; PARTS=none
-# stops after the decoders.
+# AB='nvjpeg:false:false:2 engines:true:false:2 nvimgcodec:true:true:4' instead runs part s
+# once per decode set-up (name:VITSERVE_HARDWARE_DECODE:VITSERVE_NVIMGCODEC_DECODE:decode
+# threads; ~3 min each, ~1.5 with DENSE_ONLY=1), after the decoders' ceilings if THREADS is
+# set, then, with REPLICAS='["cuda:0","cuda:0","cuda:0"]', once more on that many engines.
+# THREADS='1 4' also times the GPU decoders on 4 threads at once; PARTS=none stops after the
+# decoders.
 # Carry: .whl (device_wheels.sh), .carry/nvimg.tgz (device_nvimgcodec.sh) and
 # .carry/images/imagenet-dev.
 set -uo pipefail
@@ -29,15 +31,29 @@ except ImportError:
     pass
 PY
 export LD_LIBRARY_PATH=/tmp/nv/nvidia/cu13/lib:${LD_LIBRARY_PATH:-}
+decoders() {
+  timeout 300 python3 -m app.bench.jpeg_decoders --images .carry/images/imagenet-dev \
+    --batches 64 256 --seconds ${DECODE_SECONDS:-1.5} --threads ${THREADS:-1} \
+    --out-dir "${OUT:-bench/results}/decode"
+}
 gpu_tests() {
   timeout 120 python3 -m pytest -q -m gpu --tb=short -p no:cacheprovider \
     tests/unit/test_hardware_jpeg.py tests/unit/test_decode.py 2>&1 | tail -8
 }
-if [ -n "${AB:-}" ]; then  # AB=1: part s with the engines off, then on, in one call
-  for on in false true; do
-    VITSERVE_HARDWARE_DECODE=$on PARTS=s OUT=${OUT:-bench/results}/hw-$on \
-      timeout ${T:-240} bash bench/scripts/gpu_engine.sh
+# Part s once per decode set-up named in $AB (each: name:hardware_decode:nvimgcodec_decode:
+# decode threads), the same call, results under $OUT/<name>.
+ab() {
+  local mode name hw whole threads
+  for mode in $AB; do
+    IFS=: read -r name hw whole threads <<< "$mode"
+    echo "== part s, decode set-up $name"
+    VITSERVE_HARDWARE_DECODE=$hw VITSERVE_NVIMGCODEC_DECODE=$whole DECODE_THREADS=$threads \
+      PARTS=s OUT=${OUT:-bench/results}/$name timeout ${T:-240} bash bench/scripts/gpu_engine.sh
   done
+}
+if [ -n "${AB:-}" ]; then
+  [ -n "${THREADS:-}" ] && decoders  # THREADS: the decoders' ceilings first
+  ab
   [ -n "${REPLICAS:-}" ] && PARTS=s OUT=${OUT:-bench/results}/replicas \
     timeout ${T:-240} bash bench/scripts/gpu_engine.sh  # REPLICAS: then that many engines
   exit
@@ -45,7 +61,6 @@ fi
 python3 -c "import torch; from app.serving.hardware_jpeg import HardwareJpeg
 print('JPEG engines:', HardwareJpeg.load(torch.device('cuda')))"
 gpu_tests
-timeout 300 python3 -m app.bench.jpeg_decoders --images .carry/images/imagenet-dev \
-  --batches 64 256 --seconds 1.5 --threads ${THREADS:-1} --out-dir "${OUT:-bench/results}/decode"
+decoders
 [ "${PARTS:-s}" = none ] ||
   PARTS="${PARTS:-s}" T=${T:-300} OUT=${OUT:-bench/results} bash bench/scripts/gpu_engine_profile.sh
