@@ -127,6 +127,46 @@ def pooled(results: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
     }
 
 
+def cross_fitted(name: str, folds: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One recipe's fidelity from its folds (``--cross-fit``): runs of the recipe each trained
+    with a part of the photos held out, every photo scored by the folds that did not see it
+    (k-fold cross-fitting). It is the estimate for the entry the full recipe trained on
+    every part, whose own agreement on those photos would be read on its training data.
+    Per folder: the mean over the folds that scored it."""
+    per_folder: dict[str, list[dict[str, Any]]] = {}
+    for row in folds:
+        for folder, result in row["eval"].items():
+            per_folder.setdefault(folder, []).append(result)
+
+    def mean(results: list[dict[str, Any]], key: str) -> float | None:
+        values = [r[key] for r in results]
+        return None if None in values else sum(values) / len(values)
+
+    results = {
+        folder: {
+            "n_images": found[0]["n_images"],
+            "n_labelled": found[0]["n_labelled"],
+            "folds": len(found),
+            **{
+                key: mean(found, key)
+                for key in ("agreement_top1", "student_top1_acc", "teacher_top1_acc")
+            },
+        }
+        for folder, found in sorted(per_folder.items())
+    }
+    configs = {row["config"] for row in folds}
+    if len(configs) != 1:
+        raise ValueError(f"folds of one recipe share a config; got {sorted(configs)}")
+    return {
+        "name": name,
+        "config": configs.pop(),
+        "training": "cross-fitted",
+        "folds": [row["name"] for row in folds],
+        "eval": results,
+        "pooled": pooled(results),
+    }
+
+
 def format_table(report: dict[str, Any]) -> str:
     folders = [Path(f).name for f in report["folders"]]
     head = (
@@ -170,6 +210,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--configs", nargs="*", default=[], help="configs built without training")
     p.add_argument("--calibrate", type=Path, help="folder for static attention's calibration")
     p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--cross-fit",
+        metavar="NAME",
+        help="the --entries are folds of one recipe, each trained with part of the photos "
+        "held out: add the row NAME scoring every photo by the folds that did not see it",
+    )
     p.add_argument("--out-dir", type=Path, default=Path("bench/results/fidelity"))
     args = p.parse_args(argv)
     report = evaluate_all(
@@ -181,6 +227,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         calibration=args.calibrate,
         device=args.device,
     )
+    if args.cross_fit:
+        folds = [row for row in report["rows"] if row["name"] in args.entries]
+        report["rows"].append(cross_fitted(args.cross_fit, folds))
     print(format_table(report))
     args.out_dir.mkdir(parents=True, exist_ok=True)
     path = args.out_dir / f"fidelity-{report['device_type']}-{time.strftime('%Y%m%d-%H%M%S')}.json"

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from app.bench.fidelity import main
+from app.bench.fidelity import cross_fitted, main
 from app.store import ModelStore
 from app.store.manifest import Source, wilson_interval
 from app.vit.builder import compress
@@ -75,3 +75,41 @@ def test_wilson_interval_matches_the_closed_form() -> None:
     assert (round(low, 4), round(high, 4)) == (0.896, 0.9244)
     with pytest.raises(ValueError):
         wilson_interval(0, 0)
+
+
+def test_cross_fitting_scores_every_photo_by_the_folds_that_did_not_see_it() -> None:
+    """Fold a trained on extra-a, fold b on extra-b: extra-a is read from fold b, extra-b from
+    fold a, and dev (seen by neither) is their mean; one pooled figure over all of them."""
+
+    def result(agreement: float, n: int) -> dict:
+        return {
+            "n_images": n,
+            "n_labelled": n,
+            "agreement_top1": agreement,
+            "student_top1_acc": 0.7,
+            "teacher_top1_acc": 0.8,
+        }
+
+    fold_a = {
+        "name": "a",
+        "config": "merge=4",
+        "eval": {"dev": result(0.8, 10), "extra-b": result(0.9, 20)},
+    }
+    fold_b = {
+        "name": "b",
+        "config": "merge=4",
+        "eval": {"dev": result(0.6, 10), "extra-a": result(0.5, 20)},
+    }
+    row = cross_fitted("recipe", [fold_a, fold_b])
+
+    assert row["training"] == "cross-fitted" and row["folds"] == ["a", "b"]
+    assert row["eval"]["dev"]["agreement_top1"] == pytest.approx(0.7)
+    assert row["eval"]["dev"]["folds"] == 2 and row["eval"]["extra-a"]["folds"] == 1
+    pooled = row["pooled"]
+    assert pooled["n_images"] == 50  # each photo once
+    assert pooled["agreement_top1"] == pytest.approx((7 + 18 + 10) / 50)
+    lo, hi = pooled["agreement_ci95"]
+    assert lo < pooled["agreement_top1"] < hi
+
+    with pytest.raises(ValueError, match="share a config"):
+        cross_fitted("mixed", [fold_a, {**fold_b, "config": "merge=8"}])
