@@ -66,7 +66,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
             supervisor.start()
             os.environ.update(supervisor.sockets_env)
         try:
-            if settings.workers == 1:
+            if settings.http_server == "granian":
+                _run_granian(settings)
+            elif settings.workers == 1:
                 uvicorn.run(create_app(settings), **common)
             else:
                 uvicorn.run(
@@ -76,6 +78,28 @@ def cmd_serve(args: argparse.Namespace) -> int:
             if supervisor:  # after the workers drained: nothing is left in the engines' queues
                 supervisor.stop(timeout_s=settings.drain_timeout_s)
     return 0
+
+
+def _run_granian(settings: Settings) -> None:
+    """The same app under granian: its worker processes build it from the environment, as
+    uvicorn's do; on SIGTERM they finish their requests, given the drain time."""
+    try:
+        from granian import Granian
+        from granian.constants import Interfaces
+    except ImportError:
+        raise SystemExit(
+            "VITSERVE_HTTP_SERVER=granian needs granian: pip install 'vitserve[granian]'"
+        ) from None
+    Granian(
+        "app.api.app:create_app",
+        factory=True,
+        interface=Interfaces.ASGI,
+        address=settings.host,
+        port=settings.port,
+        workers=settings.workers,
+        log_level=settings.log_level.lower(),
+        workers_kill_timeout=settings.drain_timeout_s,
+    ).serve()
 
 
 def cmd_store_pull(args: argparse.Namespace) -> int:
@@ -320,6 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-delay-ms", dest="max_delay_ms", type=float)
     serve.add_argument("--compile", action="store_true", default=None)
     serve.add_argument("--workers", type=int, help="HTTP worker processes")
+    serve.add_argument("--http-server", dest="http_server", choices=["uvicorn", "granian"])
     serve.set_defaults(func=cmd_serve)
 
     store = sub.add_parser("store", help="manage the model store").add_subparsers(

@@ -146,6 +146,12 @@ class Settings(BaseSettings):
         "Inline stays the default until the engine's decode stage outruns it (see "
         "docs/performance.md).",
     )
+    http_server: Literal["uvicorn", "granian"] = Field(
+        "uvicorn",
+        description="The ASGI server of the HTTP workers: uvicorn, or granian (Rust's hyper "
+        "under the same FastAPI app; the `granian` extra) where uvicorn's per-request cost "
+        "sets the pace (docs/performance.md).",
+    )
     log_level: str = Field("info", description="Log level (debug, info, warning, error).")
     admin_token: SecretStr | None = Field(
         None,

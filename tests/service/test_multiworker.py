@@ -11,6 +11,7 @@ import time
 
 import httpx
 import numpy as np
+import pytest
 import tritonclient.grpc as grpcclient
 
 from app.bench.server import free_port, running_server
@@ -113,3 +114,28 @@ def test_vitserve_serve_workers_share_one_metrics_view(tmp_path):
             client.close()
         samples = parse(httpx.get(f"{base}/metrics").text)
         assert total(samples, "vitserve_requests_total", route="grpc:ModelInfer") == REQUESTS
+
+
+def test_granian_serves_the_same_app_through_the_engine_and_stops_cleanly(tmp_path):
+    """VITSERVE_HTTP_SERVER=granian: the same FastAPI app under granian's workers, feeding
+    the engine; /metrics aggregates them, and SIGINT stops every process with exit 0."""
+    pytest.importorskip("granian", reason="granian is the `granian` extra")
+    store = ModelStore(tmp_path / "store")
+    add_tiny_entry(store, "tiny")
+    env = serve_env(store, workers=2, max_batch_size=4, engine="process", http_server="granian")
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    with running_server(env, workers=2) as base:
+        for _ in range(REQUESTS):
+            r = httpx.post(f"{base}/classify", content=image_bytes(), headers=JPEG)
+            assert r.status_code == 200
+            assert r.json()["results"][0]["predictions"]
+        samples = parse(httpx.get(f"{base}/metrics").text)
+        assert value(samples, "vitserve_images_total", model="tiny") == REQUESTS
+        assert value(samples, "vitserve_workers_ready") == 2
+        assert httpx.post(f"{base}/classify", content=b"no image", headers=JPEG).status_code in (
+            400,
+            415,
+        )
+        proc = base.proc
+    proc.wait(30)
+    assert proc.returncode == 0
