@@ -251,8 +251,8 @@ def server_env(args: argparse.Namespace) -> dict[str, str]:
         "VITSERVE_REPLICA_DEVICES": args.replica_devices,
         "VITSERVE_GPU_DECODE": None if args.gpu_decode is None else str(args.gpu_decode).lower(),
     }
-    # decoder switches the caller set (an A/B run sets them around the command): recorded
-    for name in ("VITSERVE_HARDWARE_DECODE", "VITSERVE_NVIMGCODEC_DECODE"):
+    # switches the caller set (an A/B run sets them around the command): recorded
+    for name in ("VITSERVE_HARDWARE_DECODE", "VITSERVE_NVIMGCODEC_DECODE", "VITSERVE_HTTP_SERVER"):
         optional.setdefault(name, os.environ.get(name))
     return {
         "VITSERVE_STORE_DIR": str(args.store),
