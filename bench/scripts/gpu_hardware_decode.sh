@@ -53,6 +53,7 @@ ab() {
   done
 }
 if [ -n "${AB:-}" ]; then
+  [ -n "${TESTS:-}" ] && gpu_tests  # TESTS=1: the GPU tests first
   [ -n "${THREADS:-}" ] && decoders  # THREADS: the decoders' ceilings first
   ab
   [ -n "${REPLICAS:-}" ] && PARTS=s OUT=${OUT:-bench/results}/replicas \
