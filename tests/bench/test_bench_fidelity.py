@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from app.bench.fidelity import cross_fitted, main
+from app.bench.fidelity import cross_fitted, main, record_figure
 from app.store import ModelStore
 from app.store.manifest import Source, wilson_interval
 from app.vit.builder import compress
@@ -113,3 +113,29 @@ def test_cross_fitting_scores_every_photo_by_the_folds_that_did_not_see_it() -> 
 
     with pytest.raises(ValueError, match="share a config"):
         cross_fitted("mixed", [fold_a, {**fold_b, "config": "merge=8"}])
+
+
+def test_a_cross_fitted_figure_is_written_from_the_result_and_replaces_its_own(tmp_path):
+    """--record-in: the pooled figure goes into the manifest; a second run over the same
+    photo sets replaces it, and a figure over other sets (the entry's own dev run) stays."""
+    path = tmp_path / "manifest.json"
+    manifest = tiny_manifest().model_dump(mode="json")
+    dev_only = {"eval_sets": ["dev"], "n_images": 10, "agreement_top1": 0.8, "ci95": [0.5, 0.9]}
+    manifest["figures"] = {"fidelity": [dev_only]}
+    path.write_text(json.dumps(manifest))
+
+    def row(agreement: float) -> dict:
+        result = {"n_images": 20, "n_labelled": 20, "agreement_top1": agreement}
+        result |= {"student_top1_acc": 0.7, "teacher_top1_acc": 0.8}
+        fold = {"name": "a", "config": "merge=4", "eval": {"dev": result, "extra-b": result}}
+        return cross_fitted("recipe", [fold]) | {"seeds": [0]}
+
+    record_figure(path, row(0.9), "results/first.json", "CPU fp32")
+    record_figure(path, row(0.85), "results/second.json", "CPU fp32")
+
+    figures = json.loads(path.read_text())["figures"]["fidelity"]
+    assert figures[0] == dev_only
+    assert len(figures) == 2
+    assert figures[1]["eval_sets"] == ["dev", "extra-b"] and figures[1]["n_images"] == 40
+    assert figures[1]["agreement_top1"] == 0.85 and figures[1]["source"] == "results/second.json"
+    assert figures[1]["method"] == "cross-fitted" and figures[1]["seeds"] == [0]
