@@ -155,6 +155,7 @@ def service_table(table: Table, repo: Path) -> list[str]:
             paths = {s["path"] for s in result.get("decode_stage_steps", {}).values()}
             if paths:  # how the decode stage turned JPEGs into the batch
                 where += f", decode: {', '.join(sorted(paths))}"
+            where += _switches(server)
         else:
             where = f"{workers} process(es), models in each (before the engine)"
         for model, best in result["best_img_s"].items():
@@ -248,6 +249,19 @@ def decode_table(table: Table, repo: Path) -> list[str]:
             )
     caption = f"Milliseconds per image, model: none (the stage alone); source: {table['files']}."
     return [caption, "", *_markdown(header, rows)]
+
+
+def _switches(server: dict[str, str]) -> str:
+    """The decode and HTTP set-up a run recorded (runs before these switches recorded none)."""
+    said = []
+    if server.get("VITSERVE_NVIMGCODEC_DECODE") == "true":
+        said.append("nvImageCodec decodes all")
+    elif "VITSERVE_HARDWARE_DECODE" in server:
+        on = server["VITSERVE_HARDWARE_DECODE"] != "false"
+        said.append(f"JPEG engines {'on' if on else 'off'}")
+    if server.get("VITSERVE_HTTP_SERVER", "uvicorn") != "uvicorn":
+        said.append(server["VITSERVE_HTTP_SERVER"])
+    return "".join(f", {s}" for s in said)
 
 
 def decoders_table(table: Table, repo: Path) -> list[str]:
