@@ -73,17 +73,11 @@ class Settings(BaseSettings):
         "other formats, and every image on CPU, use Pillow.",
     )
     hardware_decode: bool = Field(
-        True,
+        False,
         description="With the `hwdecode` extra (nvImageCodec) on a GPU with JPEG engines "
         "(A100, H100, H200), the engines decode a share of each batch's baseline JPEGs beside "
-        "nvjpeg, the share following what each measured (docs/operations.md).",
-    )
-    nvimgcodec_decode: bool = Field(
-        False,
-        description="With the `hwdecode` extra, nvImageCodec decodes every baseline JPEG "
-        "instead of torchvision's nvjpeg: one decoder per decode thread over the JPEG engines "
-        "and nvjpeg's CUDA decode, with host threads of its own, so decode threads are not "
-        "serialised behind torchvision's process-wide lock. Needs hardware_decode.",
+        "nvjpeg, the share following what each measured. Off: on the H200 the service served "
+        "fewer images with it than nvjpeg alone (docs/performance.md).",
     )
 
     # input limits

@@ -59,7 +59,7 @@ def _warm_decoder(
         dtype=resolve_dtype(settings.dtype, dev),
         pool=pool,
         nvjpeg=nvjpeg,
-        hardware=HardwareJpeg.load(dev, whole=settings.nvimgcodec_decode) if hardware else None,
+        hardware=HardwareJpeg.load(dev) if hardware else None,
     )
     decoder.warm_up()
     return decoder

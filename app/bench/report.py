@@ -230,6 +230,45 @@ def baseline_table(table: Table, repo: Path) -> list[str]:
     return [caption, "", *_markdown(header, rows)]
 
 
+def setups_table(table: Table, repo: Path) -> list[str]:
+    """Every level of runs that differ in set-up only: throughput, latency, the batch the
+    server formed, the GPU's busy share and the cores each side kept busy."""
+    header = ["set-up", "model", "concurrency", "images/s", "p50", "p99", "mean batch"]
+    header += ["GPU busy", "cores client / HTTP / engine", "source"]
+    rows = []
+    for name in table["files"]:
+        result = _load(repo, name)
+        server = result.get("server", {})
+        threads = server.get("VITSERVE_DECODE_THREADS", "?")
+        setup = f"{threads} decode threads{_switches(server)}"
+        for level in result["levels"]:
+            if level.get("offered_img_s"):
+                continue  # the half-load level: a latency figure, not a set-up's capacity
+            cores = level.get("cores") or {}
+            busy = level.get("gpu_busy")
+            rows.append(
+                [
+                    setup,
+                    f"`{level['model']}`",
+                    str(level["concurrency"]),
+                    f"{level['img_s']:,.0f}",
+                    f"{level['p50_ms']:.0f} ms",
+                    f"{level['p99_ms']:.0f} ms",
+                    f"{level['mean_batch']:.1f}" if level.get("mean_batch") else "–",
+                    "–" if busy is None else f"{100 * busy:.0f}%",
+                    " / ".join(f"{cores.get(k, 0):.1f}" for k in ("client", "server", "engine")),
+                    _stamp(name),
+                ]
+            )
+    first = _load(repo, table["files"][0])
+    caption = (
+        f"{first['device']}, {first['dtype']}, torch {first['torch_version']}; "
+        f"{first['images_per_request']} image a request, real JPEGs; closed loop, one level "
+        "after another."
+    )
+    return [caption, "", *_markdown(header, rows)]
+
+
 def decode_table(table: Table, repo: Path) -> list[str]:
     """The decode stage per image, each step timed alone."""
     header = ["path", "device", "batch", "probe", "decode", "resize + crop", "normalise", "all"]
@@ -254,7 +293,7 @@ def decode_table(table: Table, repo: Path) -> list[str]:
 def _switches(server: dict[str, str]) -> str:
     """The decode and HTTP set-up a run recorded (runs before these switches recorded none)."""
     said = []
-    if server.get("VITSERVE_NVIMGCODEC_DECODE") == "true":
+    if server.get("VITSERVE_NVIMGCODEC_DECODE") == "true":  # a set-up since removed
         said.append("nvImageCodec decodes all")
     elif "VITSERVE_HARDWARE_DECODE" in server:
         on = server["VITSERVE_HARDWARE_DECODE"] != "false"
@@ -626,6 +665,7 @@ RENDERERS: dict[str, Callable[[Table, Path], list[str]]] = {
     "models": models_table,
     "service": service_table,
     "baseline": baseline_table,
+    "setups": setups_table,
     "decode": decode_table,
     "decoders": decoders_table,
     "merge_steps": merge_steps_table,

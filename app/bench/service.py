@@ -68,7 +68,6 @@ class Level:
     other_ms: float | None  # latency not spent in the stages above: HTTP, parsing, client
     nvjpeg_share: float | None  # images nvjpeg (CUDA) decoded
     hardware_share: float | None = None  # images the GPU's JPEG engines decoded
-    nvimgcodec_share: float | None = None  # images nvImageCodec decoded whole
     offered_img_s: float | None = None  # open loop: the arrival rate (concurrency: its cap)
     cpu_busy: float | None = None  # share of all host cores busy (server and client)
     gpu_busy: float | None = None  # share of time a kernel ran on the GPU (NVML)
@@ -142,7 +141,6 @@ def measure_level(
         other_ms=other_ms,
         nvjpeg_share=samples.decoders["nvjpeg"] / decoded if decoded else None,
         hardware_share=samples.decoders["hardware"] / decoded if decoded else None,
-        nvimgcodec_share=samples.decoders["nvimgcodec"] / decoded if decoded else None,
         offered_img_s=offered_img_s,
         cpu_busy=busy.cpu_busy,
         gpu_busy=busy.gpu_busy,
@@ -160,7 +158,7 @@ def gpu_decoded(level: Level) -> float | None:
     """The share of images decoded on the GPU, by nvjpeg or the JPEG engines."""
     if level.nvjpeg_share is None:
         return None
-    return level.nvjpeg_share + (level.hardware_share or 0.0) + (level.nvimgcodec_share or 0.0)
+    return level.nvjpeg_share + (level.hardware_share or 0.0)
 
 
 def format_table(levels: list[Level], ceilings: dict[str, float]) -> str:
@@ -252,7 +250,7 @@ def server_env(args: argparse.Namespace) -> dict[str, str]:
         "VITSERVE_GPU_DECODE": None if args.gpu_decode is None else str(args.gpu_decode).lower(),
     }
     # switches the caller set (an A/B run sets them around the command): recorded
-    for name in ("VITSERVE_HARDWARE_DECODE", "VITSERVE_NVIMGCODEC_DECODE", "VITSERVE_HTTP_SERVER"):
+    for name in ("VITSERVE_HARDWARE_DECODE", "VITSERVE_HTTP_SERVER"):
         optional.setdefault(name, os.environ.get(name))
     return {
         "VITSERVE_STORE_DIR": str(args.store),

@@ -57,8 +57,8 @@ class Prediction:
     decode_s: float  # the decode stage of its batch
     inference_s: float
     batch_size: int
-    # "nvjpeg", "hardware" (the NVJPG engines), "nvimgcodec" (engines and nvjpeg, one decoder),
-    # "pillow" (the CPU path: simplejpeg or Pillow), or None for a payload decoded beforehand
+    # "nvjpeg", "hardware" (the NVJPG engines), "pillow" (the CPU path: simplejpeg or
+    # Pillow), or None for a payload decoded beforehand
     decoder: str | None
 
 

@@ -17,8 +17,7 @@ decoder "pillow"), to uint8 crops normalised together on the model's device.
 Where nvImageCodec is installed and the GPU has JPEG engines (NVJPG), a share of those JPEGs
 goes to the engines on a thread of their own while nvjpeg decodes the rest, the share
 following what each measured (:mod:`app.serving.hardware_jpeg`); reported as decoder
-"hardware". With ``VITSERVE_NVIMGCODEC_DECODE`` nvImageCodec decodes them all instead, in the
-decode thread (engines and nvjpeg's CUDA decode split inside it); reported as "nvimgcodec".
+"hardware".
 
 On a GPU each decode thread runs on its own CUDA stream, so the next batches decode while
 the current one computes.
@@ -87,7 +86,7 @@ class DecodedBatch:
     rows: list[int]  # payload index of each row of ``inputs``
     errors: dict[int, Exception] = field(default_factory=dict)  # payload index -> error
     seconds: float = 0.0
-    # payload index -> "nvjpeg", "hardware" (the NVJPG engines), "nvimgcodec" or "pillow"
+    # payload index -> "nvjpeg", "hardware" (the NVJPG engines) or "pillow"
     decoders: dict[int, str] = field(default_factory=dict)
 
 
@@ -124,16 +123,13 @@ class BatchDecoder:
         hardware: HardwareJpeg | None = None,
     ) -> None:
         """``hardware``: the NVJPG engines' decoder, which takes a share of each batch's
-        nvjpeg JPEGs on a thread of its own, or (``hardware.whole``) all of them in the
-        decode thread (see :mod:`app.serving.hardware_jpeg`)."""
+        nvjpeg JPEGs on a thread of its own (see :mod:`app.serving.hardware_jpeg`)."""
         self.preprocessor, self.device, self.dtype, self.pool = preprocessor, device, dtype, pool
         self.nvjpeg = nvjpeg and device.type == "cuda"
         self.hardware = hardware if self.nvjpeg else None
         self.split = Split()
         self._hardware_pool = (
-            ThreadPoolExecutor(2, thread_name_prefix="nvjpg")
-            if self.hardware and not self.hardware.whole
-            else None
+            ThreadPoolExecutor(2, thread_name_prefix="nvjpg") if self.hardware else None
         )
         # decoded images on the device: into the batch in one kernel where it runs, else the
         # eval transform's resize and centre crop, one size at a time
@@ -232,11 +228,15 @@ class BatchDecoder:
         on_cpu = {
             i: self.pool.submit(self._pillow, p.data) for i, p in encoded.items() if i not in gpu
         }
-        # likewise the hardware decoder's share, on its own thread (or all of them)
-        on_hardware = on_gpu[: self._hardware_count(len(on_gpu))] if self.hardware else []
+        # likewise the hardware decoder's share, on its own thread
+        on_hardware = on_gpu[: self.split.count(len(on_gpu))] if self.hardware else []
         on_gpu = on_gpu[len(on_hardware) :]
         hardware = (
-            self._start_hardware([encoded[i].data for i in on_hardware]) if on_hardware else None
+            self._hardware_pool.submit(
+                self._timed, "hardware", self.hardware, [encoded[i].data for i in on_hardware]
+            )
+            if on_hardware
+            else None
         )
         if on_gpu:
             try:
@@ -262,21 +262,6 @@ class BatchDecoder:
             else:
                 crops[i], decoders[i] = result, "pillow"
         return crops, images, decoders, errors
-
-    def _hardware_count(self, images: int) -> int:
-        return images if self.hardware.whole else self.split.count(images)
-
-    def _start_hardware(self, jpegs: list[bytes | bytearray]) -> Future:
-        """The hardware decoder's part: on its own thread beside nvjpeg's share, or, when
-        it takes the whole batch, here (there is nothing to overlap it with)."""
-        if self._hardware_pool is not None:
-            return self._hardware_pool.submit(self._timed, "hardware", self.hardware, jpegs)
-        done: Future = Future()
-        try:
-            done.set_result(self.hardware(jpegs))
-        except Exception as exc:  # noqa: BLE001 - handled as the threaded one's
-            done.set_exception(exc)
-        return done
 
     def _place(
         self,
@@ -317,7 +302,7 @@ class BatchDecoder:
             decoded = dict.fromkeys(rows)
         done = {i: image for i, image in decoded.items() if image is not None}
         self._place(done, crops, images)
-        decoders.update(dict.fromkeys(done, self.hardware.label))
+        decoders.update(dict.fromkeys(done, "hardware"))
         return {i: self.pool.submit(self._pillow, encoded[i].data) for i in rows if i not in done}
 
     def nvjpeg_decode(self, jpegs: Sequence[bytes | bytearray]) -> list[torch.Tensor]:

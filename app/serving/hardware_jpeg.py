@@ -7,11 +7,9 @@ included) without the SMs or a host thread. So each batch is split: a share goes
 hardware decoder on its own thread while nvjpeg decodes the rest, and the share follows
 what each backend measured on recent batches (:class:`Split`), so both finish together.
 
-With ``whole`` (``VITSERVE_NVIMGCODEC_DECODE``), nvImageCodec decodes every such JPEG
-itself: one decoder per decode thread over the engines and nvjpeg's CUDA decode, splitting
-each batch between them inside the library (:data:`ENGINE_SHARE`) and running the Huffman
-pass on host threads of its own, so decode threads are not serialised behind torchvision's
-lock.
+Off by default (``VITSERVE_HARDWARE_DECODE``): on the H200 the service served fewer images a
+second with the split than with nvjpeg alone (docs/performance.md). The engines alone decode
+about half as fast as nvjpeg there, and their thread competes with the engine's for the GIL.
 
 nvImageCodec (pip ``nvidia-nvimgcodec-cu13`` with ``nvidia-nvjpeg``) is optional: without
 it, or on a GPU without NVJPG engines, :meth:`HardwareJpeg.load` gives None and nvjpeg
@@ -38,35 +36,25 @@ def small_jpeg() -> bytes:
     return buffer.getvalue()
 
 
-# The engines' share of a batch when one decoder has both GPU backends: what balanced them on
-# an H200 (engines 4.4k / 6.6k img/s against nvjpeg's 13.7k / 11.5k at batch 64 / 256,
-# bench/results/decode/jpeg-decoders-nvidia-h200-20261206-023827.json).
-ENGINE_SHARE = 0.3
-HOST_THREADS = 2  # each decoder's Huffman threads when nvjpeg's CUDA decode is among its backends
-
-
 class HardwareJpeg:
-    """Baseline JPEGs → full-size uint8 [3, H, W] views on ``device``, from the NVJPG engines
-    (with ``whole``: from the engines and nvjpeg's CUDA decode, one nvImageCodec decoder
-    taking every JPEG). One nvImageCodec decoder and CUDA stream per calling thread."""
+    """Baseline JPEGs → full-size uint8 [3, H, W] views on ``device``, from the NVJPG engines.
+    One nvImageCodec decoder and CUDA stream per calling thread."""
 
-    def __init__(self, nvimgcodec, device: torch.device, *, whole: bool = False) -> None:  # noqa: ANN001 - the module
-        self._codec, self.device, self.whole = nvimgcodec, device, whole
-        self.label = "nvimgcodec" if whole else "hardware"  # the decoder its images report
+    def __init__(self, nvimgcodec, device: torch.device) -> None:  # noqa: ANN001 - the module
+        self._codec, self.device = nvimgcodec, device
         self._local = threading.local()
 
     @classmethod
-    def load(cls, device: torch.device, *, whole: bool = False) -> HardwareJpeg | None:
+    def load(cls, device: torch.device) -> HardwareJpeg | None:
         """The hardware decoder of ``device`` if nvImageCodec is installed and the GPU has
-        NVJPG engines (it decodes a test image), else None. ``whole``: the decoder over
-        both GPU backends, which also runs where the engines are missing."""
+        NVJPG engines (it decodes a test image), else None."""
         if device.type != "cuda":
             return None
         try:
             from nvidia import nvimgcodec
         except ImportError:
             return None
-        decoder = cls(nvimgcodec, device, whole=whole)
+        decoder = cls(nvimgcodec, device)
         try:
             images = decoder([small_jpeg()])
         except Exception as exc:  # noqa: BLE001 - no NVJPG, no nvjpeg library, ...
@@ -82,15 +70,10 @@ class HardwareJpeg:
         local = self._local
         if not hasattr(local, "decoder"):
             codec = self._codec
-            kind = codec.BackendKind
-            backends = [codec.Backend(kind.HW_GPU_ONLY)]
-            if self.whole:
-                engines = codec.Backend(kind.HW_GPU_ONLY, ENGINE_SHARE)
-                backends = [engines, codec.Backend(kind.GPU_ONLY)]
             local.decoder = codec.Decoder(
                 device_id=self.device.index or 0,
-                backends=backends,
-                max_num_cpu_threads=HOST_THREADS if self.whole else 1,
+                backends=[codec.Backend(codec.BackendKind.HW_GPU_ONLY)],
+                max_num_cpu_threads=1,
             )
             local.stream = torch.cuda.Stream(self.device)
         return local.decoder, local.stream

@@ -45,8 +45,7 @@ class ImageResult:
     queue_s: float
     inference_s: float
     batch_size: int
-    # "nvjpeg", "hardware", "nvimgcodec", "pillow" (the CPU path), None if decoded before
-    decoder: str | None
+    decoder: str | None  # "nvjpeg", "hardware", "pillow" (the CPU path), None if decoded before
 
 
 class ClassifyPipeline:

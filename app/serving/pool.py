@@ -227,8 +227,7 @@ class ModelPool:
         if not self.settings.gpu_decode or not self.settings.hardware_decode:
             return None
         if device not in self._hardware:
-            whole = self.settings.nvimgcodec_decode
-            self._hardware[device] = HardwareJpeg.load(device, whole=whole)
+            self._hardware[device] = HardwareJpeg.load(device)
         return self._hardware[device]
 
     def _prepare(self, model: ServedModel) -> None:

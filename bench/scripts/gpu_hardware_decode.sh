@@ -6,9 +6,9 @@
 # Pillow) and the engine tables with profiles (gpu_engine_profile.sh; PARTS, default "s").
 # Reproduces: the decoders table and the service table of docs/performance.md. ~7 min.
 #   OUT=$OUT bash bench/scripts/gpu_hardware_decode.sh
-# AB='nvjpeg:false:false:2 engines:true:false:2 nvimgcodec:true:true:4' instead runs part s
-# once per decode set-up (name:VITSERVE_HARDWARE_DECODE:VITSERVE_NVIMGCODEC_DECODE:decode
-# threads[:uvicorn|granian]; ~3 min each, ~1.5 with DENSE_ONLY=1), after the decoders' ceilings if THREADS is
+# AB='nvjpeg:false:2 engines:true:2 granian:false:2:granian' instead runs part s
+# once per set-up (name:VITSERVE_HARDWARE_DECODE:decode threads[:uvicorn|granian]; ~3 min
+# each, ~1.5 with DENSE_ONLY=1), after the decoders' ceilings if THREADS is
 # set, then, with REPLICAS='["cuda:0","cuda:0","cuda:0"]', once more on that many engines.
 # THREADS='1 4' also times the GPU decoders on 4 threads at once; PARTS=none stops after the
 # decoders.
@@ -40,14 +40,14 @@ gpu_tests() {
   timeout 120 python3 -m pytest -q -m gpu --tb=short -p no:cacheprovider \
     tests/unit/test_hardware_jpeg.py tests/unit/test_decode.py 2>&1 | tail -8
 }
-# Part s once per set-up named in $AB (each: name:hardware_decode:nvimgcodec_decode:decode
-# threads[:http server]), the same call, results under $OUT/<name>.
+# Part s once per set-up named in $AB (each: name:hardware_decode:decode threads[:http
+# server]), the same call, results under $OUT/<name>.
 ab() {
-  local mode name hw whole threads http
+  local mode name hw threads http
   for mode in $AB; do
-    IFS=: read -r name hw whole threads http <<< "$mode"
+    IFS=: read -r name hw threads http <<< "$mode"
     echo "== part s, set-up $name"
-    VITSERVE_HARDWARE_DECODE=$hw VITSERVE_NVIMGCODEC_DECODE=$whole DECODE_THREADS=$threads \
+    VITSERVE_HARDWARE_DECODE=$hw DECODE_THREADS=$threads \
       VITSERVE_HTTP_SERVER=${http:-uvicorn} \
       PARTS=s OUT=${OUT:-bench/results}/$name timeout ${T:-240} bash bench/scripts/gpu_engine.sh
   done

@@ -59,9 +59,8 @@ class NvjpegAsHardware:
     """Stands in for the JPEG engines on any CUDA GPU: torchvision's nvjpeg, refusing the
     JPEGs of ``refused`` sizes as the hardware refuses what it cannot decode."""
 
-    def __init__(self, refused: int | None = None, *, whole: bool = False) -> None:
+    def __init__(self, refused: int | None = None) -> None:
         self.refused, self.threads = refused, set()
-        self.whole, self.label = whole, "nvimgcodec" if whole else "hardware"
 
     def __call__(self, jpegs):
         self.threads.add(threading.get_ident())
@@ -114,46 +113,6 @@ def test_the_jpeg_engines_decode_within_the_eval_transforms_tolerance():
         decoder.split.share = 5 / 6  # all but the last to the engines (0.95 rounds to all 6)
         batch = decoder([Encoded(d, pre.probe(d)) for d in plain])
     assert [batch.decoders[i] for i in range(6)] == ["hardware"] * 5 + ["nvjpeg"]
-    expected = torch.stack([pre(d) for d in plain]).to(cuda)
-    grey_levels = ((batch.inputs - expected) * pre.std.to(cuda)[:, None, None] * 255).abs()
-    assert grey_levels.mean() < 3, f"mean {grey_levels.mean():.2f} grey levels"
-
-
-@pytest.mark.gpu
-@needs_cuda
-def test_a_whole_decoder_takes_every_jpeg_in_the_decode_thread_and_refusals_go_to_the_cpu():
-    """VITSERVE_NVIMGCODEC_DECODE: one decoder (engines and nvjpeg inside nvImageCodec) takes
-    the whole batch, in the calling decode thread, with no split to balance."""
-    pre = Preprocessor(DEIT, max_pixels=40_000_000)
-    cuda = torch.device("cuda")
-    plain = [photo((500 - 20 * s, 375), seed=s) for s in range(5)]
-    whole = NvjpegAsHardware(refused=len(plain[3]), whole=True)
-    with ThreadPoolExecutor(2) as pool:
-        decoder = BatchDecoder(
-            pre, device=cuda, dtype=torch.float32, pool=pool, nvjpeg=True, hardware=whole
-        )
-        batch = decoder([Encoded(d, pre.probe(d)) for d in plain])
-    assert not batch.errors and batch.rows == list(range(5))
-    assert [batch.decoders[i] for i in range(5)] == ["nvimgcodec"] * 3 + ["pillow", "nvimgcodec"]
-    assert whole.threads == {threading.get_ident()}
-    assert not decoder.split._per_image  # nothing to balance
-
-
-@pytest.mark.gpu
-@needs_cuda
-def test_nvimgcodec_whole_decodes_within_the_eval_transforms_tolerance():
-    whole = HardwareJpeg.load(torch.device("cuda"), whole=True)
-    if whole is None:
-        pytest.skip("no nvImageCodec here")
-    pre = Preprocessor(DEIT, max_pixels=40_000_000)
-    cuda = torch.device("cuda")
-    plain = [photo((500 - 20 * s, 375), seed=s) for s in range(6)]
-    with ThreadPoolExecutor(2) as pool:
-        decoder = BatchDecoder(
-            pre, device=cuda, dtype=torch.float32, pool=pool, nvjpeg=True, hardware=whole
-        )
-        batch = decoder([Encoded(d, pre.probe(d)) for d in plain])
-    assert [batch.decoders[i] for i in range(6)] == ["nvimgcodec"] * 6
     expected = torch.stack([pre(d) for d in plain]).to(cuda)
     grey_levels = ((batch.inputs - expected) * pre.std.to(cuda)[:, None, None] * 255).abs()
     assert grey_levels.mean() < 3, f"mean {grey_levels.mean():.2f} grey levels"
