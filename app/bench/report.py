@@ -565,10 +565,13 @@ def variants_table(table: Table, repo: Path) -> list[str]:
     for path in sorted((repo / "model_store").glob("*/manifest.json")):
         m = json.loads(path.read_text())
         figures = m.get("figures", {})
-        fid = (figures.get("fidelity") or [{}])[0]
+        # the figure over the most photos: the narrowest interval the manifest has
+        fid = max(figures.get("fidelity") or [{}], key=lambda f: f.get("n_images", 0))
         if fid:
             lo, hi = fid["ci95"]
             seeds = f", {len(fid['seeds'])} seed(s)" if fid.get("seeds") else ""
+            if fid.get("method") == "cross-fitted":
+                seeds += f", cross-fitted over {len(fid['folds'])} folds"
             agreement = (
                 f"{fid['agreement_top1']:.1%} [{lo:.1%}, {hi:.1%}] "
                 f"({fid['n_images']}, {' + '.join(fid['eval_sets'])}{seeds})"
