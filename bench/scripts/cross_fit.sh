@@ -4,8 +4,9 @@
 # with half of extra (alternate files by name) in place of all of it, and every photo of
 # dev + extra is scored by the fold that did not train on it (app.bench.fidelity
 # --cross-fit); the pooled figure goes into the entry's manifest (--record-in).
-#   ENTRY=deit_tiny-merge-t5 bash bench/scripts/cross_fit.sh     (2 x ~12 min on 2 cores)
-# The folds' recipe is the manifest's own command, run as recorded (its device, steps, seed).
+#   ENTRY=deit_tiny-merge-t5 SEEDS="0 1" bash bench/scripts/cross_fit.sh
+# (2 folds x ~12 min a seed on 2 cores). The folds' recipe is the manifest's own command,
+# run as recorded (its device, steps) with each seed of SEEDS (default: the recorded one).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 entry=${ENTRY:-deit_tiny-merge-t5}
@@ -34,17 +35,24 @@ teacher=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['sourc
 [ -d "$work/store/$teacher" ] || cp -r "model_store/$teacher" "$work/store/"
 recipe=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['source']['details']['command'])" \
   "model_store/$entry/manifest.json")
-seed=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['source']['details']['seed'])" \
+recorded=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['source']['details']['seed'])" \
   "model_store/$entry/manifest.json")
-for fold in a b; do
-  [ -f "$work/store/$entry-fold-$fold/manifest.json" ] && continue
-  command=${recipe//"$images/imagenet-extra"/"$work/extra-$fold"}
-  command=${command//"--out $entry "/"--out $entry-fold-$fold "}
-  echo "== fold $fold: $command --store $work/store"
-  bash -c "$command --store $work/store"
+seeds=${SEEDS:-$recorded}
+folds=()
+for seed in $seeds; do
+  for fold in a b; do
+    name=$entry-s$seed-fold-$fold
+    folds+=("$name")
+    [ -f "$work/store/$name/manifest.json" ] && continue
+    command=${recipe//"$images/imagenet-extra"/"$work/extra-$fold"}
+    command=${command//"--out $entry "/"--out $name "}
+    command=${command//"--seed $recorded "/"--seed $seed "}
+    echo "== seed $seed, fold $fold: $command --store $work/store"
+    bash -c "$command --store $work/store"
+  done
 done
 HF_HUB_CACHE=${HF_HUB_CACHE:-../shared/hf-cache} HF_HUB_OFFLINE=1 python3 -m app.bench.fidelity \
   --store "$work/store" --teacher "$teacher" \
   --images "$images/imagenet-dev" "$work/extra-a" "$work/extra-b" \
-  --entries "$entry-fold-a" "$entry-fold-b" --cross-fit "$entry" --seeds "$seed" \
+  --entries "${folds[@]}" --cross-fit "$entry" --seeds $seeds \
   --record-in "model_store/$entry/manifest.json"
