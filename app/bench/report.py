@@ -155,7 +155,7 @@ def service_table(table: Table, repo: Path) -> list[str]:
             paths = {s["path"] for s in result.get("decode_stage_steps", {}).values()}
             if paths:  # how the decode stage turned JPEGs into the batch
                 where += f", decode: {', '.join(sorted(paths))}"
-            where += _switches(server)
+            where += set_up_label(server)
         else:
             where = f"{workers} process(es), models in each (before the engine)"
         for model, best in result["best_img_s"].items():
@@ -240,7 +240,7 @@ def setups_table(table: Table, repo: Path) -> list[str]:
         result = _load(repo, name)
         server = result.get("server", {})
         threads = server.get("VITSERVE_DECODE_THREADS", "?")
-        setup = f"{threads} decode threads{_switches(server)}"
+        setup = f"{threads} decode threads{set_up_label(server)}"
         for level in result["levels"]:
             if level.get("offered_img_s"):
                 continue  # the half-load level: a latency figure, not a set-up's capacity
@@ -290,7 +290,7 @@ def decode_table(table: Table, repo: Path) -> list[str]:
     return [caption, "", *_markdown(header, rows)]
 
 
-def _switches(server: dict[str, str]) -> str:
+def set_up_label(server: dict[str, str]) -> str:
     """The decode and HTTP set-up a run recorded (runs before these switches recorded none)."""
     said = []
     if server.get("VITSERVE_NVIMGCODEC_DECODE") == "true":  # a set-up since removed

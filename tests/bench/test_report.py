@@ -16,6 +16,7 @@ from app.bench.report import (
     levels_table,
     merge_steps_table,
     pooled_table,
+    set_up_label,
     write_docs,
 )
 from app.store.manifest import wilson_interval
@@ -176,3 +177,13 @@ def test_the_merge_steps_table_gives_each_implementations_ratio_to_argsort() -> 
         in x
         for x in lines
     )
+
+
+def test_service_rows_say_the_set_up_a_run_recorded_and_nothing_for_older_runs():
+    assert set_up_label({}) == ""  # before the switches were recorded: no claim either way
+    assert set_up_label({"VITSERVE_HARDWARE_DECODE": "false"}) == ", JPEG engines off"
+    assert (
+        set_up_label({"VITSERVE_HARDWARE_DECODE": "true", "VITSERVE_HTTP_SERVER": "granian"})
+        == ", JPEG engines on, granian"
+    )
+    assert set_up_label({"VITSERVE_HTTP_SERVER": "uvicorn"}) == ""  # the default says nothing
