@@ -571,7 +571,8 @@ def variants_table(table: Table, repo: Path) -> list[str]:
             lo, hi = fid["ci95"]
             seeds = f", {len(fid['seeds'])} seed(s)" if fid.get("seeds") else ""
             if fid.get("method") == "cross-fitted":
-                seeds += f", cross-fitted over {len(fid['folds'])} folds"
+                per_seed = len(fid["folds"]) // max(1, len(fid.get("seeds") or [1]))
+                seeds += f", cross-fitted: {per_seed} folds a seed"
             agreement = (
                 f"{fid['agreement_top1']:.1%} [{lo:.1%}, {hi:.1%}] "
                 f"({fid['n_images']}, {' + '.join(fid['eval_sets'])}{seeds})"
