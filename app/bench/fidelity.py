@@ -26,8 +26,8 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from app.store import ModelStore
-from app.store.manifest import FidelityFigure, Manifest, wilson_interval
-from app.timing import environment
+from app.store.manifest import FidelityFigure, rewrite_declared, wilson_interval
+from app.timing import dtype_name, environment
 from app.train.data import EvalImages, eval_transform, list_images, read_labels
 from app.train.evaluate import evaluate, logits
 from app.vit.builder import calibrate, compress, resolve_config
@@ -96,6 +96,7 @@ def evaluate_all(
         rows.append({**row, "pooled": pooled(results)})
     return {
         **environment(device),
+        "dtype": dtype_name(dtype),
         "teacher": teacher_name,
         "folders": [str(f) for f in folders],
         "rows": rows,
@@ -185,13 +186,14 @@ def record_figure(manifest_path: Path, row: dict[str, Any], source: str, measure
     ).model_dump(mode="json", exclude_none=True)
     raw = json.loads(manifest_path.read_text())
     figures = raw.setdefault("figures", {}).setdefault("fidelity", [])
-    same = [i for i, f in enumerate(figures) if set(f["eval_sets"]) == set(pool["folders"])]
-    if same:
-        figures[same[0]] = figure
-    else:
+    same = next(
+        (i for i, f in enumerate(figures) if set(f["eval_sets"]) == set(pool["folders"])), None
+    )
+    if same is None:
         figures.append(figure)
-    Manifest.model_validate(raw)
-    manifest_path.write_text(json.dumps(raw, indent=2, ensure_ascii=False) + "\n")
+    else:
+        figures[same] = figure
+    rewrite_declared(manifest_path, raw)
 
 
 def format_table(report: dict[str, Any]) -> str:
@@ -270,9 +272,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     path.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {path}")
     if args.record_in and args.cross_fit:
-        device = f"{report['device']} ({report['device_type']})"
         measured = (
-            f"{device}, {'bf16' if report['device_type'] == 'cuda' else 'fp32'}; "
+            f"{report['device']} ({report['device_type']}), {report['dtype']}; "
             f"cross-fitted over folds {', '.join(report['rows'][-1]['folds'])}"
         )
         record_figure(args.record_in, report["rows"][-1], path.as_posix(), measured)

@@ -20,7 +20,7 @@ from typing import Any
 
 from app.bench.models import mode_name
 from app.bench.report import REPO
-from app.store.manifest import MANIFEST_FILE, Manifest, SpeedFigure
+from app.store.manifest import MANIFEST_FILE, Manifest, SpeedFigure, rewrite_declared
 
 
 def device_label(result: Mapping[str, Any]) -> str:
@@ -125,8 +125,7 @@ def update_store(store: Path, result_path: Path) -> dict[str, int]:
                 speed.append(dumped)
             else:
                 speed[at] = dumped  # where it was: rewriting the same result changes nothing
-        Manifest.model_validate(raw)  # still a valid manifest before it is written
-        path.write_text(json.dumps(raw, indent=2, ensure_ascii=False) + "\n")
+        rewrite_declared(path, raw)
         written[manifest.name] = len(new)
     return written
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import math
 import re
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -193,3 +195,11 @@ class Manifest(BaseModel):
                     "'borrowed' must be true exactly when the architecture is another's"
                 )
         return self
+
+
+def rewrite_declared(path: Path, raw: dict[str, Any]) -> None:
+    """A declared manifest's JSON, edited in place (new measured figures), written back only
+    if it is still a valid manifest, in the committed files' layout (fields in their order,
+    non-ASCII kept) so that a rewrite with the same figures changes nothing."""
+    Manifest.model_validate(raw)
+    path.write_text(json.dumps(raw, indent=2, ensure_ascii=False) + "\n")
