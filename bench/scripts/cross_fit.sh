@@ -30,13 +30,15 @@ for k, fold in enumerate("ab"):
         writer.writeheader()
         writer.writerows(part)
 PY
-teacher=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['source']['ref'])" \
-  "model_store/$entry/manifest.json")
+# the teacher, the recorded seed and the recorded command (one line each)
+{ read -r teacher; read -r recorded; IFS= read -r recipe; } < <(python3 - \
+  "model_store/$entry/manifest.json" <<'PY'
+import json, sys
+source = json.load(open(sys.argv[1]))["source"]
+print(source["ref"], source["details"]["seed"], source["details"]["command"], sep="\n")
+PY
+)
 [ -d "$work/store/$teacher" ] || cp -r "model_store/$teacher" "$work/store/"
-recipe=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['source']['details']['command'])" \
-  "model_store/$entry/manifest.json")
-recorded=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['source']['details']['seed'])" \
-  "model_store/$entry/manifest.json")
 seeds=${SEEDS:-$recorded}
 folds=()
 for seed in $seeds; do
