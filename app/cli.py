@@ -41,6 +41,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "host": settings.host,
         "port": settings.port,
         "log_level": settings.log_level,
+        "access_log": settings.access_log,
         "timeout_graceful_shutdown": settings.drain_timeout_s,
     }
     # Worker processes build their own app from the environment: hand the flags down, and
@@ -98,6 +99,7 @@ def _run_granian(settings: Settings) -> None:
         port=settings.port,
         workers=settings.workers,
         log_level=settings.log_level.lower(),
+        log_access=settings.access_log,
         workers_kill_timeout=settings.drain_timeout_s,
     ).serve()
 

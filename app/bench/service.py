@@ -247,6 +247,7 @@ def server_env(args: argparse.Namespace) -> dict[str, str]:
         "VITSERVE_DECODE_THREADS": args.decode_threads,
         "VITSERVE_ENGINE": args.engine,
         "VITSERVE_REPLICA_DEVICES": args.replica_devices,
+        "VITSERVE_ENGINES_PER_DEVICE": args.engines_per_device,
         "VITSERVE_GPU_DECODE": None if args.gpu_decode is None else str(args.gpu_decode).lower(),
     }
     # switches the caller set (an A/B run sets them around the command): recorded
@@ -262,11 +263,11 @@ def server_env(args: argparse.Namespace) -> dict[str, str]:
 
 
 def decoding_processes(settings: Any) -> dict[str, int]:
-    """Who decodes in the server: each engine (one per device) on its decode threads, or,
-    inline, every HTTP worker on one thread."""
+    """Who decodes in the server: each engine (``engines_per_device`` per device) on its
+    decode threads, or, inline, every HTTP worker on one thread."""
     if settings.engine == "process":
         return {
-            "processes": len(settings.replica_devices or [None]),
+            "processes": len(settings.replica_devices or [None]) * settings.engines_per_device,
             "threads": settings.decode_threads,
         }
     return {"processes": settings.workers, "threads": 1}
@@ -458,6 +459,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--replica-devices",
         dest="replica_devices",
         help='JSON list, one replica per device, e.g. \'["cuda:0","cuda:1"]\'',
+    )
+    p.add_argument(
+        "--engines-per-device",
+        dest="engines_per_device",
+        type=int,
+        help="engine processes per device (server default: 1)",
     )
     p.add_argument(
         "--litserve",

@@ -6,6 +6,7 @@
 # Takes: ~5 min. Runs on any Linux machine with >= 2 cores: everything (server, client and
 #   the model-only timing) is pinned to cores $CORES with taskset, so a device call measures
 #   2 quiet cores of a bigger host. Weights are random (speed does not depend on them).
+# ENGINE=process serves through the engine (default: the server's, inline).
 # Carry (device): .whl (fastapi, uvicorn, pydantic, ... for its python) and
 #   .carry/images/imagenet-dev; locally IMAGES=../shared/images/imagenet-dev.
 set -uo pipefail
@@ -27,4 +28,5 @@ pin python3 -m app.bench.models --device cpu --threads 2 --archs deit_tiny_patch
 pin python3 -m app.bench.service --store "$store" --device cpu \
   --models deit_tiny_patch16_224 "${entries[@]/#/deit_tiny-}" \
   --concurrency 4 4 4 4 --images-per-request 16 --images "$images" \
-  --seconds "${SECONDS_PER_LEVEL:-25}" --warmup 6 --no-half-load --out "$out/service"
+  --seconds "${SECONDS_PER_LEVEL:-25}" --warmup 6 --no-half-load --out "$out/service" \
+  ${ENGINE:+--engine "$ENGINE"}

@@ -6,8 +6,9 @@
 # servers, batch 64, 10 ms) in the same run, same client and images.
 # Reproduces: the service table of docs/performance.md. Takes ~6 min; PARTS picks the runs
 # (default "tests s litserve"; "b" adds DeiT-B, "s16" DeiT-S dense with 16 images a request,
-# "inline" the per-worker design of before; REPLICAS='["cuda:0","cuda:0"]' runs part s with
-# that many engines on one GPU; DENSE_ONLY=1 times part s on dense DeiT-S alone, no half load).
+# "inline" the per-worker design of before; ENGINES=3 runs every part with 3 engines on the
+# GPU, REPLICAS='["cuda:0","cuda:1"]' with one per listed device; DENSE_ONLY=1 times part s on
+# dense DeiT-S alone, no half load).
 # Carry: .whl (fastapi, uvicorn, pydantic, litserve, ... for python3.12) and
 # .carry/images/imagenet-dev.
 set -uo pipefail
@@ -23,7 +24,8 @@ for arch in small base; do  # kept between runs of one call
 done
 common=(--store $store --images .carry/images/imagenet-dev --device cuda --seconds 5
   --warmup 1.5 --client-processes 4 --max-batch-size 256 --queue-size 4096
-  --start-timeout 240 --out "$out")
+  --start-timeout 240 --out "$out" ${ENGINES:+--engines-per-device "$ENGINES"}
+  ${REPLICAS:+--replica-devices "$REPLICAS"})
 one=(--images-per-request 1 --concurrency 64 256)
 s_models=(--models deit_small "deit_small-$cfg" --half-load-seconds 10)
 [ -n "${DENSE_ONLY:-}" ] && s_models=(--models deit_small --no-half-load)
@@ -34,8 +36,7 @@ for part in ${PARTS:-tests s litserve}; do
         tests/service/test_gpu_metrics.py \
         2>&1 | grep -v "Warning\|warn\|^$\|^  " ;;
     s) python3 -m app bench service "${common[@]}" "${one[@]}" --engine process --workers "${WORKERS:-12}" \
-        --decode-threads "${DECODE_THREADS:-2}" "${s_models[@]}" \
-        ${REPLICAS:+--replica-devices "$REPLICAS"} ;;
+        --decode-threads "${DECODE_THREADS:-2}" "${s_models[@]}" ;;
     b) python3 -m app bench service "${common[@]}" "${one[@]}" --engine process --workers "${WORKERS:-12}" \
         --decode-threads "${DECODE_THREADS:-2}" --models deit_base "deit_base-$cfg" \
         --no-half-load ;;

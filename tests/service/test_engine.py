@@ -233,6 +233,31 @@ def test_every_http_worker_feeds_one_engine(tiny_store):
     assert len(pids) == 1 and None not in pids
 
 
+def test_engines_per_device_starts_that_many_and_one_serves_while_the_other_restarts(
+    tiny_store,
+):
+    data = image_bytes("JPEG", (64, 48))
+    env = serve_env(tiny_store, max_delay_ms=2, engine="process", engines_per_device=2)
+    with running_server(env, timeout_s=120) as base:
+
+        def classify() -> int:
+            answer = httpx.post(f"{base}/classify", content=data, headers=JPEG, timeout=30)
+            return answer.status_code
+
+        deadline = time.monotonic() + 60  # ready once one engine is; the other may lag
+        engines = readyz(base).json()["engines"]
+        while not all(e["up"] for e in engines):
+            assert time.monotonic() < deadline, engines
+            time.sleep(0.1)
+            engines = readyz(base).json()["engines"]
+        assert len(engines) == 2 and len({e["pid"] for e in engines}) == 2
+        os.kill(engines[0]["pid"], signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while readyz(base).json()["engines"][0]["up"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert [classify() for _ in range(8)] == [200] * 8  # the live engine takes them all
+
+
 def test_a_dead_engine_means_503s_then_a_restart(tiny_store):
     data = image_bytes("JPEG", (64, 48))
     with running_server(serve_env(tiny_store, max_delay_ms=2, engine="process")) as base:

@@ -1,5 +1,5 @@
-"""Start one engine process per device, restart one that dies, stop them after the HTTP
-workers have drained."""
+"""Start the engine processes (``engines_per_device`` per device), restart one that dies,
+stop them after the HTTP workers have drained."""
 
 from __future__ import annotations
 
@@ -49,7 +49,11 @@ class EngineSupervisor:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._dir = tempfile.TemporaryDirectory(prefix="vitserve-engine-")
-        devices: list[str | None] = list(settings.replica_devices or [None])
+        devices: list[str | None] = [
+            device
+            for device in settings.replica_devices or [None]
+            for _ in range(settings.engines_per_device)
+        ]
         self.engines = [
             EngineProcess(settings, device, Path(self._dir.name) / f"engine-{i}.sock")
             for i, device in enumerate(devices)
