@@ -180,35 +180,18 @@ def fidelity(
     }
 
 
-def rate(decode: Decode, jpegs: list[bytes], *, then: Step | None, seconds: float) -> float:
-    """Images a second through ``decode`` (and ``then``) on one thread, each batch
-    synchronised."""
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-    for _ in range(2):  # warm-up: allocations, nvjpeg/nvimgcodec state, kernel compilation
-        images = decode(jpegs)
-        if then is not None:
-            then(images)
-    sync()
-    done, started = 0, time.perf_counter()
-    while time.perf_counter() - started < seconds:
-        images = decode(jpegs)
-        if then is not None:
-            then(images)
-        sync()
-        done += len(jpegs)
-    return done / (time.perf_counter() - started)
-
-
-def rate_threads(
+def rate(
     make: Callable[[], tuple[Decode, Step | None]],
     jpegs: list[bytes],
     *,
-    threads: int,
     seconds: float,
+    threads: int = 1,
 ) -> float:
     """Images a second through ``threads`` Python threads at once, each with its own decoder
-    and step (from ``make``) on its own CUDA stream, each batch synchronised on it: whether
-    a backend decodes more with more threads, as the server's decode stage runs it."""
+    and step (from ``make``) on its own CUDA stream, each batch synchronised on it; two
+    warm-up batches a thread first (allocations, decoder state, kernel compilation). Above
+    one thread: whether a backend decodes more with more threads, as the server's decode
+    stage runs it."""
     done = [0] * threads
     started = threading.Barrier(threads + 1)
     stop = threading.Event()
@@ -285,7 +268,8 @@ def run(
     ]
     for name, batch, step, then in tqdm(plan, desc="decoder x batch x step"):
         jpegs = (photos * (batch // len(photos) + 1))[:batch]
-        img_s = rate(found[name], jpegs, then=then, seconds=seconds)
+        decode = found[name]
+        img_s = rate(lambda d=decode, t=then: (d, t), jpegs, seconds=seconds)
         rows.append({"decoder": name, "batch": batch, "step": step, "threads": 1, "img_s": img_s})
     make = makers(device)
     parallel = [
@@ -305,7 +289,7 @@ def run(
             then = fused_step(batch, dtype, device) if step == "decode+fused" else None
             return make[name](), then
 
-        img_s = rate_threads(both, jpegs, threads=k, seconds=seconds)
+        img_s = rate(both, jpegs, threads=k, seconds=seconds)
         rows.append({"decoder": name, "batch": batch, "step": step, "threads": k, "img_s": img_s})
     fused = [name for name in found if name in GPU_OUTPUT and fused_runs(device)]
     return {

@@ -21,6 +21,15 @@ from typing import Any
 
 from app.bench.fidelity import pooled
 from app.bench.models import mode_name
+from app.bench.service_tables import (
+    baseline_table,
+    decode_table,
+    decoders_table,
+    perf_analyzer_table,
+    service_table,
+    setups_table,
+)
+from app.bench.tables import Table, load_result, markdown, stamp, torch_versions
 from app.config import Settings
 from app.vit.builder import PRESETS
 from app.vit.config import CompressionConfig
@@ -40,36 +49,16 @@ ARCH_NAMES = {
     "deit_base_patch16_224": "DeiT-B",
 }
 
-Table = Mapping[str, Any]
-
-
-def _load(repo: Path, name: str) -> dict[str, Any]:
-    return json.loads((repo / "bench/results" / name).read_text())
-
-
-def _stamp(name: str) -> str:
-    """A result file's short name in a table's source column."""
-    return Path(name).stem
-
-
-def _markdown(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return lines + ["| " + " | ".join(row) + " |" for row in rows]
-
 
 def _arch(name: str) -> str:
     return ARCH_NAMES.get(name, name)
-
-
-def _torch(results: Sequence[Mapping[str, Any]]) -> str:
-    return ", ".join(sorted({r["torch_version"] for r in results if "torch_version" in r}))
 
 
 def models_table(table: Table, repo: Path) -> list[str]:
     """Speed-up over dense per config, one column per (model, mode) measured (the table's
     ``modes`` only, if it names them), and per batch when the files hold several; a later
     file overrides an earlier one's cell. Dense's images/s is its own row."""
-    results = [_load(repo, f) for f in table["files"]]
+    results = [load_result(repo, f) for f in table["files"]]
     modes = table.get("modes", MODES)  # a table may keep only some modes' columns
     measured = [
         (name, row)
@@ -90,8 +79,8 @@ def models_table(table: Table, repo: Path) -> list[str]:
         label = row["name"]
         value = f"{row['img_s']:,.0f} img/s" if label == "dense" else f"{row['speedup']:.2f}×"
         cells.setdefault(label, {})[column] = value
-        if label != "dense" and _stamp(name) not in sources.setdefault(label, []):
-            sources[label].append(_stamp(name))
+        if label != "dense" and stamp(name) not in sources.setdefault(label, []):
+            sources[label].append(stamp(name))
     columns = sorted(
         {c for row in cells.values() for c in row}, key=lambda c: (c[0], MODES.index(c[1]), c[2])
     )
@@ -103,7 +92,7 @@ def models_table(table: Table, repo: Path) -> list[str]:
         for k in order
     ]
     caption = (
-        f"Device: {', '.join(sorted(devices))} (torch {_torch(results)}); batch "
+        f"Device: {', '.join(sorted(devices))} (torch {torch_versions(results)}); batch "
         f"{', '.join(map(str, batches))}; {', '.join(sorted(dtypes))}; random weights "
         "(speed does not depend on them). Each ratio is against dense timed in the same run and "
         "mode; dense's images/s is from the last listed file that measured its column."
@@ -113,230 +102,7 @@ def models_table(table: Table, repo: Path) -> list[str]:
         + [f"{arch} {mode}" + (f" @{batch}" if batch else "") for arch, mode, batch in columns]
         + ["source"]
     )
-    return [caption, "", *_markdown(header, rows)]
-
-
-def _service_mode(result: Mapping[str, Any]) -> str:
-    server = result.get("server", {})
-    compiled = server.get("VITSERVE_COMPILE", "false").lower() in {"1", "true"}
-    graphs = result["device_type"] == "cuda" and server.get("VITSERVE_CUDA_GRAPHS", "true") in {
-        "1",
-        "true",
-    }
-    return mode_name(compiled, graphs)
-
-
-def service_table(table: Table, repo: Path) -> list[str]:
-    """End to end through HTTP: best images/s over the concurrency levels, the ratio to the
-    run's reference model, and p99 latency at half that load."""
-    header = [
-        "model",
-        "device",
-        "mode",
-        "server",
-        "images/request",
-        "max batch",
-        "images/s (best)",
-        "× reference",
-        "p99 at half load",
-        "source",
-    ]
-    rows = []
-    results = [_load(repo, f) for f in table["files"]]
-    for name, result in zip(table["files"], results, strict=True):
-        server = result.get("server", {})
-        workers = server.get("VITSERVE_WORKERS", "1")
-        engines = result.get("decode_ceiling_processes")
-        if isinstance(engines, dict):  # since the engine: who decodes and runs the models
-            where = (
-                f"{workers} HTTP worker(s), {engines['processes']} engine(s) × "
-                f"{engines['threads']} decode threads"
-            )
-            paths = {s["path"] for s in result.get("decode_stage_steps", {}).values()}
-            if paths:  # how the decode stage turned JPEGs into the batch
-                where += f", decode: {', '.join(sorted(paths))}"
-            where += set_up_label(server)
-        else:
-            where = f"{workers} process(es), models in each (before the engine)"
-        for model, best in result["best_img_s"].items():
-            if model in table.get("exclude", ()):
-                continue
-            ratio = 1.0 if model == result["reference"] else result["speedups"].get(model)
-            half = result.get("half_load", {}).get(model, {})
-            rows.append(
-                [
-                    f"`{model}`",
-                    f"{result['device']} ({result['dtype']})",
-                    _service_mode(result),
-                    where,
-                    str(result["images_per_request"]),
-                    server.get("VITSERVE_MAX_BATCH_SIZE", "32"),
-                    f"{best:,.1f}" if best < 100 else f"{best:,.0f}",
-                    f"{ratio:.2f}×" if ratio else "–",
-                    f"{half['p99_ms']:.0f} ms" if half else "–",
-                    _stamp(name),
-                ]
-            )
-    caption = (
-        f"Random-weight models (speed only), real JPEGs; torch {_torch(results)}. "
-        "Client: closed loop over the listed concurrency levels, then Poisson arrivals at half "
-        "the best rate for the p99."
-    )
-    return [caption, "", *_markdown(header, rows)]
-
-
-def baseline_table(table: Table, repo: Path) -> list[str]:
-    """Ours and the LitServe baseline at each concurrency level of one run."""
-    header = ["server", "model", "device", "mode", "images/request", "concurrency", "images/s"]
-    header += ["p99", "source"]
-    rows = []
-    for name in table["files"]:
-        result = _load(repo, name)
-        server = result.get("server", {})
-        lit = result["litserve"]
-        engines = result.get("decode_ceiling_processes")
-        vitserve = f"vitserve, {server.get('VITSERVE_WORKERS', '1')} processes"
-        if isinstance(engines, dict):
-            vitserve = f"vitserve, {server.get('VITSERVE_WORKERS', '1')} HTTP workers + engine"
-        litserve = f"LitServe, {lit['workers_per_device']} workers"
-        if lit.get("api_servers", 1) > 1:
-            litserve += f" × 1 thread, {lit['api_servers']} API servers"
-        batches = {True: result["batch"], False: lit["max_batch_size"]}
-        for level in result["levels"]:
-            ours = not level["model"].startswith("litserve:")
-            who = (
-                f"{vitserve}, batch ≤ {batches[ours]}"
-                if ours
-                else f"{litserve}, batch ≤ {batches[ours]}"
-            )
-
-            rows.append(
-                [
-                    who,
-                    f"`{level['model'].removeprefix('litserve:')}`",
-                    f"{result['device']} ({result['dtype']})",
-                    _service_mode(result) if ours else "eager",
-                    str(result["images_per_request"]),
-                    str(level["concurrency"]),
-                    f"{level['img_s']:,.0f}",
-                    f"{level['p99_ms']:.0f} ms",
-                    _stamp(name),
-                ]
-            )
-    caption = (
-        "Each server at the set-up named, same client, images and run. The set-ups differ "
-        "in processes and batching, so the ratio is of these set-ups, not of the frameworks."
-    )
-    return [caption, "", *_markdown(header, rows)]
-
-
-def setups_table(table: Table, repo: Path) -> list[str]:
-    """Every level of runs that differ in set-up only: throughput, latency, the batch the
-    server formed, the GPU's busy share and the cores each side kept busy."""
-    header = ["set-up", "model", "concurrency", "images/s", "p50", "p99", "mean batch"]
-    header += ["GPU busy", "cores client / HTTP / engine", "source"]
-    rows = []
-    for name in table["files"]:
-        result = _load(repo, name)
-        server = result.get("server", {})
-        threads = server.get("VITSERVE_DECODE_THREADS", "?")
-        setup = f"{threads} decode threads{set_up_label(server)}"
-        for level in result["levels"]:
-            if level.get("offered_img_s"):
-                continue  # the half-load level: a latency figure, not a set-up's capacity
-            cores = level.get("cores") or {}
-            busy = level.get("gpu_busy")
-            rows.append(
-                [
-                    setup,
-                    f"`{level['model']}`",
-                    str(level["concurrency"]),
-                    f"{level['img_s']:,.0f}",
-                    f"{level['p50_ms']:.0f} ms",
-                    f"{level['p99_ms']:.0f} ms",
-                    f"{level['mean_batch']:.1f}" if level.get("mean_batch") else "–",
-                    "–" if busy is None else f"{100 * busy:.0f}%",
-                    " / ".join(f"{cores.get(k, 0):.1f}" for k in ("client", "server", "engine")),
-                    _stamp(name),
-                ]
-            )
-    first = _load(repo, table["files"][0])
-    caption = (
-        f"{first['device']}, {first['dtype']}, torch {first['torch_version']}; "
-        f"{first['images_per_request']} image a request, real JPEGs; closed loop, one level "
-        "after another."
-    )
-    return [caption, "", *_markdown(header, rows)]
-
-
-def decode_table(table: Table, repo: Path) -> list[str]:
-    """The decode stage per image, each step timed alone."""
-    header = ["path", "device", "batch", "probe", "decode", "resize + crop", "normalise", "all"]
-    rows = []
-    for name in table["files"]:
-        result = _load(repo, name)
-        for row in result["rows"]:
-            steps = row["ms_per_image"]
-            rows.append(
-                [row["path"], result["device"], str(row["batch"])]
-                + [
-                    f"{steps[k]:.3f} ms"
-                    for k in ("probe", "decode", "resize_crop", "normalize")
-                    if k in steps
-                ]
-                + [f"{sum(steps.values()):.3f} ms"]
-            )
-    caption = f"Milliseconds per image, model: none (the stage alone); source: {table['files']}."
-    return [caption, "", *_markdown(header, rows)]
-
-
-def set_up_label(server: dict[str, str]) -> str:
-    """The decode and HTTP set-up a run recorded (runs before these switches recorded none)."""
-    said = []
-    if server.get("VITSERVE_NVIMGCODEC_DECODE") == "true":  # a set-up since removed
-        said.append("nvImageCodec decodes all")
-    elif "VITSERVE_HARDWARE_DECODE" in server:
-        on = server["VITSERVE_HARDWARE_DECODE"] != "false"
-        said.append(f"JPEG engines {'on' if on else 'off'}")
-    if server.get("VITSERVE_HTTP_SERVER", "uvicorn") != "uvicorn":
-        said.append(server["VITSERVE_HTTP_SERVER"])
-    return "".join(f", {s}" for s in said)
-
-
-def decoders_table(table: Table, repo: Path) -> list[str]:
-    """Images a second per JPEG decoder backend, one column per (batch, step), and how far
-    its crops land from the eval transform's (``app.bench.jpeg_decoders``)."""
-    lines: list[str] = []
-    for name in table["files"]:
-        result = _load(repo, name)
-        columns = list(dict.fromkeys((row["batch"], row["step"]) for row in result["rows"]))
-        # results before --threads ran every decoder on one thread
-        rates = {
-            (r["decoder"], r.get("threads", 1), r["batch"], r["step"]): r["img_s"]
-            for r in result["rows"]
-        }
-        header = ["decoder", *(f"{step} @{batch}" for batch, step in columns)]
-        header.append("crop vs eval transform: max / mean / p99.9 grey levels")
-        rows = []
-        for decoder, threads in dict.fromkeys((d, k) for d, k, _, _ in rates):
-            cells = [f"`{decoder}`" + (f" × {threads} threads" if threads > 1 else "")]
-            for batch, step in columns:
-                img_s = rates.get((decoder, threads, batch, step))
-                cells.append("–" if img_s is None else f"{img_s:,.0f} img/s")
-            diff = result["fidelity"].get(decoder) if threads == 1 else None
-            cells.append(
-                f"{diff['max']:.0f} / {diff['mean']:.3f} / {diff['p99_9']:.0f}" if diff else "–"
-            )
-            rows.append(cells)
-        caption = (
-            f"Device: {result['device']} (torch {result['torch_version']}); "
-            f"{result['photos']} baseline RGB JPEGs of `{Path(result['folder']).name}`, "
-            "one Python thread per decoder (or the threads named, one decoder and CUDA "
-            "stream each), each batch synchronised; crops are the eval transform's resize "
-            f"and centre crop on the decoder's device. Source: `{_stamp(name)}`."
-        )
-        lines += [caption, "", *_markdown(header, rows), ""]
-    return lines[:-1]
+    return [caption, "", *markdown(header, rows)]
 
 
 def merge_steps_table(table: Table, repo: Path) -> list[str]:
@@ -344,7 +110,7 @@ def merge_steps_table(table: Table, repo: Path) -> list[str]:
     and the ratio against ToMe's argsorts timed in the same loop."""
     lines: list[str] = []
     for name in table["files"]:
-        result = _load(repo, name)
+        result = load_result(repo, name)
         rows = [
             [
                 str(row["batch"]),
@@ -362,16 +128,16 @@ def merge_steps_table(table: Table, repo: Path) -> list[str]:
             f"Device: {result['device']} (torch {result['torch_version']}, Triton "
             f"{result['triton_version']}); {result['what']}; {shape['tokens']} tokens, width "
             f"{shape['width']}, {shape['heads']} heads, r = {shape['r']}; {result['dtype']}; "
-            f"CUDA events, median per call. Source: `{_stamp(name)}`."
+            f"CUDA events, median per call. Source: `{stamp(name)}`."
         )
         header = ["batch", "step", "mode", "implementation", "median", "× argsort"]
-        lines += [caption, "", *_markdown(header, rows), ""]
+        lines += [caption, "", *markdown(header, rows), ""]
     return lines[:-1]
 
 
 def fidelity_table(table: Table, repo: Path) -> list[str]:
     """Agreement with the dense top-1 and top-1 accuracy per variant and image folder."""
-    results = [_load(repo, f) for f in table["files"]]
+    results = [load_result(repo, f) for f in table["files"]]
     folders = sorted({Path(f).name for r in results for f in r["folders"]})
     header = ["variant", "training"] + [f"{f}: agreement / top-1" for f in folders] + ["source"]
     rows, devices, teachers = [], set(), set()
@@ -388,7 +154,7 @@ def fidelity_table(table: Table, repo: Path) -> list[str]:
                     if ev
                     else "–"
                 )
-            rows.append([f"`{row['name']}`", row["training"], *cells, _stamp(name)])
+            rows.append([f"`{row['name']}`", row["training"], *cells, stamp(name)])
     dense = {
         Path(f).name: ev["teacher_top1_acc"]
         for r in results
@@ -402,7 +168,7 @@ def fidelity_table(table: Table, repo: Path) -> list[str]:
         + ", ".join(f"{k} {v:.1%}" for k, v in sorted(dense.items()))
         + "."
     )
-    return [caption, "", *_markdown(header, rows)]
+    return [caption, "", *markdown(header, rows)]
 
 
 BLOCK_COST = "N_in·(4d² + 2·N_in·d) + N_out·8d²"
@@ -444,7 +210,7 @@ def pooled_table(table: Table, repo: Path) -> list[str]:
     rows: dict[tuple[str, str], tuple[dict[str, Any], Mapping[str, Any], str]] = {}
     dense, photos, devices, teachers, torch_versions = set(), set(), set(), set(), set()
     for name in table["files"]:
-        result = _load(repo, name)
+        result = load_result(repo, name)
         for row in result["rows"]:
             if trainings and row["training"] not in trainings:
                 continue
@@ -453,7 +219,7 @@ def pooled_table(table: Table, repo: Path) -> list[str]:
             if not pool or sorted(pool["folders"]) != want:
                 continue
             key = (str(CompressionConfig.parse(row["config"])), row["training"])
-            rows[key] = (pool, row, _stamp(name))
+            rows[key] = (pool, row, stamp(name))
             dense.add(f"{pool['teacher_top1_acc']:.1%}")
             photos.add(f"{pool['n_images']:,}")
             devices.add(
@@ -488,7 +254,7 @@ def pooled_table(table: Table, repo: Path) -> list[str]:
         "block (d the width), summed and divided by dense's: the work a config leaves, not a "
         "measured speed."
     )
-    return [caption, "", *_markdown([*header, "source"], lines)]
+    return [caption, "", *markdown([*header, "source"], lines)]
 
 
 def levels_table(table: Table, repo: Path) -> list[str]:
@@ -497,7 +263,7 @@ def levels_table(table: Table, repo: Path) -> list[str]:
     spread between levels is the noise the shared machine added."""
     lines = []
     for name in table["files"]:
-        result = _load(repo, name)
+        result = load_result(repo, name)
         ref = result["reference"]
         closed: dict[str, list[float]] = {}
         for level in result["levels"]:  # per model, in the order the levels ran
@@ -517,11 +283,11 @@ def levels_table(table: Table, repo: Path) -> list[str]:
             f"({result['threads']} threads), {result['dtype']}, batches up to {result['batch']}, "
             f"{result['images_per_request']} photos of `{Path(result['images_dir']).name}` a "
             f"request, closed loop at concurrency c for {result['seconds_per_level']:.0f} s a "
-            f"level; torch {result['torch_version']}. Source: `{_stamp(name)}`."
+            f"level; torch {result['torch_version']}. Source: `{stamp(name)}`."
         )
         if "validity" in result:
             caption += f" The run's own note: {result['validity']}"
-        lines += [caption, "", *_markdown(header, rows), ""]
+        lines += [caption, "", *markdown(header, rows), ""]
     return lines[:-1]
 
 
@@ -529,7 +295,7 @@ def front_table(table: Table, repo: Path) -> list[str]:
     """The points of a Pareto front JSON (speed of one slice, fidelity of DeiT-Tiny)."""
     lines = []
     for name in table["files"]:
-        front = _load(repo, name)
+        front = load_result(repo, name)
         s = front["slice"]
         lines += [
             f"Speed: {_arch(s['arch'])}, {mode_name(s['compiled'], s['cuda_graphs'])}, batch "
@@ -543,7 +309,7 @@ def front_table(table: Table, repo: Path) -> list[str]:
             for p in sorted(front["points"], key=lambda p: -p["speedup"])
             if p["on_front"] or not table.get("front_only", False)
         ]
-        lines += [*_markdown(["point", "speed-up", "agreement", "on the front"], rows), ""]
+        lines += [*markdown(["point", "speed-up", "agreement", "on the front"], rows), ""]
     return lines[:-1]
 
 
@@ -594,7 +360,7 @@ def variants_table(table: Table, repo: Path) -> list[str]:
         "size on the network and device named. A figure timed on another network says "
         "*borrowed*: it is not this entry's speed."
     )
-    return [caption, "", *_markdown(header, rows)]
+    return [caption, "", *markdown(header, rows)]
 
 
 def settings_table(table: Table, repo: Path) -> list[str]:
@@ -605,64 +371,7 @@ def settings_table(table: Table, repo: Path) -> list[str]:
         shown = "unset" if default is None else json.dumps(default, default=str)
         shown = shown.strip('"') if isinstance(default, str | Path) else shown
         rows.append([f"`VITSERVE_{name.upper()}`", f"`{shown}`", field.description or ""])
-    return _markdown(["variable", "default", "meaning"], rows)
-
-
-def perf_analyzer_table(table: Table, repo: Path) -> list[str]:
-    """perf_analyzer's levels against ``/v2`` (``app.bench.perf_analyzer`` records), dense
-    and compressed side by side with their ratio; ``concurrency`` in the table keeps only
-    those levels, and the same call's ``bench service`` run, if named, adds its best rates."""
-    lines = []
-    keep = set(table.get("concurrency", []))
-    for name in table["files"]:
-        result = _load(repo, name)
-        dense, compressed = result["models"]
-        by_key = {
-            (lv["model"], lv["protocol"], lv["input"], lv["concurrency"]): lv
-            for lv in result["levels"]
-        }
-        keys = sorted({k[1:] for k in by_key if not keep or k[3] in keep})
-        rows = []
-        for protocol, input_, c in keys:
-            cells = []
-            for model in (dense, compressed):
-                lv = by_key.get((model, protocol, input_, c))
-                cells.append(
-                    f"{lv['infer_per_s']:,.0f} ({lv['p99_ms']:.0f} ms)"
-                    if lv
-                    else "no stable window"
-                )
-            a, b = (
-                by_key.get((dense, protocol, input_, c)),
-                by_key.get((compressed, protocol, input_, c)),
-            )
-            ratio = f"{b['infer_per_s'] / a['infer_per_s']:.2f}×" if a and b else "–"
-            rows.append([protocol, input_.upper(), str(c), *cells, ratio])
-        caption = (
-            f"NVIDIA perf_analyzer against `/v2`, one image a request: {result['device']}, "
-            f"{result['dtype']}, torch {result['torch_version']}; `{dense}` against "
-            f"`{compressed}` (random weights), one server, levels minutes apart. BYTES: the "
-            "client's JPEGs; UINT8: the same photos decoded by the client, resized on the "
-            f"server. Source: `{_stamp(name)}`."
-        )
-        if "bench_service" in result:
-            service = _load(repo, result["bench_service"])
-            best = service["best_img_s"]
-            caption += (
-                f" `vitserve bench service` in the same call (JPEGs, its own client): "
-                f"{best[dense]:,.0f} against {best[compressed]:,.0f} img/s "
-                f"({best[compressed] / best[dense]:.2f}×, `{_stamp(result['bench_service'])}`)."
-            )
-        header = [
-            "protocol",
-            "input",
-            "concurrency",
-            f"`{dense}` infer/s (p99)",
-            f"`{compressed}` infer/s (p99)",
-            "×",
-        ]
-        lines += [caption, "", *_markdown(header, rows), ""]
-    return lines[:-1]
+    return markdown(["variable", "default", "meaning"], rows)
 
 
 RENDERERS: dict[str, Callable[[Table, Path], list[str]]] = {

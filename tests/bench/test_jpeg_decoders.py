@@ -13,7 +13,6 @@ from app.bench.jpeg_decoders import (
     fused_runs,
     makers,
     rate,
-    rate_threads,
     steps,
 )
 from app.serving.preprocess import Preprocessor
@@ -35,7 +34,7 @@ def test_every_cpu_decoder_is_timed_and_its_crops_match_the_eval_transform() -> 
     assert {"pillow", "simplejpeg"} <= set(found)
     assert "torchvision-nvjpeg" not in found  # GPU ones need CUDA
     for name, decode in found.items():
-        assert rate(decode, jpegs(), then=None, seconds=0.05) > 0, name
+        assert rate(lambda d=decode: (d, None), jpegs(), seconds=0.05) > 0, name
         diff = fidelity(decode, jpegs(), CPU)
         assert diff["max"] <= 2 and diff["mean"] < 0.1, (name, diff)
 
@@ -75,7 +74,7 @@ def test_the_fused_step_is_timed_and_its_crops_match_the_eval_transform() -> Non
     assert "torchvision-nvjpeg" in found
     for name, decode in found.items():
         fused = steps(name, 4, cuda, torch.bfloat16)["decode+fused"]
-        assert rate(decode, jpegs(), then=fused, seconds=0.05) > 0, name
+        assert rate(lambda d=decode, f=fused: (d, f), jpegs(), seconds=0.05) > 0, name
         crop, kernel = fidelity(decode, jpegs(), cuda), fidelity(decode, jpegs(), cuda, fused=True)
         assert kernel["max"] <= crop["max"] + 1 and kernel["mean"] <= crop["mean"] + 0.01, name
 
@@ -83,10 +82,10 @@ def test_the_fused_step_is_timed_and_its_crops_match_the_eval_transform() -> Non
 def test_several_threads_decode_at_once_and_a_failing_one_fails_the_measure() -> None:
     """--threads: each thread its own decoder; a decoder that raises is not timed as fast."""
     simplejpeg = makers(CPU)["simplejpeg"]
-    assert rate_threads(lambda: (simplejpeg(), None), jpegs(), threads=2, seconds=0.05) > 0
+    assert rate(lambda: (simplejpeg(), None), jpegs(), threads=2, seconds=0.05) > 0
 
     def broken(_: list[bytes]) -> list[torch.Tensor]:
         raise RuntimeError("no decoder")
 
     with pytest.raises(RuntimeError, match="no decoder"):
-        rate_threads(lambda: (broken, None), jpegs(), threads=2, seconds=0.05)
+        rate(lambda: (broken, None), jpegs(), threads=2, seconds=0.05)

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from app.bench.perf_analyzer import read_levels, summarize
-from app.bench.report import perf_analyzer_table
+from app.bench.service_tables import perf_analyzer_table
 
 HEADER = (
     "Concurrency,Inferences/Second,Client Send,Client Recv,"

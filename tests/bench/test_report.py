@@ -12,13 +12,12 @@ from app.bench.fidelity import pooled
 from app.bench.report import (
     INDEX,
     block_cost,
-    decoders_table,
     levels_table,
     merge_steps_table,
     pooled_table,
-    set_up_label,
     write_docs,
 )
+from app.bench.service_tables import decoders_table, set_up_label
 from app.store.manifest import wilson_interval
 from tests.helpers import REPO
 
