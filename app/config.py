@@ -146,9 +146,8 @@ class Settings(BaseSettings):
         le=8,
         description="With the process engine: engine processes per device, each with its own "
         "queue, decoder and CUDA context. One engine decodes JPEGs one batch at a time "
-        "(torchvision's nvjpeg holds a process-wide lock), so on one GPU 3 engines served "
-        "DeiT-S ~1.2x faster than one (docs/performance.md); each holds its own copy of the "
-        "models.",
+        "(torchvision's nvjpeg holds a process-wide lock), so on one GPU several engines "
+        "served more than one (docs/performance.md); each holds its own copy of the models.",
     )
     http_server: Literal["uvicorn", "granian"] = Field(
         "uvicorn",
