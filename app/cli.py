@@ -11,7 +11,7 @@ import signal
 import sys
 import tempfile
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from pydantic import ValidationError
 
@@ -37,13 +37,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # uvicorn drains on SIGTERM, then re-raises the signal under the handler that was in
     # place before it started: make that one exit 0, since the shutdown was graceful.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    common = {
-        "host": settings.host,
-        "port": settings.port,
-        "log_level": settings.log_level,
-        "access_log": settings.access_log,
-        "timeout_graceful_shutdown": settings.drain_timeout_s,
-    }
+    common = uvicorn_options(settings)
     # Worker processes build their own app from the environment: hand the flags down, and
     # give the metrics a shared folder so /metrics answers for the whole server (engines
     # included).
@@ -79,6 +73,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
             if supervisor:  # after the workers drained: nothing is left in the engines' queues
                 supervisor.stop(timeout_s=settings.drain_timeout_s)
     return 0
+
+
+def uvicorn_options(settings: Settings) -> dict[str, Any]:
+    """What ``uvicorn.run`` takes from the settings, whichever way it runs the app."""
+    return {
+        "host": settings.host,
+        "port": settings.port,
+        "log_level": settings.log_level,
+        "access_log": settings.access_log,
+        "timeout_graceful_shutdown": settings.drain_timeout_s,
+    }
 
 
 def _run_granian(settings: Settings) -> None:
