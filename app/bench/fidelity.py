@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from app.store import ModelStore
-from app.store.manifest import FidelityFigure, rewrite_declared, wilson_interval
+from app.store.manifest import FidelityFigure, put_figure, rewrite_declared, wilson_interval
 from app.timing import dtype_name, environment
 from app.train.data import EvalImages, eval_transform, list_images, read_labels
 from app.train.evaluate import evaluate, logits
@@ -186,13 +186,7 @@ def record_figure(manifest_path: Path, row: dict[str, Any], source: str, measure
     ).model_dump(mode="json", exclude_none=True)
     raw = json.loads(manifest_path.read_text())
     figures = raw.setdefault("figures", {}).setdefault("fidelity", [])
-    same = next(
-        (i for i, f in enumerate(figures) if set(f["eval_sets"]) == set(pool["folders"])), None
-    )
-    if same is None:
-        figures.append(figure)
-    else:
-        figures[same] = figure
+    put_figure(figures, figure, lambda old: set(old["eval_sets"]) == set(pool["folders"]))
     rewrite_declared(manifest_path, raw)
 
 

@@ -20,7 +20,13 @@ from typing import Any
 
 from app.bench.models import mode_name
 from app.bench.report import REPO
-from app.store.manifest import MANIFEST_FILE, Manifest, SpeedFigure, rewrite_declared
+from app.store.manifest import (
+    MANIFEST_FILE,
+    Manifest,
+    SpeedFigure,
+    put_figure,
+    rewrite_declared,
+)
 
 
 def device_label(result: Mapping[str, Any]) -> str:
@@ -120,11 +126,7 @@ def update_store(store: Path, result_path: Path) -> dict[str, int]:
         speed = raw.setdefault("figures", {}).setdefault("speed", [])
         for figure in new:
             dumped = figure.model_dump(mode="json", exclude_none=True)
-            at = next((i for i, old in enumerate(speed) if _same_measurement(old, figure)), None)
-            if at is None:
-                speed.append(dumped)
-            else:
-                speed[at] = dumped  # where it was: rewriting the same result changes nothing
+            put_figure(speed, dumped, lambda old, f=figure: _same_measurement(old, f))
         rewrite_declared(path, raw)
         written[manifest.name] = len(new)
     return written

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -203,3 +204,18 @@ def rewrite_declared(path: Path, raw: dict[str, Any]) -> None:
     non-ASCII kept) so that a rewrite with the same figures changes nothing."""
     Manifest.model_validate(raw)
     path.write_text(json.dumps(raw, indent=2, ensure_ascii=False) + "\n")
+
+
+def put_figure(
+    figures: list[dict[str, Any]],
+    figure: dict[str, Any],
+    same: Callable[[dict[str, Any]], bool],
+) -> None:
+    """Put a measured figure into a manifest's figure list: in place of the one ``same``
+    finds (where it stood, so that re-recording the same result changes nothing), else
+    at the end."""
+    at = next((i for i, old in enumerate(figures) if same(old)), None)
+    if at is None:
+        figures.append(figure)
+    else:
+        figures[at] = figure
