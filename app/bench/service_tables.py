@@ -40,18 +40,14 @@ def service_table(table: Table, repo: Path) -> list[str]:
     results = [load_result(repo, f) for f in table["files"]]
     for name, result in zip(table["files"], results, strict=True):
         server = result.get("server", {})
-        workers = server.get("VITSERVE_WORKERS", "1")
-        engines = result.get("decode_ceiling_processes")
-        if isinstance(engines, dict):  # since the engine: who decodes and runs the models
-            where = (
-                f"{workers} HTTP worker(s), {engines['processes']} engine(s) × "
-                f"{engines['threads']} decode threads"
-            )
+        where = engine_set_up(result)
+        if where:
             paths = {s["path"] for s in result.get("decode_stage_steps", {}).values()}
             if paths:  # how the decode stage turned JPEGs into the batch
                 where += f", decode: {', '.join(sorted(paths))}"
             where += set_up_label(server)
         else:
+            workers = server.get("VITSERVE_WORKERS", "1")
             where = f"{workers} process(es), models in each (before the engine)"
         for model, best in result["best_img_s"].items():
             if model in table.get("exclude", ()):
@@ -134,14 +130,9 @@ def setups_table(table: Table, repo: Path) -> list[str]:
     header = ["set-up", "model", "concurrency", "images/s", "p50", "p99", "mean batch"]
     header += ["GPU busy", "cores client / HTTP / engine", "source"]
     rows = []
-    for name in table["files"]:
-        result = load_result(repo, name)
-        server = result.get("server", {})
-        engines = result["decode_ceiling_processes"]
-        setup = (
-            f"{server.get('VITSERVE_WORKERS', '1')} HTTP workers, {engines['processes']} "
-            f"engine(s) × {engines['threads']} decode threads{set_up_label(server)}"
-        )
+    results = [load_result(repo, name) for name in table["files"]]
+    for name, result in zip(table["files"], results, strict=True):
+        setup = f"{engine_set_up(result)}{set_up_label(result.get('server', {}))}"
         for level in result["levels"]:
             if level.get("offered_img_s"):
                 continue  # the half-load level: a latency figure, not a set-up's capacity
@@ -161,7 +152,7 @@ def setups_table(table: Table, repo: Path) -> list[str]:
                     stamp(name),
                 ]
             )
-    first = load_result(repo, table["files"][0])
+    first = results[0]
     caption = (
         f"{first['device']}, {first['dtype']}, torch {first['torch_version']}; "
         f"{first['images_per_request']} image a request, real JPEGs; closed loop, one level "
@@ -189,6 +180,19 @@ def decode_table(table: Table, repo: Path) -> list[str]:
             )
     caption = f"Milliseconds per image, model: none (the stage alone); source: {table['files']}."
     return [caption, "", *markdown(header, rows)]
+
+
+def engine_set_up(result: Mapping[str, Any]) -> str | None:
+    """Who serves a run through the engine: its HTTP workers and engines, and each engine's
+    decode threads; None for a run before the engine (every worker held its models)."""
+    engines = result.get("decode_ceiling_processes")
+    if not isinstance(engines, dict):
+        return None
+    workers = result.get("server", {}).get("VITSERVE_WORKERS", "1")
+    return (
+        f"{workers} HTTP worker(s), {engines['processes']} engine(s) × "
+        f"{engines['threads']} decode threads"
+    )
 
 
 def set_up_label(server: dict[str, str]) -> str:
