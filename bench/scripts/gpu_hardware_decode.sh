@@ -47,7 +47,8 @@ ab() {
   for mode in $AB; do
     IFS=: read -r name hw threads http <<< "$mode"
     echo "== part s, set-up $name"
-    VITSERVE_HARDWARE_DECODE=$hw DECODE_THREADS=$threads \
+    # REPLICAS= : gpu_engine.sh reads it too; the set-ups run on one engine, REPLICAS after
+    REPLICAS= VITSERVE_HARDWARE_DECODE=$hw DECODE_THREADS=$threads \
       VITSERVE_HTTP_SERVER=${http:-uvicorn} \
       PARTS=s OUT=${OUT:-bench/results}/$name timeout ${T:-240} bash bench/scripts/gpu_engine.sh
   done
