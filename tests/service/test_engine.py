@@ -253,7 +253,8 @@ def test_engines_per_device_starts_that_many_and_one_serves_while_the_other_rest
         assert len(engines) == 2 and len({e["pid"] for e in engines}) == 2
         os.kill(engines[0]["pid"], signal.SIGKILL)
         deadline = time.monotonic() + 10
-        while readyz(base).json()["engines"][0]["up"] and time.monotonic() < deadline:
+        while readyz(base).json()["engines"][0]["up"]:
+            assert time.monotonic() < deadline, "the killed engine was never reported down"
             time.sleep(0.05)
         assert [classify() for _ in range(8)] == [200] * 8  # the live engine takes them all
 
