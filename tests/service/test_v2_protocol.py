@@ -314,9 +314,11 @@ def test_v2_calls_count_in_metrics_by_route_and_status(server, grpc):
 @pytest.fixture(scope="module")
 def tight_server(store):
     """One image in the queue at most, and a deadline (1 ms) that has always passed before a
-    batch runs: a batch waits 200 ms for a second image, whatever the machine's speed."""
+    batch runs: a batch waits its full 200 ms, whatever the machine's speed, since the test's
+    requests never fill it (an image a refused request left queued, and the next request's
+    image, make 2 of 4; a batch of 2 would close at once and could beat the deadline)."""
     env = serve_env(
-        store, queue_size=1, max_batch_size=2, max_delay_ms=200, request_timeout_s="0.001"
+        store, queue_size=1, max_batch_size=4, max_delay_ms=200, request_timeout_s="0.001"
     )
     with running_server(env, timeout_s=120) as base:
         yield base
