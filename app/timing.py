@@ -21,6 +21,7 @@ import contextlib
 import os
 import platform
 import re
+import subprocess
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -362,6 +363,25 @@ def device_slug(device: torch.device) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name).strip("-")[:48]
 
 
+CODE_ROOT = Path(__file__).resolve().parents[1]
+
+
+def code_version(root: Path = CODE_ROOT) -> str | None:
+    """The commit of the code being measured, ``+changes`` where tracked files differ from
+    it; None outside a git checkout (a copy without history, an installed package)."""
+    try:
+        git = ["git", "-C", str(root)]
+        head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True)
+        changes = subprocess.run(
+            [*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True
+        )
+    except OSError:  # no git
+        return None
+    if head.returncode or changes.returncode:
+        return None
+    return head.stdout.decode().strip() + ("+changes" if changes.stdout.strip() else "")
+
+
 def environment(device: str | torch.device = "auto") -> dict[str, Any]:
     """The facts a reader needs to judge or reproduce a number measured on ``device``."""
     dev = timing_device(device)
@@ -380,4 +400,5 @@ def environment(device: str | torch.device = "auto") -> dict[str, Any]:
         "usable_cpus": len(os.sched_getaffinity(0)),
         "threads": torch.get_num_threads(),
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "code": code_version(),
     }

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -28,6 +29,7 @@ from app.store import ModelStore
 from app.timing import (
     BenchError,
     Timing,
+    code_version,
     environment,
     prepare,
     throughput_ratio,
@@ -157,6 +159,22 @@ def test_environment_names_the_versions():
     assert timing_device("auto").type in ("cpu", "cuda")
     with pytest.raises(ValueError):
         timing_device("meta")
+
+
+def test_a_result_names_the_commit_it_was_measured_at_and_whether_it_had_changes(tmp_path):
+    git = ["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t"]
+    assert code_version(tmp_path) is None  # not a checkout
+    subprocess.run([*git, "init", "-q"], check=True)
+    (tmp_path / "a.py").write_text("x = 1\n")
+    subprocess.run([*git, "add", "a.py"], check=True)
+    subprocess.run([*git, "commit", "-qm", "a"], check=True)
+    head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    assert code_version(tmp_path) == head.stdout.strip()
+    (tmp_path / "b.py").write_text("")  # untracked: not the measured code's
+    assert code_version(tmp_path) == head.stdout.strip()
+    (tmp_path / "a.py").write_text("x = 2\n")
+    assert code_version(tmp_path) == head.stdout.strip() + "+changes"
+    assert "code" in environment("cpu")
 
 
 def test_resolve_configs_keeps_preset_names_and_drops_dense():
