@@ -28,6 +28,7 @@ from app.bench.service_tables import (
     perf_analyzer_table,
     service_table,
     setups_table,
+    worker_cpu_table,
 )
 from app.bench.tables import Table, load_result, markdown, stamp, torch_versions
 from app.config import Settings
@@ -379,6 +380,7 @@ RENDERERS: dict[str, Callable[[Table, Path], list[str]]] = {
     "service": service_table,
     "baseline": baseline_table,
     "setups": setups_table,
+    "worker_cpu": worker_cpu_table,
     "decode": decode_table,
     "decoders": decoders_table,
     "merge_steps": merge_steps_table,

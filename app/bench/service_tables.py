@@ -3,6 +3,7 @@ the decode stage and its decoders, and perf_analyzer through the v2 protocol."""
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -159,6 +160,44 @@ def setups_table(table: Table, repo: Path) -> list[str]:
         "after another."
     )
     return [caption, "", *markdown(header, rows)]
+
+
+def worker_cpu_table(table: Table, repo: Path) -> list[str]:
+    """CPU time per request of each side, from runs of the same set-up at two or more
+    commits (each run records its code): what a change to the request path saved. The
+    median row of each commit is the figure to read; single runs spread."""
+    header = ["code", "run", "images/s", "CPU ms a request: HTTP worker", "engine", "client"]
+    results = [load_result(repo, name) for name in table["files"]]
+    by_code: dict[str, list[list[float]]] = {}
+    rows = []
+    for name, result in zip(table["files"], results, strict=True):
+        (level,) = [lv for lv in result["levels"] if not lv.get("offered_img_s")]
+        requests_s = level["img_s"] / result["images_per_request"]
+        cores = level["cores"]
+        figures = [level["img_s"]] + [
+            1000 * cores[side] / requests_s for side in ("server", "engine", "client")
+        ]
+        by_code.setdefault(result["code"], []).append(figures)
+        rows.append([f"`{result['code']}`", stamp(name), *_cpu_cells(figures)])
+    for code, runs in by_code.items():
+        medians = [statistics.median(column) for column in zip(*runs, strict=True)]
+        cells = [f"**{cell}**" for cell in _cpu_cells(medians)]
+        rows.append([f"`{code}`", f"**median of {len(runs)}**", *cells])
+    first = results[0]
+    caption = (
+        f"{engine_set_up(first)}, {first['device']}, {first['dtype']}, torch "
+        f"{torch_versions(results)}; `{first['reference']}`, {first['images_per_request']} "
+        f"image(s) a request, {first['images']} real JPEGs, concurrency "
+        f"{first['levels'][0]['concurrency']}, {first['seconds_per_level']:.0f} s a run; the "
+        "runs of each commit alternate with the other's. CPU time is each side's processes' "
+        "own, over the level, per request served."
+    )
+    return [caption, "", *markdown(header, rows)]
+
+
+def _cpu_cells(figures: list[float]) -> list[str]:
+    img_s, *per_request = figures
+    return [f"{img_s:,.0f}", *(f"{ms:.3f}" for ms in per_request)]
 
 
 def decode_table(table: Table, repo: Path) -> list[str]:

@@ -17,10 +17,12 @@ import torch
 from app.bench.server import running_server
 from app.serving.batcher import BatcherStopped, DeadlineExceeded, Prediction, QueueFull
 from app.serving.decode import Encoded, Pixels, Preprocessed
+from app.serving.engine import client
 from app.serving.engine.arena import ShmArena, attach
 from app.serving.engine.client import EngineLink, payload_item
 from app.serving.engine.server import read_payload
 from app.serving.engine.wire import (
+    EngineUnavailable,
     FrameReader,
     answer_frame,
     decode_error,
@@ -191,6 +193,48 @@ async def test_a_request_frame_carries_where_the_image_is_not_the_image(tmp_path
         arena.close()
     assert prediction.top_indices == [7] and prediction.probs.shape == (10,)
     assert seen and seen[0] < 1024
+
+
+async def test_an_engine_that_never_answers_fails_the_request_after_deadline_and_grace(
+    tmp_path, monkeypatch
+):
+    """A hung (or stopped) engine that took an image: the request fails as unavailable (503)
+    once its deadline and the grace have passed, never a hang, and the image's region stays
+    the engine's until it answers after all."""
+    monkeypatch.setattr(client, "ANSWER_GRACE_S", 0.2)
+    answer_now = asyncio.Event()
+
+    async def engine(reader, writer):
+        await read_frame(reader)  # hello
+        writer.write(frame({"op": "status", "pid": 1, "models": {"m": {"state": "ready"}}}))
+        head, _ = await read_frame(reader)
+        await answer_now.wait()
+        probs = torch.from_numpy(np.full(10, 0.1, np.float32))
+        writer.write(answer_frame(head["id"], Prediction(probs, [0.9], [7], 0, 0, 0, 1, None)))
+        await writer.drain()
+
+    path = tmp_path / "engine.sock"
+    server = await asyncio.start_unix_server(engine, path=str(path))
+    arena = ShmArena(1 << 20)
+    link = EngineLink(path, arena)
+    link.start()
+    try:
+        while not link.up:
+            await asyncio.sleep(0.01)
+        started = time.monotonic()
+        payload = Encoded(b"x" * 1000, Probe("JPEG", 64, 48, True))
+        with pytest.raises(EngineUnavailable, match="did not answer"):
+            await link.infer("m", payload, started + 0.1)
+        assert 0.3 <= time.monotonic() - started < 2
+        assert arena.used == 1  # the engine may still read the image
+        answer_now.set()
+        while arena.used:
+            assert time.monotonic() - started < 5, "the late answer never freed the region"
+            await asyncio.sleep(0.01)
+    finally:
+        await link.stop()
+        server.close()
+        arena.close()
 
 
 def test_decoded_crops_pixels_and_preprocessed_inputs_travel_as_raw_tensors(arena):

@@ -157,10 +157,20 @@ class EngineLink:
         head = {"id": rid, "model": model, "deadline": deadline, "off": region}
         self._out.send(frame(head | item | {"len": len(data)}))
         timeout = max(0.0, deadline - time.monotonic()) + ANSWER_GRACE_S
+        # A timer rather than asyncio.wait_for, whose waiter and callbacks cost the worker
+        # more per image; the region stays the engine's until it answers after all.
+        timer = asyncio.get_running_loop().call_later(timeout, self._unanswered, future, timeout)
         try:
-            return await asyncio.wait_for(future, timeout)
-        except TimeoutError:
-            raise EngineUnavailable(f"the engine did not answer within {timeout:.0f} s") from None
+            return await future
+        finally:
+            timer.cancel()
+
+    @staticmethod
+    def _unanswered(future: asyncio.Future, timeout: float) -> None:
+        if not future.done():
+            future.set_exception(
+                EngineUnavailable(f"the engine did not answer within {timeout:.0f} s")
+            )
 
 
 class RemoteBatcher:
