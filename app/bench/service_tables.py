@@ -164,8 +164,8 @@ def setups_table(table: Table, repo: Path) -> list[str]:
 
 def worker_cpu_table(table: Table, repo: Path) -> list[str]:
     """CPU time per request of each side, from runs of the same set-up at two or more
-    commits (each run records its code): what a change to the request path saved. The
-    median row of each commit is the figure to read; single runs spread."""
+    commits (each run records its code), or under two HTTP servers: what a change to the
+    request path saved. The median row of each is the figure to read; single runs spread."""
     header = ["code", "run", "images/s", "CPU ms a request: HTTP worker", "engine", "client"]
     results = [load_result(repo, name) for name in table["files"]]
     by_code: dict[str, list[list[float]]] = {}
@@ -177,20 +177,21 @@ def worker_cpu_table(table: Table, repo: Path) -> list[str]:
         figures = [level["img_s"]] + [
             1000 * cores[side] / requests_s for side in ("server", "engine", "client")
         ]
-        by_code.setdefault(result["code"], []).append(figures)
-        rows.append([f"`{result['code']}`", stamp(name), *_cpu_cells(figures)])
+        code = f"`{result['code']}`{set_up_label(result.get('server', {}))}"
+        by_code.setdefault(code, []).append(figures)
+        rows.append([code, stamp(name), *_cpu_cells(figures)])
     for code, runs in by_code.items():
         medians = [statistics.median(column) for column in zip(*runs, strict=True)]
         cells = [f"**{cell}**" for cell in _cpu_cells(medians)]
-        rows.append([f"`{code}`", f"**median of {len(runs)}**", *cells])
+        rows.append([code, f"**median of {len(runs)}**", *cells])
     first = results[0]
     caption = (
         f"{engine_set_up(first)}, {first['device']}, {first['dtype']}, torch "
         f"{torch_versions(results)}; `{first['reference']}`, {first['images_per_request']} "
         f"image(s) a request, {first['images']} real JPEGs, concurrency "
         f"{first['levels'][0]['concurrency']}, {first['seconds_per_level']:.0f} s a run; the "
-        "runs of each commit alternate with the other's. CPU time is each side's processes' "
-        "own, over the level, per request served."
+        "runs of each commit or HTTP server alternate with the other's. CPU time is each "
+        "side's processes' own, over the level, per request served."
     )
     return [caption, "", *markdown(header, rows)]
 

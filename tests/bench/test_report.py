@@ -17,7 +17,7 @@ from app.bench.report import (
     pooled_table,
     write_docs,
 )
-from app.bench.service_tables import decoders_table, set_up_label
+from app.bench.service_tables import decoders_table, set_up_label, worker_cpu_table
 from app.store.manifest import wilson_interval
 from tests.helpers import REPO
 
@@ -186,3 +186,33 @@ def test_service_rows_say_the_set_up_a_run_recorded_and_nothing_for_older_runs()
         == ", JPEG engines on, granian"
     )
     assert set_up_label({"VITSERVE_HTTP_SERVER": "uvicorn"}) == ""  # the default says nothing
+
+
+def test_the_worker_cpu_table_gives_each_commits_median_cpu_a_request() -> None:
+    names = ["service/service-cpu-20261206-131729.json", "service/service-cpu-20261206-131814.json"]
+    names += ["service/service-cpu-20261206-131858.json"]
+    results = [json.loads((REPO / "bench/results" / n).read_text()) for n in names]
+    lines = worker_cpu_table({"files": names}, REPO)
+    http_ms = {r["code"]: [] for r in results}
+    for r in results:
+        (level,) = r["levels"]
+        http_ms[r["code"]].append(1000 * level["cores"]["server"] / level["img_s"])
+    old, new = sorted(http_ms, key=lambda code: -len(http_ms[code]))  # 2 runs, then 1
+    median_rows = [x for x in lines if "median of" in x]
+    assert median_rows[0].startswith(f"| `{old}` | **median of 2** |")
+    assert f"**{sum(http_ms[old]) / 2:.3f}**" in median_rows[0]
+    assert f"**{http_ms[new][0]:.3f}**" in median_rows[1]
+    assert len([x for x in lines if x.startswith("| `")]) == 3 + 2
+
+
+def test_the_worker_cpu_table_keeps_two_http_servers_of_one_commit_apart(tmp_path: Path) -> None:
+    names = ["service/a.json", "service/b.json"]
+    (tmp_path / "bench/results/service").mkdir(parents=True)
+    source = REPO / "bench/results/service/service-cpu-20261206-131729.json"
+    for name, server in zip(names, ["uvicorn", "granian"], strict=True):
+        result = json.loads(source.read_text())
+        result["server"]["VITSERVE_HTTP_SERVER"] = server
+        (tmp_path / "bench/results" / name).write_text(json.dumps(result))
+    code = json.loads(source.read_text())["code"]
+    median_rows = [x for x in worker_cpu_table({"files": names}, tmp_path) if "median of" in x]
+    assert [row.split(" | ")[0] for row in median_rows] == [f"| `{code}`", f"| `{code}`, granian"]
