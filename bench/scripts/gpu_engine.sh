@@ -5,7 +5,7 @@
 # (default merge-t5); then LitServe at its best set-up (12 workers x 1 torch thread, 4 API
 # servers, batch 64, 10 ms) in the same run, same client and images.
 # Reproduces: the service table of docs/performance.md. Takes ~6 min; PARTS picks the runs
-# (default "tests s litserve"; "b" adds DeiT-B, "s16" DeiT-S dense with 16 images a request,
+# (default "tests s litserve"; "b" adds DeiT-B, "s16" DeiT-S with 16 images a request,
 # "inline" the per-worker design of before; ENGINES=3 runs every part with 3 engines on the
 # GPU, REPLICAS='["cuda:0","cuda:1"]' with one per listed device; DENSE_ONLY=1 times part s on
 # dense DeiT-S alone, no half load).
@@ -28,7 +28,9 @@ common=(--store $store --images .carry/images/imagenet-dev --device cuda --secon
   ${REPLICAS:+--replica-devices "$REPLICAS"})
 one=(--images-per-request 1 --concurrency 64 256)
 s_models=(--models deit_small "deit_small-$cfg" --half-load-seconds 10)
-[ -n "${DENSE_ONLY:-}" ] && s_models=(--models deit_small --no-half-load)
+s16_models=(--models deit_small "deit_small-$cfg")
+[ -n "${DENSE_ONLY:-}" ] && s_models=(--models deit_small --no-half-load) &&
+  s16_models=(--models deit_small)
 for part in ${PARTS:-tests s litserve}; do
   case $part in
     tests) timeout 150 python3 -m pytest -q -m gpu --tb=short -p no:cacheprovider \
@@ -42,7 +44,7 @@ for part in ${PARTS:-tests s litserve}; do
         --no-half-load ;;
     s16) python3 -m app bench service "${common[@]}" --images-per-request 16 --concurrency 16 64 \
         --engine process --workers "${WORKERS:-12}" --decode-threads "${DECODE_THREADS:-2}" \
-        --models deit_small --no-half-load ;;
+        "${s16_models[@]}" --no-half-load ;;
     inline) python3 -m app bench service "${common[@]}" "${one[@]}" --engine inline --workers 6 \
         --models deit_small "deit_small-$cfg" --no-half-load ;;
     litserve) python3 -m app bench service "${common[@]}" "${one[@]}" --engine process --workers "${WORKERS:-12}" \
