@@ -22,7 +22,7 @@ from app.store import ModelStore
 from tests.helpers import add_tiny_entry
 add_tiny_entry(ModelStore('$store'))"
 trees=()
-for commit in $(git rev-parse --short "$base" "$new" | uniq); do
+for commit in $( (git rev-parse --short "$base"; git rev-parse --short "$new") | uniq); do
   tree=$work/$commit
   [ -d "$tree" ] || git worktree add -q --detach "$tree" "$commit"
   trees+=("$tree")
