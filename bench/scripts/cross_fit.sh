@@ -7,6 +7,10 @@
 #   ENTRY=deit_tiny-merge-t5 SEEDS="0 1" bash bench/scripts/cross_fit.sh
 # (2 folds x ~12 min a seed on 2 cores). The folds' recipe is the manifest's own command,
 # run as recorded (its device, steps) with each seed of SEEDS (default: the recorded one).
+# On a machine where the photos lie elsewhere (a GPU machine), IMAGES and HF_HUB_CACHE name
+# them, and TRAIN_ONLY=1 trains the folds alone (no dev photos needed): copy
+# $WORK/store/<entry>-s<seed>-fold-{a,b} back into the same WORK and run this again here
+# to score them.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 entry=${ENTRY:-deit_tiny-merge-t5}
@@ -46,13 +50,18 @@ for seed in $seeds; do
     name=$entry-s$seed-fold-$fold
     folds+=("$name")
     [ -f "$work/store/$name/manifest.json" ] && continue
-    command=${recipe//"$images/imagenet-extra"/"$work/extra-$fold"}
+    command=${recipe//"../shared/images"/"$images"}
+    command=${command//"../shared/hf-cache"/"${HF_HUB_CACHE:-../shared/hf-cache}"}
+    command=${command//"$images/imagenet-extra"/"$work/extra-$fold"}
+    command=${command//"vitserve "/"python3 -m app "}
+    [ -n "${TRAIN_ONLY:-}" ] && command=${command//"--eval-images $images/imagenet-dev"/}
     command=${command//"--out $entry "/"--out $name "}
     command=${command//"--seed $recorded "/"--seed $seed "}
     echo "== seed $seed, fold $fold: $command --store $work/store"
     bash -c "$command --store $work/store"
   done
 done
+[ -n "${TRAIN_ONLY:-}" ] && exit 0
 HF_HUB_CACHE=${HF_HUB_CACHE:-../shared/hf-cache} HF_HUB_OFFLINE=1 python3 -m app.bench.fidelity \
   --store "$work/store" --teacher "$teacher" \
   --images "$images/imagenet-dev" "$work/extra-a" "$work/extra-b" \
