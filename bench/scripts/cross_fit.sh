@@ -43,6 +43,11 @@ print(source["ref"], source["details"]["seed"], source["details"]["command"], se
 PY
 )
 [ -d "$work/store/$teacher" ] || cp -r "model_store/$teacher" "$work/store/"
+# a fresh clone has the teacher's manifest only: its weights come from the hub cache
+[ -f "$work/store/$teacher/model.safetensors" ] ||
+  HF_HUB_CACHE=${HF_HUB_CACHE:-../shared/hf-cache} HF_HUB_OFFLINE=1 python3 -m app store pull \
+    "$(python3 -c "import json, sys; print(json.load(open(sys.argv[1]))['architecture'])" \
+      "$work/store/$teacher/manifest.json")" --name "$teacher" --store "$work/store"
 seeds=${SEEDS:-$recorded}
 folds=()
 for seed in $seeds; do
