@@ -44,10 +44,15 @@ PY
 )
 [ -d "$work/store/$teacher" ] || cp -r "model_store/$teacher" "$work/store/"
 # a fresh clone has the teacher's manifest only: its weights come from the hub cache
-[ -f "$work/store/$teacher/model.safetensors" ] ||
-  HF_HUB_CACHE=${HF_HUB_CACHE:-../shared/hf-cache} HF_HUB_OFFLINE=1 python3 -m app store pull \
-    "$(python3 -c "import json, sys; print(json.load(open(sys.argv[1]))['architecture'])" \
-      "$work/store/$teacher/manifest.json")" --name "$teacher" --store "$work/store"
+HF_HUB_CACHE=${HF_HUB_CACHE:-../shared/hf-cache} HF_HUB_OFFLINE=1 python3 - \
+  "$work/store" "$teacher" <<'PY'
+import sys
+from app.store import ModelStore
+from app.store.pull import pull
+store, teacher = ModelStore(sys.argv[1]), sys.argv[2]
+if not store.has_weights(teacher):
+    pull(store, store.manifest(teacher).architecture, name=teacher)
+PY
 seeds=${SEEDS:-$recorded}
 folds=()
 for seed in $seeds; do
