@@ -168,7 +168,7 @@ def worker_cpu_table(table: Table, repo: Path) -> list[str]:
     request path saved. The median row of each is the figure to read; single runs spread."""
     header = ["code", "run", "images/s", "CPU ms a request: HTTP worker", "engine", "client"]
     results = [load_result(repo, name) for name in table["files"]]
-    by_code: dict[str, list[list[float]]] = {}
+    by_arm: dict[str, list[list[float]]] = {}  # a commit, with its HTTP server if not uvicorn
     rows = []
     for name, result in zip(table["files"], results, strict=True):
         (level,) = [lv for lv in result["levels"] if not lv.get("offered_img_s")]
@@ -177,13 +177,13 @@ def worker_cpu_table(table: Table, repo: Path) -> list[str]:
         figures = [level["img_s"]] + [
             1000 * cores[side] / requests_s for side in ("server", "engine", "client")
         ]
-        code = f"`{result['code']}`{set_up_label(result.get('server', {}))}"
-        by_code.setdefault(code, []).append(figures)
-        rows.append([code, stamp(name), *_cpu_cells(figures)])
-    for code, runs in by_code.items():
+        arm = f"`{result['code']}`{set_up_label(result.get('server', {}))}"
+        by_arm.setdefault(arm, []).append(figures)
+        rows.append([arm, stamp(name), *_cpu_cells(figures)])
+    for arm, runs in by_arm.items():
         medians = [statistics.median(column) for column in zip(*runs, strict=True)]
         cells = [f"**{cell}**" for cell in _cpu_cells(medians)]
-        rows.append([code, f"**median of {len(runs)}**", *cells])
+        rows.append([arm, f"**median of {len(runs)}**", *cells])
     first = results[0]
     caption = (
         f"{engine_set_up(first)}, {first['device']}, {first['dtype']}, torch "
