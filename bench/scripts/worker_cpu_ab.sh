@@ -30,8 +30,8 @@ done
 for round in $(seq "$rounds"); do
   for tree in "${trees[@]}"; do for server in $servers; do
     echo "round $round/$rounds: $(basename "$tree") under $server"
-    (cd "$tree" && VITSERVE_HTTP_SERVER=$server python3 -m app bench service --store "$store" --models tiny \
-      --concurrency 16 --seconds 20 --warmup 3 --images "$images" --device cpu \
+    (cd "$tree" && VITSERVE_HTTP_SERVER=$server python3 -m app bench service \
+      --store "$store" --models tiny --concurrency 16 --seconds 20 --warmup 3 --images "$images" --device cpu \
       --engine process --workers 1 --no-half-load --client-processes 1 \
       --out "$out/service")
   done; done
