@@ -61,6 +61,7 @@ from app.train.schedule import (
     save_checkpoint,
     set_phase,
 )
+from app.vit.builder import CompressedViT
 
 CHECKPOINT_FILE = "last.pt"
 
@@ -250,6 +251,9 @@ def _run(
 
     static = sorted(static_layers(student))
     blocks = range(len(student.blocks)) if opts.feature_weight else range(0)
+    aligned = bool(opts.feature_weight) and opts.merged_features == "aligned"
+    if isinstance(student, CompressedViT):
+        student.track_token_sources = aligned
     use_amp = opts.amp and device.type == "cuda"
     nudge_C = torch.tensor(data_config["std"], device=device).reciprocal() * opts.adversarial_step
     set_phase(student, step, schedule)
@@ -312,6 +316,8 @@ def _run(
         checkpoint()
     if ema is not None:
         student.load_state_dict(ema.module.state_dict())
+    if isinstance(student, CompressedViT):
+        student.track_token_sources = False
     student.eval()
     return DistillResult(
         steps_done=step,

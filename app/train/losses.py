@@ -138,8 +138,21 @@ def aggregate_like(t_BNC: torch.Tensor, map_QP: torch.Tensor | None) -> torch.Te
     return torch.cat([t_BNC[:, :1].float(), patches_BQC], dim=1)
 
 
+def merge_like(t_BPC: torch.Tensor, source_BNP: torch.Tensor) -> torch.Tensor:
+    """Teacher tokens averaged as the student merged its own (``source_BNP``: which of the
+    ``P`` tokens each of the student's ``N`` stands for), so every merged token has a target:
+    the mean of the teacher's tokens over the same patches."""
+    sums_BNC = torch.bmm(source_BNP.float(), t_BPC.float())
+    return sums_BNC / source_BNP.sum(-1, keepdim=True).float()
+
+
 def static_layers(student: nn.Module) -> dict[int, nn.Module]:
     return student.static_attention() if isinstance(student, CompressedViT) else {}
+
+
+def token_sources(student: nn.Module) -> dict[int, torch.Tensor]:
+    """Block -> the source trace its forward left (``CompressedViT.track_token_sources``)."""
+    return student.token_sources if isinstance(student, CompressedViT) else {}
 
 
 @dataclass
@@ -174,10 +187,14 @@ def distill_loss(
         parts["attn"] = attn.detach()
     if opts.feature_weight:
         maps = patch_maps(student)
+        sources = token_sources(student) if opts.merged_features == "aligned" else {}
         terms = []
         for i, s_BNC in s_taps.blocks.items():
             t_BNC = aggregate_like(t_taps.blocks[i], maps.get(i))
-            if t_BNC.shape[1] != s_BNC.shape[1]:  # merged (ToMe) tokens: only CLS pairs up
+            source_BNP = sources.get(i)
+            if source_BNP is not None and source_BNP.shape[1:] == (s_BNC.shape[1], t_BNC.shape[1]):
+                t_BNC = merge_like(t_BNC, source_BNP)
+            if t_BNC.shape[1] != s_BNC.shape[1]:  # merged tokens, not aligned: CLS pairs up
                 s_BNC, t_BNC = s_BNC[:, :1], t_BNC[:, :1]
             terms.append(feature_match(s_BNC, t_BNC))
         terms.append(feature_match(s_taps.pre_logits, t_taps.pre_logits))

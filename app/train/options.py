@@ -4,6 +4,7 @@ schedule can name them without importing the training loop."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -30,6 +31,12 @@ class DistillOptions(BaseModel):
     )
     attn_weight: float = Field(1.0, ge=0, description="Static matrix vs teacher attention.")
     feature_weight: float = Field(1.0, ge=0, description="Block tokens and pre-logits.")
+    merged_features: Literal["cls", "aligned"] = Field(
+        "cls",
+        description="Blocks after a merge: match the CLS token only ('cls'), or every token "
+        "against the teacher's tokens merged as the student merged them, size-weighted "
+        "('aligned').",
+    )
     grad_clip: float | None = Field(1.0, gt=0, description="Max global gradient norm.")
     seed: int = 0
     views: int = Field(4, ge=1, description="Views of one photo side by side in a batch.")

@@ -145,6 +145,11 @@ class CompressedViT(nn.Module):
         for i, r in enumerate(compression.merge_r(depth)[first_merge:], start=first_merge):
             if r or proportional:
                 self.blocks[i] = MergeBlock(self.blocks[i], r, proportional=proportional)
+        # Distillation sets this to align the teacher's tokens with merged ones: each forward
+        # then leaves, per block from the first merge on, which input tokens each output
+        # token stands for (MergeState.source_BNP), ``[B, N_i, P]``.
+        self.track_token_sources = False
+        self.token_sources: dict[int, torch.Tensor] = {}
 
     def static_attention(self) -> dict[int, StaticAttention]:
         return {i: self.blocks[i].attn for i in self.compression.static_layers}
@@ -168,11 +173,17 @@ class CompressedViT(nn.Module):
     def forward_features(self, x_B3HW: torch.Tensor) -> torch.Tensor:
         """Images -> normed tokens ``[B, N_out, C]`` (N_out = ``num_tokens_out``)."""
         x_BNC = self.norm_pre(self._pos_embed(self.patch_embed(x_B3HW)))
-        merge_state = MergeState()
+        merge_state = MergeState(track_source=self.track_token_sources)
+        sources: dict[int, torch.Tensor] = {}
         for i, block in enumerate(self.blocks):
             if str(i) in self.aggregation:
                 x_BNC = self.aggregation[str(i)](x_BNC)
+                merge_state.source_BNP = None  # a trace restarts on the aggregated tokens
             x_BNC = block(x_BNC, merge_state) if isinstance(block, MergeBlock) else block(x_BNC)
+            if merge_state.source_BNP is not None:
+                sources[i] = merge_state.source_BNP
+        if merge_state.track_source:  # only then: a served (compiled) forward mutates nothing
+            self.token_sources = sources
         return self.norm(x_BNC)
 
     def forward_head(self, x_BNC: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:

@@ -229,9 +229,25 @@ class MergeState:
     every :class:`MergeBlock`; blocks keep returning plain token tensors, so forward hooks
     (feature taps, ``capture_tokens``) see the same outputs as on a dense model.
     ``size_BN1`` is None until the first merge, meaning every token has size 1.
+
+    With ``track_source`` (distillation only), ``source_BNP`` records which input tokens
+    each token stands for, ``[B, N, P]`` counts over the ``P`` tokens of the first merging
+    block's input (ToMe's source trace), so a teacher's tokens can be merged the same way.
     """
 
     size_BN1: torch.Tensor | None = None
+    track_source: bool = False
+    source_BNP: torch.Tensor | None = None
+
+    def merged(self, size_BM1: torch.Tensor, matching: Matching, num_tokens: int) -> None:
+        """Take a merge's sizes and, when tracking, carry the source trace through it."""
+        self.size_BN1 = size_BM1
+        if self.track_source:
+            source_BNP = self.source_BNP
+            if source_BNP is None:
+                eye_NN = torch.eye(num_tokens, device=size_BM1.device)
+                source_BNP = eye_NN.expand(size_BM1.shape[0], num_tokens, num_tokens)
+            self.source_BNP = merge_sum(source_BNP, matching)
 
 
 def proportional_attention(
@@ -427,7 +443,7 @@ class MergeBlock(nn.Module):
         self.drop_path2 = dense.drop_path2
 
     def forward(self, x_BNC: torch.Tensor, state: MergeState) -> torch.Tensor:
-        """``[B, N, C] -> [B, N - r, C]``; updates ``state.size_BN1`` when it merges."""
+        """``[B, N, C] -> [B, N - r, C]``; updates ``state`` when it merges."""
         size_BN1 = state.size_BN1
         sized = size_BN1 is not None and self.proportional
         log_size_BN1 = size_BN1.log() if sized else None
@@ -435,7 +451,9 @@ class MergeBlock(nn.Module):
         x_BNC = x_BNC + self.drop_path1(self.ls1(attn_BNC))
         if keys_BNK is not None:
             matching = bipartite_soft_matching(keys_BNK, self.r)
-            x_BNC, state.size_BN1 = merge_weighted(x_BNC, size_BN1, matching)
+            num_tokens = x_BNC.shape[1]
+            x_BNC, size_BM1 = merge_weighted(x_BNC, size_BN1, matching)
+            state.merged(size_BM1, matching, num_tokens)
         return x_BNC + self.drop_path2(self.ls2(self.mlp(self.norm2(x_BNC))))
 
     def extra_repr(self) -> str:

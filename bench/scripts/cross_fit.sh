@@ -10,7 +10,8 @@
 # On a machine where the photos lie elsewhere (a GPU machine), IMAGES and HF_HUB_CACHE name
 # them, and TRAIN_ONLY=1 trains the folds alone (no dev photos needed): copy
 # $WORK/store/<entry>-s<seed>-fold-{a,b} back into the same WORK and run this again here
-# to score them.
+# to score them. A recipe under test: OPTIONS='{"merged_features":"aligned"}' TAG=aligned
+# (FOLDS=a: one fold only, a quick look before both).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 entry=${ENTRY:-deit_tiny-merge-t5}
@@ -34,12 +35,11 @@ for k, fold in enumerate("ab"):
         writer.writeheader()
         writer.writerows(part)
 PY
-# the teacher, the recorded seed and the recorded command (one line each)
-{ read -r teacher; read -r recorded; IFS= read -r recipe; } < <(python3 - \
-  "model_store/$entry/manifest.json" <<'PY'
+# the teacher and the recorded seed (one line each)
+{ read -r teacher; read -r recorded; } < <(python3 - "model_store/$entry/manifest.json" <<'PY'
 import json, sys
 source = json.load(open(sys.argv[1]))["source"]
-print(source["ref"], source["details"]["seed"], source["details"]["command"], sep="\n")
+print(source["ref"], source["details"]["seed"], sep="\n")
 PY
 )
 [ -d "$work/store/$teacher" ] || cp -r "model_store/$teacher" "$work/store/"
@@ -54,26 +54,26 @@ if not store.has_weights(teacher):
     pull(store, store.manifest(teacher).architecture, name=teacher)
 PY
 seeds=${SEEDS:-$recorded}
+# OPTIONS (JSON merged into the recipe's) tries another recipe under its own TAG; its
+# figure is written beside the others, not into the entry's manifest
+recipe=$entry${TAG:+-$TAG}
 folds=()
 for seed in $seeds; do
-  for fold in a b; do
-    name=$entry-s$seed-fold-$fold
+  for fold in ${FOLDS:-a b}; do
+    name=$recipe-s$seed-fold-$fold
     folds+=("$name")
     [ -f "$work/store/$name/manifest.json" ] && continue
-    command=${recipe//"../shared/images"/"$images"}
-    command=${command//"../shared/hf-cache"/"${HF_HUB_CACHE:-../shared/hf-cache}"}
-    command=${command//"$images/imagenet-extra"/"$work/extra-$fold"}
-    command=${command//"vitserve "/"python3 -m app "}
-    [ -n "${TRAIN_ONLY:-}" ] && command=${command//"--eval-images $images/imagenet-dev"/}
-    command=${command//"--out $entry "/"--out $name "}
-    command=${command//"--seed $recorded "/"--seed $seed "}
+    command=$(python3 -m app.bench.cross_fit --entry "$entry" --seed "$seed" \
+      --extra "$work/extra-$fold" --out "$name" --images "$images" \
+      ${TRAIN_ONLY:+--train-only} ${OPTIONS:+--options "$OPTIONS"})
     echo "== seed $seed, fold $fold: $command --store $work/store"
     bash -c "$command --store $work/store"
   done
 done
 [ -n "${TRAIN_ONLY:-}" ] && exit 0
+record=()
+[ -z "${OPTIONS:-}" ] && record=(--record-in "model_store/$entry/manifest.json")
 HF_HUB_CACHE=${HF_HUB_CACHE:-../shared/hf-cache} HF_HUB_OFFLINE=1 python3 -m app.bench.fidelity \
   --store "$work/store" --teacher "$teacher" \
   --images "$images/imagenet-dev" "$work/extra-a" "$work/extra-b" \
-  --entries "${folds[@]}" --cross-fit "$entry" --seeds $seeds \
-  --record-in "model_store/$entry/manifest.json"
+  --entries "${folds[@]}" --cross-fit "$recipe" --seeds $seeds "${record[@]}"

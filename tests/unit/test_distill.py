@@ -19,7 +19,13 @@ from app.store.pull import import_checkpoint
 from app.train.data import EvalImages, eval_transform, list_images, read_labels
 from app.train.distill import CHECKPOINT_FILE, distill
 from app.train.evaluate import evaluate
-from app.train.losses import logit_kl, nudge_towards_disagreement
+from app.train.losses import (
+    distill_loss,
+    logit_kl,
+    merge_like,
+    nudge_towards_disagreement,
+    tapped,
+)
 from app.train.options import DistillOptions
 from app.vit.builder import CompressedViT, calibrate, compress
 from app.vit.config import CompressionConfig
@@ -82,6 +88,41 @@ def test_phase1_trains_only_compression_weights(photos: list[Path]) -> None:
     distill(teacher, student, photos, quick_opts(steps=3), data_config=DATA_CONFIG)
     changed = {k for k, v in student.state_dict().items() if not torch.equal(v, start[k])}
     assert changed == {"blocks.0.attn.attn_matrix", "aggregation.2.weight", "aggregation.3.weight"}
+
+
+def test_aligned_features_target_the_teachers_tokens_merged_alike(photos: list[Path]) -> None:
+    """merged_features='aligned': a student whose every token equals the teacher's tokens
+    averaged over the same patches has no feature loss, and moving a merged (non-CLS)
+    token costs loss there, while CLS-only matching does not see it."""
+    teacher = tiny_teacher()
+    student = compress(teacher, CompressionConfig.parse("merge=3@0,2@2;proportional=off"))
+    student.track_token_sources = True
+    ds = EvalImages(photos, eval_transform(DATA_CONFIG))
+    x = torch.stack([ds[i][0] for i in range(4)])
+    with torch.no_grad(), tapped(teacher, range(4)) as t, tapped(student, range(4)) as s:
+        t_BK, s_BK = teacher(x), student(x)
+    sources = student.token_sources
+    assert set(sources) == {0, 1, 2, 3}
+    s.blocks = {i: merge_like(t.blocks[i], sources[i]) for i in range(4)}
+    s.pre_logits = t.pre_logits
+
+    def feat(mode: str) -> float:
+        opts = quick_opts(merged_features=mode)
+        return float(distill_loss(student, t_BK, s_BK, t, s, opts).parts["feat"])
+
+    assert feat("aligned") < 1e-6 and feat("cls") < 1e-6
+    s.blocks[3] = s.blocks[3].clone()
+    s.blocks[3][:, 1:] += torch.randn_like(s.blocks[3][:, 1:])
+    assert feat("aligned") > 1e-3 and feat("cls") < 1e-6
+
+
+def test_aligned_features_distil_and_stop_tracking(photos: list[Path]) -> None:
+    teacher = tiny_teacher()
+    student = compress(teacher, CompressionConfig.parse("merge=3@0,2@2;proportional=off"))
+    opts = quick_opts(steps=2, merged_features="aligned")
+    result = distill(teacher, student, photos, opts, data_config=DATA_CONFIG)
+    assert result.steps_done == 2 and "feat" in result.history[-1]
+    assert not student.track_token_sources  # a served forward keeps no trace
 
 
 @pytest.mark.parametrize("text", ["static=0;merge=3@2-", "merge=3@0,2@2;proportional=off"])

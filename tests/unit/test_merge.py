@@ -25,6 +25,7 @@ from torch import nn
 
 from app.serving.runner import ModelRunner
 from app.store import Manifest, ModelStore, Preprocessing, Source
+from app.train.losses import merge_like
 from app.vit.attention_maps import capture_tokens
 from app.vit.builder import PRESETS, CompressedViT, compress, create_model, resolve_config
 from app.vit.config import (
@@ -380,6 +381,38 @@ def test_merged_shapes_are_static(dense: VisionTransformer) -> None:
             assert lengths == [*model.tokens_per_block[1:], model.num_tokens_out]
             assert model.forward_features(x).shape == (len(x), 7, 64)
             assert model(x).shape == (len(x), NUM_CLASSES)
+
+
+def test_source_trace_merges_tokens_as_the_merges_did() -> None:
+    """Averaging the first merge's input over each token's source gives what two chained
+    size-weighted merges gave: the trace a teacher's tokens are merged through."""
+    x_BNC = torch.randn(3, 17, 8)
+    state = MergeState(track_source=True)
+    merged_BNC = x_BNC
+    for r in (4, 3):
+        matching = bipartite_soft_matching(torch.randn(3, merged_BNC.shape[1], 5), r)
+        num_tokens = merged_BNC.shape[1]
+        merged_BNC, size_BM1 = merge_weighted(merged_BNC, state.size_BN1, matching)
+        state.merged(size_BM1, matching, num_tokens)
+    source_BNP = state.source_BNP
+    assert source_BNP.shape == (3, 10, 17)
+    assert torch.equal(source_BNP.sum(-1, keepdim=True), state.size_BN1)
+    assert torch.equal(source_BNP.sum(1), torch.ones(3, 17))  # every input token once
+    assert torch.allclose(merge_like(x_BNC, source_BNP), merged_BNC, atol=1e-6)
+
+
+def test_a_served_forward_tracks_no_sources(dense: VisionTransformer) -> None:
+    model = compress(dense, CompressionConfig.parse("merge=4@0,3@2;proportional=off")).eval()
+    with torch.no_grad():
+        model(images(2))
+        assert model.token_sources == {}
+        model.track_token_sources = True
+        model(images(2))
+    counts = [*model.tokens_per_block[1:], model.num_tokens_out]
+    # from the first merge on, plain blocks between merges included
+    assert {i: s.shape for i, s in model.token_sources.items()} == {
+        i: (2, counts[i], 17) for i in range(4)
+    }
 
 
 def test_merged_model_trains(dense: VisionTransformer) -> None:

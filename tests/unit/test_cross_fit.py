@@ -1,0 +1,51 @@
+"""A cross-fitting fold runs the entry's recorded recipe, changed only where the fold must."""
+
+from __future__ import annotations
+
+import json
+import shlex
+from pathlib import Path
+
+from app.bench.cross_fit import fold_args, main
+from app.store import ModelStore
+from app.store.build import recorded_command
+
+STORE = Path("model_store")
+
+
+def recorded(entry: str) -> list[str]:
+    return recorded_command(ModelStore(STORE).manifest(entry))[1]
+
+
+def test_a_fold_changes_only_its_half_of_extra_seed_name_and_photo_folder() -> None:
+    args = recorded("deit_tiny-merge-t5-gpu")
+    fold = fold_args(
+        args, seed=7, extra=Path("/w/extra-a"), out="f-a", images=Path("/data"), train_only=True
+    )
+    flags = dict(zip(fold[::2], fold[1::2], strict=True))
+    assert flags["--extra-images"] == "/w/extra-a" and flags["--seed"] == "7"
+    assert flags["--out"] == "f-a" and flags["--images"] == "/data/imagenet-train"
+    assert "--eval-images" not in flags
+    same = {k: v for k, v in zip(args[::2], args[1::2], strict=True) if k in flags}
+    changed = {"--extra-images", "--seed", "--out", "--images"}
+    assert {k: v for k, v in same.items() if k not in changed} == {
+        k: v for k, v in flags.items() if k not in changed
+    }
+
+
+def test_options_under_test_merge_into_the_recorded_ones() -> None:
+    args = recorded("deit_tiny-merge-t5-gpu")
+    fold = fold_args(args, seed=1, extra=Path("e"), out="o", options={"merged_features": "aligned"})
+    options = json.loads(fold[fold.index("--options") + 1])
+    assert options["merged_features"] == "aligned" and options["lr"] == 0.0001
+    assert options["augment"]["mix_prob"] == 0.0
+
+
+def test_the_printed_line_runs_compress(capsys, monkeypatch) -> None:
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    main(["--entry", "deit_tiny-merge-t6", "--seed", "0", "--extra", "e", "--out", "o"])
+    words = shlex.split(capsys.readouterr().out)
+    assert words[0] == "HF_HUB_CACHE=../shared/hf-cache"  # the recorded prefix, unset here
+    assert words[words.index("python3") : words.index("python3") + 4] == [
+        "python3", "-m", "app", "compress",
+    ]  # fmt: skip
