@@ -140,7 +140,8 @@ def fidelity_table(table: Table, repo: Path) -> list[str]:
     """Agreement with the dense top-1 and top-1 accuracy per variant and image folder."""
     results = [load_result(repo, f) for f in table["files"]]
     folders = sorted({Path(f).name for r in results for f in r["folders"]})
-    header = ["variant", "training"] + [f"{f}: agreement / top-1" for f in folders] + ["source"]
+    header = ["variant", "training", *[f"{f}: agreement / top-1" for f in folders]]
+    header += ["all its photos: agreement (95% CI)", "source"]
     rows, devices, teachers = [], set(), set()
     for name, result in zip(table["files"], results, strict=True):
         devices.add(f"{result['device']} ({result['device_type']})")
@@ -155,7 +156,14 @@ def fidelity_table(table: Table, repo: Path) -> list[str]:
                     if ev
                     else "–"
                 )
-            rows.append([f"`{row['name']}`", row["training"], *cells, stamp(name)])
+            pool = row.get("pooled")
+            pooled = (
+                f"{pool['agreement_top1']:.1%} [{pool['agreement_ci95'][0]:.1%}, "
+                f"{pool['agreement_ci95'][1]:.1%}] (n={pool['n_images']})"
+                if pool
+                else "–"
+            )
+            rows.append([f"`{row['name']}`", row["training"], *cells, pooled, stamp(name)])
     dense = {
         Path(f).name: ev["teacher_top1_acc"]
         for r in results
