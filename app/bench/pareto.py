@@ -21,12 +21,15 @@ from typing import Any, NamedTuple, TypeVar
 
 from matplotlib.figure import Figure
 
+from app.bench.fidelity import pooled
 from app.bench.models import mode_name
 from app.store import ModelStore, StoreError
 from app.timing import dtype_name
 from app.vit.builder import resolve_config
 
 log = logging.getLogger(__name__)
+
+POOLED = "pooled"  # --folder: every folder a variant was scored on, as one sample
 
 # (speedup, top-1 agreement) a config must reach at least.
 TARGETS: tuple[tuple[float, float], ...] = ((2.0, 0.80), (2.2, 0.85))
@@ -38,6 +41,7 @@ class ParetoPoint(NamedTuple):
     speedup: float
     agreement: float  # top-1 agreement with dense, a fraction in [0, 1]
     label: str
+    ci95: tuple[float, float] | None = None  # the agreement's interval, where pooled
 
 
 def pareto_front(points: Iterable[P]) -> list[P]:
@@ -90,18 +94,34 @@ def collect_fidelity(store_root: Path | str, *, arch: str | None = None) -> dict
     return out
 
 
-def fidelity_from_report(report: Mapping[str, Any], folder: str) -> dict[str, dict]:
+def fidelity_from_report(
+    report: Mapping[str, Any], folder: str, *, min_photos: int = 0
+) -> dict[str, dict]:
     """``{variant (training): {'config', 'agreement_top1', 'top1'}}`` on ``folder`` from an
-    ``app.bench.fidelity`` report (variants not evaluated there are left out)."""
-    return {
-        f"{row['name']} ({row['training']})": {
-            "config": row["config"],
-            "agreement_top1": row["eval"][folder]["agreement_top1"],
-            "top1": row["eval"][folder].get("student_top1_acc"),
-        }
-        for row in report["rows"]
-        if folder in row["eval"]
-    }
+    ``app.bench.fidelity`` report (variants not evaluated there are left out).
+
+    ``folder`` :data:`POOLED`: every folder a variant was scored on as one sample (a
+    cross-fitted row's own pooled figure), with its 95% interval (``ci95``); variants
+    scored on fewer than ``min_photos`` photos (a single fold) are left out."""
+    out = {}
+    for row in report["rows"]:
+        if folder == POOLED:
+            pool = row.get("pooled") or pooled(row["eval"])
+            if pool is None or pool["n_images"] < min_photos:
+                continue
+            figure = {
+                "agreement_top1": pool["agreement_top1"],
+                "top1": pool["student_top1_acc"],
+                "ci95": tuple(pool["agreement_ci95"]),
+                "n_images": pool["n_images"],
+            }
+        elif folder in row["eval"]:
+            ev = row["eval"][folder]
+            figure = {"agreement_top1": ev["agreement_top1"], "top1": ev.get("student_top1_acc")}
+        else:
+            continue
+        out[f"{row['name']} ({row['training']})"] = {"config": row["config"], **figure}
+    return out
 
 
 def _load(speed_json: Path | Mapping[str, Any]) -> Mapping[str, Any]:
@@ -146,7 +166,8 @@ def speed_points(
             raise ValueError(f"{label}: agreement_top1 {agreement} is not a fraction")
         top1 = fid.get("top1")
         text = label if top1 is None else f"{label} (top-1 {100 * top1:.1f}%)"
-        points.append(ParetoPoint(float(row["speedup"]), agreement, text))
+        ci95 = tuple(fid["ci95"]) if fid.get("ci95") else None
+        points.append(ParetoPoint(float(row["speedup"]), agreement, text, ci95))
     missing = [row["name"] for config, row in rows.items() if config not in measured]
     return points, missing
 
@@ -195,6 +216,7 @@ def _draw_front(
     batch: int,
     compiled: bool,
     cuda_graphs: bool,
+    targets: Sequence[tuple[float, float]] = TARGETS,
 ) -> Path:
     """The PNG of :func:`plot_pareto` from points already collected."""
     if len(points) == 1:
@@ -206,6 +228,7 @@ def _draw_front(
     others = off_front(points, front)
     key = [
         f"{i}: {p.label}  {p.speedup:.2f}x, {100 * p.agreement:.1f}%"
+        + (f" [{100 * p.ci95[0]:.1f}, {100 * p.ci95[1]:.1f}]" if p.ci95 else "")
         for i, p in enumerate(others, 1)
     ]
     if missing:
@@ -214,12 +237,13 @@ def _draw_front(
 
     fig = Figure(figsize=(9, 6 + key_height), layout="constrained")
     ax, key_ax = fig.subplots(2, 1, height_ratios=(6, key_height))
-    x_max = max(max(p.speedup for p in points), *(t[0] for t in TARGETS)) * 1.25  # room for labels
-    y_min = min(min(p.agreement for p in points), *(t[1] for t in TARGETS)) * 100 - 3
+    x_max = max(max(p.speedup for p in points), *(t[0] for t in targets)) * 1.25  # room for labels
+    lowest = min(p.ci95[0] if p.ci95 else p.agreement for p in points)
+    y_min = min(lowest, *(t[1] for t in targets)) * 100 - 3
     ax.set_xlim(min(0.9, min(p.speedup for p in points) - 0.1), x_max)
     ax.set_ylim(y_min, 101)
 
-    for (speedup, agreement), color in zip(TARGETS, ("tab:orange", "tab:red"), strict=True):
+    for (speedup, agreement), color in zip(targets, ("tab:orange", "tab:red"), strict=False):
         ax.plot(
             [speedup, speedup, x_max],
             [101, 100 * agreement, 100 * agreement],
@@ -228,6 +252,9 @@ def _draw_front(
             label=f"target {speedup:.1f}x / {100 * agreement:.0f}%",
         )
     ax.scatter([p.speedup for p in points], [100 * p.agreement for p in points], color="tab:blue")
+    for p in points:
+        if p.ci95:
+            ax.vlines(p.speedup, 100 * p.ci95[0], 100 * p.ci95[1], color="tab:blue", alpha=0.4)
     ax.step(
         [p.speedup for p in front],
         [100 * p.agreement for p in front],
@@ -280,13 +307,13 @@ def fidelity_from_distill(report: Mapping[str, Any]) -> dict[str, dict]:
     }
 
 
-def load_fidelity(path: Path, folder: str) -> dict[str, dict]:
+def load_fidelity(path: Path, folder: str, *, min_photos: int = 0) -> dict[str, dict]:
     """Fidelity from either kind of JSON: an ``app.bench.fidelity`` report (its rows have
     ``eval`` per folder) or a distillation summary."""
     report = json.loads(path.read_text())
     rows = report.get("rows", [])
     if rows and "eval" in rows[0]:
-        return fidelity_from_report(report, folder)
+        return fidelity_from_report(report, folder, min_photos=min_photos)
     return fidelity_from_distill(report)
 
 
@@ -294,6 +321,8 @@ def write_front(
     speed_reports: Sequence[Mapping[str, Any]],
     fidelity: Mapping[str, Mapping[str, Any]],
     out_png: Path,
+    *,
+    targets: Sequence[tuple[float, float]] = TARGETS,
     **slice_: Any,
 ) -> dict[str, Any]:
     """PNG plus a JSON-ready summary: every point (``speedup``, agreement, top-1, on the
@@ -304,19 +333,20 @@ def write_front(
         for row in report["rows"]:
             key = (row["arch"], row["config"], row["dtype"], row["batch"], row["compiled"])
             rows.setdefault((*key, row.get("cuda_graphs", False)), row)
-    pooled = {"device": speed_reports[0]["device"], "rows": list(rows.values())}
-    points, missing = speed_points(pooled, fidelity, **slice_)
-    _draw_front(points, missing, out_png, device=pooled["device"], **slice_)
+    report = {"device": speed_reports[0]["device"], "rows": list(rows.values())}
+    points, missing = speed_points(report, fidelity, **slice_)
+    _draw_front(points, missing, out_png, device=report["device"], targets=targets, **slice_)
     front = set(pareto_front(points))
     return {
         "slice": {k: dtype_name(v) if k == "dtype" else v for k, v in slice_.items()},
-        "device": pooled["device"],
-        "targets": [{"speedup": s, "agreement_top1": a} for s, a in TARGETS],
+        "device": report["device"],
+        "targets": [{"speedup": s, "agreement_top1": a} for s, a in targets],
         "points": [
             {
                 "label": p.label,
                 "speedup": p.speedup,
                 "agreement_top1": p.agreement,
+                "agreement_ci95": list(p.ci95) if p.ci95 else None,
                 "on_front": p in front,
             }
             for p in sorted(points, key=lambda p: p.speedup)
@@ -333,7 +363,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--speed", nargs="+", type=Path, required=True, help="models JSONs")
     parser.add_argument("--fidelity", nargs="+", type=Path, required=True)
-    parser.add_argument("--folder", default="imagenet-dev", help="fidelity report folder")
+    parser.add_argument(
+        "--folder",
+        default="imagenet-dev",
+        help=f"fidelity report folder, or {POOLED!r}: all its photos with a 95%% interval",
+    )
+    parser.add_argument(
+        "--min-photos", type=int, default=0, help=f"with {POOLED!r}: leave out smaller samples"
+    )
     parser.add_argument("--arch", default="deit_small_patch16_224")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--batch", type=int, default=256)
@@ -343,12 +380,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     mode.add_argument(
         "--compiled-graphs", action="store_true", help="compiled models replayed from CUDA graphs"
     )
+    parser.add_argument(
+        "--target",
+        nargs="+",
+        type=lambda text: tuple(float(x) for x in text.split(":")),
+        default=list(TARGETS),
+        metavar="SPEEDUP:AGREEMENT",
+        help="corners drawn as the region to reach (default: %(default)s); e.g. 1.5:0.9",
+    )
     parser.add_argument("--out-png", type=Path, required=True)
     parser.add_argument("--out-json", type=Path, required=True)
     args = parser.parse_args(argv)
     fidelity: dict[str, dict] = {}
     for path in args.fidelity:
-        fidelity.update(load_fidelity(path, args.folder))
+        fidelity.update(load_fidelity(path, args.folder, min_photos=args.min_photos))
     summary = write_front(
         [json.loads(p.read_text()) for p in args.speed],
         fidelity,
@@ -358,6 +403,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         batch=args.batch,
         compiled=not (args.eager or args.cuda_graphs),
         cuda_graphs=args.cuda_graphs or args.compiled_graphs,
+        targets=args.target,
     )
     summary["speed_json"] = [str(p) for p in args.speed]
     summary["fidelity_json"] = [str(p) for p in args.fidelity]

@@ -313,13 +313,19 @@ def front_table(table: Table, repo: Path) -> list[str]:
             "",
         ]
         rows = [
-            [p["label"], f"{p['speedup']:.2f}×", f"{p['agreement_top1']:.1%}"]
+            [p["label"], f"{p['speedup']:.2f}×", _agreement_cell(p)]
             + ["yes" if p["on_front"] else ""]
             for p in sorted(front["points"], key=lambda p: -p["speedup"])
             if p["on_front"] or not table.get("front_only", False)
         ]
         lines += [*markdown(["point", "speed-up", "agreement", "on the front"], rows), ""]
     return lines[:-1]
+
+
+def _agreement_cell(point: dict) -> str:
+    ci = point.get("agreement_ci95")
+    interval = f" [{ci[0]:.1%}, {ci[1]:.1%}]" if ci else ""
+    return f"{point['agreement_top1']:.1%}{interval}"
 
 
 def _speed_cell(speed: dict) -> str:

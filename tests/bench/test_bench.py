@@ -15,6 +15,7 @@ from torch import nn
 
 from app.bench.models import _parse_args, mode_name, resolve_configs, run_models_bench
 from app.bench.pareto import (
+    POOLED,
     collect_fidelity,
     fidelity_from_report,
     off_front,
@@ -353,6 +354,7 @@ def test_pareto_cli_pools_speed_runs_and_reads_both_fidelity_formats(tmp_path: P
         "label": "tome-r13 (training-free)",
         "speedup": 0.8,
         "agreement_top1": 0.876,
+        "agreement_ci95": None,
         "on_front": False,
     }
     assert points["dense"]["on_front"] and points["tiny-glad-t3 (top-1 68.0%)"]["on_front"]
@@ -415,6 +417,50 @@ def test_variants_of_one_config_are_separate_points():
     merged = sorted((p.agreement, p.speedup) for p in points if p.label != "dense")
     assert merged == [(0.876, 2.3), (0.9, 2.3)]
     assert set(missing) == {"glad-s3-t3", "glad-t3", "dgssa-s2"}
+
+
+def test_pooled_fidelity_carries_its_interval_and_leaves_out_single_folds() -> None:
+    """--folder pooled: a variant's figure over all the photos it was scored on, with the
+    95% interval; a cross-fitted row keeps its own pooled figure, a fold below the photo
+    floor is left out, and a row without one is pooled from its folders."""
+    ev = {"n_labelled": 0, "student_top1_acc": None, "teacher_top1_acc": None}
+    report = {
+        "rows": [
+            {
+                "name": "a-fold",
+                "training": "distilled",
+                "config": "merge=13",
+                "eval": {"dev": {**ev, "n_images": 10, "agreement_top1": 0.9}},
+                "pooled": {
+                    "n_images": 10,
+                    "agreement_top1": 0.9,
+                    "agreement_ci95": [0.6, 0.98],
+                    "student_top1_acc": None,
+                },
+            },
+            {
+                "name": "tome",
+                "training": "training-free",
+                "config": "merge=13",
+                "eval": {
+                    "dev": {**ev, "n_images": 100, "agreement_top1": 0.9},
+                    "extra": {**ev, "n_images": 300, "agreement_top1": 0.8},
+                },
+            },
+        ]
+    }
+    fidelity = fidelity_from_report(report, POOLED, min_photos=50)
+    assert set(fidelity) == {"tome (training-free)"}
+    figure = fidelity["tome (training-free)"]
+    assert figure["n_images"] == 400 and figure["agreement_top1"] == pytest.approx(0.825)
+    low, high = figure["ci95"]
+    assert low < 0.825 < high
+    speed = _speed_report()
+    speed["rows"].append({**speed["rows"][1], "config": "merge=13", "name": "tome-r13"})
+    points, _ = speed_points(
+        speed, fidelity, arch="deit_small_patch16_224", dtype="bfloat16", batch=256, compiled=False
+    )
+    assert [p.ci95 for p in points if p.label != "dense"] == [(low, high)]
 
 
 def test_cuda_graph_rows_are_refused_without_cuda(tmp_path: Path):
