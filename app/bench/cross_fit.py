@@ -19,7 +19,7 @@ import shlex
 from pathlib import Path
 
 from app.store import ModelStore
-from app.store.build import recorded_command
+from app.store.build import recorded_command, with_options
 
 SHARED_IMAGES = "../shared/images"  # where recorded recipes read their photos
 
@@ -58,10 +58,7 @@ def fold_args(
     args = set_value(args, "--out", out)
     if train_only:
         args = set_value(args, "--eval-images", None)
-    if options:
-        recorded = json.loads(args[args.index("--options") + 1]) if "--options" in args else {}
-        args = set_value(args, "--options", json.dumps({**recorded, **options}))
-    return args
+    return with_options(args, options) if options else args
 
 
 def main(argv: list[str] | None = None) -> None:

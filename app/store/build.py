@@ -53,15 +53,20 @@ def recorded_command(manifest: Manifest) -> tuple[dict[str, str], list[str]]:
     return env, words[2:]
 
 
-def with_checkpoints(args: list[str], every: int) -> list[str]:
-    """``args`` with ``checkpoint_every`` merged into ``--options`` (it changes no result)."""
+def with_options(args: list[str], update: dict[str, Any]) -> list[str]:
+    """``compress`` arguments with ``update`` merged into their ``--options`` JSON."""
     args = list(args)
     if "--options" in args:
         i = args.index("--options") + 1
-        args[i] = json.dumps({**json.loads(args[i]), "checkpoint_every": every})
+        args[i] = json.dumps({**json.loads(args[i]), **update})
     else:
-        args += ["--options", json.dumps({"checkpoint_every": every})]
+        args += ["--options", json.dumps(update)]
     return args
+
+
+def with_checkpoints(args: list[str], every: int) -> list[str]:
+    """``args`` with ``checkpoint_every`` merged into ``--options`` (it changes no result)."""
+    return with_options(args, {"checkpoint_every": every})
 
 
 def build_argv(
