@@ -3,7 +3,8 @@
 A fold is the entry's own recorded recipe (:func:`app.store.build.recorded_command`, as
 ``vitserve store build`` runs it) with half of imagenet-extra in place of all of it, its
 own seed and name, the photos where this machine keeps them, and optionally other
-distillation options (a recipe under test rather than the recorded one). Printed as one
+distillation options or another compression config (a recipe under test rather than the
+recorded one). Printed as one
 shell line for the script to run::
 
     python -m app.bench.cross_fit --store model_store --entry deit_tiny-merge-t5 \\
@@ -46,6 +47,7 @@ def fold_args(
     images: Path | None = None,
     train_only: bool = False,
     options: dict | None = None,
+    config: str | None = None,
 ) -> list[str]:
     """The recorded ``compress`` arguments turned into one fold's."""
     if images is not None:
@@ -56,8 +58,11 @@ def fold_args(
     args = set_value(args, "--extra-images", str(extra))
     args = set_value(args, "--seed", str(seed))
     args = set_value(args, "--out", out)
+    args = set_value(args, "--speed-arch", "none")  # a fold is scored for fidelity alone
     if train_only:
         args = set_value(args, "--eval-images", None)
+    if config is not None:
+        args = set_value(args, "--config", config)
     return with_options(args, options) if options else args
 
 
@@ -71,6 +76,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--images", type=Path, help=f"where {SHARED_IMAGES}'s folders are here")
     p.add_argument("--train-only", action="store_true", help="no evaluation on dev")
     p.add_argument("--options", type=json.loads, help="JSON merged into the recipe's options")
+    p.add_argument("--config", help="another compression config (preset or text) to distil")
     args = p.parse_args(argv)
     env, recorded = recorded_command(ModelStore(args.store).manifest(args.entry))
     compress = fold_args(
@@ -81,6 +87,7 @@ def main(argv: list[str] | None = None) -> None:
         images=args.images,
         train_only=args.train_only,
         options=args.options,
+        config=args.config,
     )
     # the caller's environment wins over the recorded prefix, as in `vitserve store build`
     prefix = [f"{k}={v}" for k, v in env.items() if k not in os.environ]

@@ -11,7 +11,8 @@
 # them, and TRAIN_ONLY=1 trains the folds alone (no dev photos needed): copy
 # $WORK/store/<entry>-s<seed>-fold-{a,b} back into the same WORK and run this again here
 # to score them. A recipe under test: OPTIONS='{"merged_features":"aligned"}' TAG=aligned
-# (FOLDS=a: one fold only, a quick look before both).
+# (FOLDS=a: one fold only, a quick look before both). Another schedule under the same recipe:
+# CONFIG='merge=38@0,29@1,23@3,18@4,14@7;proportional=off' TAG=c50.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 entry=${ENTRY:-deit_tiny-merge-t5}
@@ -30,10 +31,14 @@ for k, fold in enumerate("ab"):
         link = os.path.join(folder, row["file"])
         if not os.path.lexists(link):
             os.symlink(os.path.join(src, row["file"]), link)
-    with open(os.path.join(folder, "labels.csv"), "w", newline="") as out:
+    labels = os.path.join(folder, "labels.csv")
+    if os.path.exists(labels):  # written once: folds running side by side read it
+        continue
+    with open(labels + ".tmp", "w", newline="") as out:
         writer = csv.DictWriter(out, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(part)
+    os.replace(labels + ".tmp", labels)
 PY
 # the teacher and the recorded seed (one line each)
 { read -r teacher; read -r recorded; } < <(python3 - "model_store/$entry/manifest.json" <<'PY'
@@ -54,8 +59,8 @@ if not store.has_weights(teacher):
     pull(store, store.manifest(teacher).architecture, name=teacher)
 PY
 seeds=${SEEDS:-$recorded}
-# OPTIONS (JSON merged into the recipe's) tries another recipe under its own TAG; its
-# figure is written beside the others, not into the entry's manifest
+# OPTIONS (JSON merged into the recipe's) or CONFIG tries another recipe under its own TAG;
+# its figure is written beside the others, not into the entry's manifest
 recipe=$entry${TAG:+-$TAG}
 folds=()
 for seed in $seeds; do
@@ -65,14 +70,14 @@ for seed in $seeds; do
     [ -f "$work/store/$name/manifest.json" ] && continue
     command=$(python3 -m app.bench.cross_fit --entry "$entry" --seed "$seed" \
       --extra "$work/extra-$fold" --out "$name" --images "$images" \
-      ${TRAIN_ONLY:+--train-only} ${OPTIONS:+--options "$OPTIONS"})
+      ${TRAIN_ONLY:+--train-only} ${OPTIONS:+--options "$OPTIONS"} ${CONFIG:+--config "$CONFIG"})
     echo "== seed $seed, fold $fold: $command --store $work/store"
     bash -c "$command --store $work/store"
   done
 done
 [ -n "${TRAIN_ONLY:-}" ] && exit 0
 record=()
-[ -z "${OPTIONS:-}" ] && record=(--record-in "model_store/$entry/manifest.json")
+[ -z "${OPTIONS:-}${CONFIG:-}" ] && record=(--record-in "model_store/$entry/manifest.json")
 HF_HUB_CACHE=${HF_HUB_CACHE:-../shared/hf-cache} HF_HUB_OFFLINE=1 python3 -m app.bench.fidelity \
   --store "$work/store" --teacher "$teacher" \
   --images "$images/imagenet-dev" "$work/extra-a" "$work/extra-b" \

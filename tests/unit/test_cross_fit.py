@@ -26,8 +26,9 @@ def test_a_fold_changes_only_its_half_of_extra_seed_name_and_photo_folder() -> N
     assert flags["--extra-images"] == "/w/extra-a" and flags["--seed"] == "7"
     assert flags["--out"] == "f-a" and flags["--images"] == "/data/imagenet-train"
     assert "--eval-images" not in flags
+    assert flags["--speed-arch"] == "none"  # folds are for fidelity: no minutes of timing
     same = {k: v for k, v in zip(args[::2], args[1::2], strict=True) if k in flags}
-    changed = {"--extra-images", "--seed", "--out", "--images"}
+    changed = {"--extra-images", "--seed", "--out", "--images", "--speed-arch"}
     assert {k: v for k, v in same.items() if k not in changed} == {
         k: v for k, v in flags.items() if k not in changed
     }
@@ -49,3 +50,11 @@ def test_the_printed_line_runs_compress(capsys, monkeypatch) -> None:
     assert words[words.index("python3") : words.index("python3") + 4] == [
         "python3", "-m", "app", "compress",
     ]  # fmt: skip
+
+
+def test_another_schedule_replaces_only_the_config() -> None:
+    args = recorded("deit_tiny-merge-t5-gpu")
+    text = "merge=38@0,29@1,23@3,18@4,14@7;proportional=off"
+    fold = fold_args(args, seed=0, extra=Path("e"), out="o", config=text)
+    assert fold[fold.index("--config") + 1] == text
+    assert fold[fold.index("--options") + 1] == args[args.index("--options") + 1]
