@@ -49,6 +49,11 @@ from app.vit.token_pyramid import TokenAggregation, pyramid_grids
 # than it; merging must start at block 0, and block 2 is the worst place for a merge.
 # "merge-t5-c<cost>": merge-t5's blocks with every r scaled up, to block cost 0.37 / 0.34 of
 # dense (down to 41 / 34 tokens): 80.0% / 77.0% and 75.6% / 71.8% untrained.
+# "merge-<k>x<r>": r tokens merged in k blocks spread over the depth, proportional attention:
+# on a GPU each merging block costs a fixed time whatever its r, so fewer, larger merges pay
+# it fewer times. merge-4x35 (blocks 0, 3, 6, 9) keeps 90.2% of dev + extra untrained at
+# block cost 0.55, merge-3x47 (blocks 0, 4, 8) 89.2% at 0.52; without proportional
+# attention such schedules lose 2-4 points (bench/results/fidelity/fidelity-cpu-20261206-*).
 PRESETS: dict[str, str] = {
     "dense": "",
     "dgssa-s2": "static=0-1",
@@ -68,6 +73,8 @@ PRESETS: dict[str, str] = {
     "merge-t5": "merge=44@0,34@1,27@3,21@4,16@7;proportional=off",
     "merge-t5-c37": "merge=48@0,37@1,30@3,23@4,18@7;proportional=off",
     "merge-t5-c34": "merge=51@0,39@1,31@3,24@4,18@7;proportional=off",
+    "merge-4x35": "merge=35@0,35@3,35@6,35@9",
+    "merge-3x47": "merge=47@0,47@4,47@8",
 }
 
 
