@@ -4,8 +4,7 @@ A fold is the entry's own recorded recipe (:func:`app.store.build.recorded_comma
 ``vitserve store build`` runs it) with half of imagenet-extra in place of all of it, its
 own seed and name, the photos where this machine keeps them, and optionally other
 distillation options or another compression config (a recipe under test rather than the
-recorded one). Printed as one
-shell line for the script to run::
+recorded one). Printed as one shell line for the script to run::
 
     python -m app.bench.cross_fit --store model_store --entry deit_tiny-merge-t5 \\
         --seed 1 --extra /tmp/cross-fit/extra-a --out deit_tiny-merge-t5-s1-fold-a
