@@ -6,16 +6,20 @@ become 72 wide; on an H100 cuDNN then runs its 128-wide flash kernel, and merge-
 at batch 64 loses ~13% of its speed to it (1.21x dense with it, 1.38x without;
 bench/results/models/models-nvidia-h100-80gb-hbm3-20261206-234356.json). This times
   1. SDPA alone on [64, 6, N, 72] under cuDNN, PyTorch's flash (96-wide for 72, if it
-     rounds up in 32s as FlashAttention-2 does) and
-     the memory-efficient kernel, beside 64-wide heads;
-  2. whole models at batch 64 from CUDA graphs, each copy captured under one backend
-     (the choice is baked in at capture), dense and the prop-off schedule beside them.
+     rounds up in 32s as FlashAttention-2 does) and the memory-efficient kernel, beside
+     64-wide heads with no bias and 64-wide heads with the bias as a [B, 1, 1, N] additive
+     mask (cuDNN and the memory-efficient kernel take one; flash does not);
+  2. whole models at batch 64 from CUDA graphs, each copy captured under one form (head or
+     mask) and one backend (the choice is baked in at capture), dense and the prop-off
+     schedule beside them.
     source bench/scripts/device_site.sh; python3 bench/scripts/gpu_proportional_sdpa.py $OUT
 (about 2 min on an H100; carry .whl for the wheels device_site.sh installs)
 """
 
+import contextlib
 import copy
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -24,11 +28,14 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+import app.vit.merge as merge
 from app.bench.arch import build_arch_models
 from app.timing import environment, prepare, time_interleaved
 
 BATCH = 64
-CONFIGS = ("merge=47@0,47@4,47@8", "merge=35@0,35@3,35@6,35@9", "merge=13")
+CONFIGS = tuple(
+    os.environ.get("CONFIGS", "merge=47@0,47@4,47@8 merge=35@0,35@3,35@6,35@9 merge=13").split()
+)
 BACKENDS = {
     "cudnn": SDPBackend.CUDNN_ATTENTION,
     "flash": SDPBackend.FLASH_ATTENTION,
@@ -36,17 +43,31 @@ BACKENDS = {
 }
 
 
-def time_sdpa(q, k, v, backend, calls=50, windows=5) -> float | None:
+@contextlib.contextmanager
+def bias_form(form: str):
+    """Proportional attention on the GPU in ``form``: "head" (the bias as an extra head
+    column, the default) or "mask" (an additive [B, 1, 1, N] mask, the CPU's form)."""
+    saved = merge.bias_in_qkv, merge.head_bias_attention
+    if form == "mask":
+        merge.bias_in_qkv = lambda device: False
+        merge.head_bias_attention = merge.mask_bias_attention
+    try:
+        yield
+    finally:
+        merge.bias_in_qkv, merge.head_bias_attention = saved
+
+
+def time_sdpa(q, k, v, backend, mask=None, calls=50, windows=5) -> float | None:
     """Median microseconds of one SDPA call under ``backend`` (None if it refuses)."""
     try:
         with sdpa_kernel(backend):
             for _ in range(10):
-                F.scaled_dot_product_attention(q, k, v)
+                F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
             start, end, times = torch.cuda.Event(True), torch.cuda.Event(True), []
             for _ in range(windows):
                 start.record()
                 for _ in range(calls):
-                    F.scaled_dot_product_attention(q, k, v)
+                    F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
                 end.record()
                 torch.cuda.synchronize()
                 times.append(start.elapsed_time(end) / calls * 1000)
@@ -58,16 +79,26 @@ def time_sdpa(q, k, v, backend, calls=50, windows=5) -> float | None:
 
 def main(out_dir: Path) -> None:
     device = torch.device("cuda")
-    rows = []
+    rows, refused = [], set()
     for n in (197, 150, 103, 56):
         qkv = [torch.randn(BATCH, 6, n, 72, device=device, dtype=torch.bfloat16) for _ in range(3)]
-        for width in (64, 72):
+        mask = torch.randn(BATCH, 1, 1, n, device=device, dtype=torch.bfloat16)
+        for width, form in ((64, "none"), (72, "head"), (64, "mask")):
             q, k, v = (t[..., :width].contiguous() for t in qkv)
             for name, backend in BACKENDS.items():
-                us = time_sdpa(q, k, v, backend)
-                print(f"sdpa N={n} width={width} {name}: {us} us")
+                us = time_sdpa(q, k, v, backend, mask if form == "mask" else None)
+                print(f"sdpa N={n} width={width} bias={form} {name}: {us} us")
+                if us is None:
+                    refused.add((form, name))
                 rows.append(
-                    {"kind": "sdpa", "tokens": n, "width": width, "backend": name, "us": us}
+                    {
+                        "kind": "sdpa",
+                        "tokens": n,
+                        "width": width,
+                        "bias": form,
+                        "backend": name,
+                        "us": us,
+                    }
                 )
     x = torch.randn(BATCH, 3, 224, 224, device=device, dtype=torch.bfloat16)
     for arch in ("deit_small_patch16_224", "deit_tiny_patch16_224"):
@@ -80,10 +111,13 @@ def main(out_dir: Path) -> None:
         }
         models["dense"](x)
         for config in configs:
-            backends = (
-                {"default": None} if "proportional=off" in config else {"default": None, **BACKENDS}
-            )
-            for name, backend in backends.items():
+            variants = [("default", "head", None)]
+            if "proportional=off" not in config:
+                variants += [(f"head {b}", "head", BACKENDS[b]) for b in BACKENDS]
+                variants += [("mask", "mask", None)]
+                variants += [(f"mask {b}", "mask", BACKENDS[b]) for b in BACKENDS]
+                variants = [v for v in variants if (v[1], v[0].split()[-1]) not in refused]
+            for name, form, backend in variants:
                 model = prepare(
                     copy.deepcopy(built.compressed[config]),
                     device=device,
@@ -92,12 +126,13 @@ def main(out_dir: Path) -> None:
                     cuda_graphs=True,
                 )
                 try:
-                    if backend is None:
-                        model(x)  # captured here, with the default choice
-                    else:
-                        with sdpa_kernel([backend, SDPBackend.MATH]):
-                            model(x)
-                except RuntimeError as exc:
+                    with bias_form(form):
+                        if backend is None:
+                            model(x)  # captured here, with the default choice
+                        else:
+                            with sdpa_kernel(backend):  # no fallback: the label holds
+                                model(x)
+                except RuntimeError as exc:  # the plain blocks refused by this backend
                     print(f"{arch} {config} [{name}]: capture failed ({str(exc)[:80]})")
                     continue
                 models[f"{config} [{name}]"] = model
