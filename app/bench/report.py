@@ -136,6 +136,44 @@ def merge_steps_table(table: Table, repo: Path) -> list[str]:
     return lines[:-1]
 
 
+def proportional_sdpa_table(table: Table, repo: Path) -> list[str]:
+    """``bench/scripts/gpu_proportional_sdpa.py``: SDPA alone per form of the log-size bias
+    and backend (µs a call), then whole merged models per form and backend (× dense)."""
+    result = load_result(repo, table["files"][0])
+    sdpa = [row for row in result["rows"] if row["kind"] == "sdpa"]
+    columns = list(dict.fromkeys((row["bias"], row["width"], row["backend"]) for row in sdpa))
+    us = {(row["tokens"], row["bias"], row["width"], row["backend"]): row["us"] for row in sdpa}
+    kernel_rows = [
+        [str(n)] + [f"{us[(n, *c)]:.1f}" if us[(n, *c)] else "refused" for c in columns]
+        for n in dict.fromkeys(row["tokens"] for row in sdpa)
+    ]
+    models = [row for row in result["rows"] if row["kind"] == "model"]
+    archs = list(dict.fromkeys(row["arch"] for row in models))
+    ratio = {(row["name"], row["arch"]): row["speedup"] for row in models}
+    model_rows = [
+        [f"`{name}`"] + [f"{ratio[(name, a)]:.2f}×" if ratio.get((name, a)) else "–" for a in archs]
+        for name in dict.fromkeys(row["name"] for row in models)
+        if name != "dense"
+    ]
+    caption = (
+        f"Device: {result['device']} (torch {result['torch_version']}); {result['dtype']}; "
+        f"batch {result['batch']}; CUDA events, median. Source: `{stamp(table['files'][0])}`."
+    )
+    header = ["tokens"] + [f"{bias} {width}-wide, {backend}" for bias, width, backend in columns]
+    return [
+        caption,
+        "",
+        "SDPA alone, 6 heads, µs a call (bias: none, an extra head column, an additive mask):",
+        "",
+        *markdown(header, kernel_rows),
+        "",
+        "Whole models from CUDA graphs, × dense in the same loop ([form backend]; "
+        "[default] is the form of that day's code with SDPA's own choice):",
+        "",
+        *markdown(["config [form backend]", *archs], model_rows),
+    ]
+
+
 def fidelity_table(table: Table, repo: Path) -> list[str]:
     """Agreement with the dense top-1 and top-1 accuracy per variant and image folder."""
     results = [load_result(repo, f) for f in table["files"]]
@@ -400,6 +438,7 @@ RENDERERS: dict[str, Callable[[Table, Path], list[str]]] = {
     "decode": decode_table,
     "decoders": decoders_table,
     "merge_steps": merge_steps_table,
+    "proportional_sdpa": proportional_sdpa_table,
     "fidelity": fidelity_table,
     "pooled": pooled_table,
     "levels": levels_table,

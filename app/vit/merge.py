@@ -9,7 +9,7 @@ picks its most similar B token, and the ``r`` A tokens with the best matches are
 Every merged token remembers how many input patches it stands for (``size``): merges are
 size-weighted averages and later attention adds ``log(size)`` to its logits (proportional
 attention), so a token standing for k patches draws the attention those k patches would;
-the bias travels in an extra head dimension, not a mask, so SDPA keeps its flash kernel.
+the bias is an additive mask, which SDPA's fused kernels take (cuDNN on the GPU).
 
 ``r`` is fixed per block, so every shape is known before the forward runs: batching, CUDA
 graphs and ``torch.compile(fullgraph=True)`` keep working. Matching works on fixed-size
@@ -259,67 +259,20 @@ def proportional_attention(
     scale: float,
     dropout_p: float = 0.0,
 ) -> torch.Tensor:
-    """``softmax(q·kᵀ·scale + log size_k)·v`` through fused SDPA, in the form each device's
-    fastest kernel takes: the bias as an extra head dimension on a GPU
-    (:func:`head_bias_attention`), as an additive mask on the CPU (:func:`mask_bias_attention`).
+    """``softmax(q·kᵀ·scale + log size_k)·v`` through fused SDPA, the bias an additive
+    ``[B, 1, 1, N]`` mask.
+
+    The one form on every device. On the CPU, SDPA's flash kernel takes a mask at almost no
+    cost. On the GPU the bias used to ride in an extra head column (heads 72 wide for 64,
+    out of a padded qkv GEMM) to keep a mask-free kernel; measured whole, merged models ran
+    faster with the mask (cuDNN takes it): on an H100 at batch 64, merge-3x47 on DeiT-S
+    1.32x dense against 1.22x, tome-r13 1.09x against 1.02x
+    (bench/results/kernels/proportional-sdpa-20261207-012058.json).
     """
-    attend = mask_bias_attention if q_BHND.device.type == "cpu" else head_bias_attention
-    return attend(q_BHND, k_BHND, v_BHND, log_size_BN1, scale=scale, dropout_p=dropout_p)
-
-
-def head_bias_attention(
-    q_BHND: torch.Tensor,
-    k_BHND: torch.Tensor,
-    v_BHND: torch.Tensor,
-    log_size_BN1: torch.Tensor,
-    *,
-    scale: float,
-    dropout_p: float = 0.0,
-) -> torch.Tensor:
-    """Proportional attention *without* an attention mask, for the GPU.
-
-    A mask sends SDPA off its fastest kernel (flash attention takes none): on an H200 the
-    log-size mask made a DeiT-S block at 197 tokens 0.23 ms slower (1.00 ms against
-    0.77 ms). The bias rides in an extra head dimension instead -- q gets 1 there, k gets
-    ``log(size) / scale``, so ``scale · q'·k' = scale · q·k + log size`` -- padded with zeros
-    to the next multiple of 8, as the fused kernels want; v gets zeros there, and the output
-    keeps its first ``D`` channels.
-    """
-    B, H, N, D = q_BHND.shape
-    pad = 8 - D % 8  # at least 1: the bias column
-    zeros_BHNp = q_BHND.new_zeros(B, H, N, pad - 1)
-    bias_BHN1 = (log_size_BN1 / scale).to(k_BHND.dtype)[:, None].expand(B, H, N, 1)
-    q_BHNE = torch.cat([q_BHND, q_BHND.new_ones(B, H, N, 1), zeros_BHNp], dim=-1)
-    k_BHNE = torch.cat([k_BHND, bias_BHN1, zeros_BHNp], dim=-1)
-    v_BHNE = torch.cat([v_BHND, v_BHND.new_zeros(B, H, N, pad)], dim=-1)
-    out_BHNE = F.scaled_dot_product_attention(
-        q_BHNE, k_BHNE, v_BHNE, dropout_p=dropout_p, scale=scale
-    )
-    return out_BHNE[..., :D]
-
-
-def mask_bias_attention(
-    q_BHND: torch.Tensor,
-    k_BHND: torch.Tensor,
-    v_BHND: torch.Tensor,
-    log_size_BN1: torch.Tensor,
-    *,
-    scale: float,
-    dropout_p: float = 0.0,
-) -> torch.Tensor:
-    """Proportional attention with the bias as an additive mask, for the CPU: SDPA's CPU
-    flash kernel takes a mask at almost no cost, while padded heads cost copies and a wider
-    product (2 cores, DeiT-Tiny shapes at 150 tokens, batch 16: 30 ms against 130 ms)."""
     mask_B11N = log_size_BN1.to(q_BHND.dtype).transpose(-1, -2)[:, None]
     return F.scaled_dot_product_attention(
         q_BHND, k_BHND, v_BHND, attn_mask=mask_B11N, dropout_p=dropout_p, scale=scale
     )
-
-
-def bias_in_qkv(device: torch.device) -> bool:
-    """Whether proportional attention's bias head comes out of the qkv projection itself
-    (:meth:`MergeAttention.qkv_with_bias_head`): off the CPU, where the mask form is used."""
-    return device.type != "cpu"
 
 
 class MergeAttention(nn.Module):
@@ -343,33 +296,6 @@ class MergeAttention(nn.Module):
         self.gate = getattr(dense, "gate", None)  # older timm: no gate
         self.proj = dense.proj
         self.proj_drop = dense.proj_drop
-        # q's column of the bias head (head_bias_attention's form): 1 from the qkv bias;
-        # the rest of the padding is zeros. Not in the state dict: derived, like the padding.
-        pad = 8 - self.head_dim % 8
-        bias_head_3HP = torch.zeros(3, self.num_heads, pad, dtype=dense.qkv.weight.dtype)
-        bias_head_3HP[0, :, 0] = 1
-        self.register_buffer("bias_head_3HP", bias_head_3HP, persistent=False)
-
-    def qkv_with_bias_head(
-        self, x_BNC: torch.Tensor, log_size_BN1: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """q, k, v ``[B, H, N, E]`` as :func:`head_bias_attention` builds them (E = D padded
-        to a multiple of 8, past D), but straight out of one GEMM: the qkv weight padded with
-        zero rows per head (an eighth more of that GEMM), q's 1 from the bias, k's
-        ``log(size) / scale`` written into its column. On the GPU at served batches this
-        replaces three concatenations and their fills per block."""
-        B, N, C = x_BNC.shape
-        H, D, P = self.num_heads, self.head_dim, self.bias_head_3HP.shape[-1]
-        weight_3HDC = self.qkv.weight.view(3, H, D, C)
-        weight = F.pad(weight_3HDC, (0, 0, 0, P)).reshape(3 * H * (D + P), C)
-        bias_3HD = (
-            self.qkv.bias.view(3, H, D) if self.qkv.bias is not None else weight.new_zeros(3, H, D)
-        )
-        bias = torch.cat([bias_3HD, self.bias_head_3HP.to(bias_3HD.dtype)], dim=-1)
-        qkv_BN3HE = F.linear(x_BNC, weight, bias.reshape(-1)).view(B, N, 3, H, D + P)
-        qkv_BN3HE[:, :, 1, :, D] = (log_size_BN1 / self.scale).to(qkv_BN3HE.dtype)
-        q_BHNE, k_BHNE, v_BHNE = qkv_BN3HE.permute(2, 0, 3, 1, 4).unbind(0)
-        return q_BHNE, k_BHNE, v_BHNE
 
     def forward(
         self, x_BNC: torch.Tensor, log_size_BN1: torch.Tensor | None = None, keys: bool = True
@@ -378,26 +304,6 @@ class MergeAttention(nn.Module):
         ``[B, N, D]`` (a block that merges nothing skips that reduction)."""
         B, N, _ = x_BNC.shape
         dropout_p = self.attn_drop.p if self.training else 0.0
-        plain_norms = isinstance(self.q_norm, nn.Identity) and isinstance(self.k_norm, nn.Identity)
-        if log_size_BN1 is not None and plain_norms and bias_in_qkv(x_BNC.device):
-            q_BHNE, k_BHNE, v_BHNE = self.qkv_with_bias_head(x_BNC, log_size_BN1)
-            out_BHNE = F.scaled_dot_product_attention(
-                q_BHNE, k_BHNE, v_BHNE, dropout_p=dropout_p, scale=self.scale
-            )
-            out_BHND, k_BHND = out_BHNE[..., : self.head_dim], k_BHNE[..., : self.head_dim]
-        else:
-            out_BHND, k_BHND = self._attend(x_BNC, log_size_BN1, dropout_p)
-        out_BNA = self.norm(out_BHND.transpose(1, 2).reshape(B, N, self.attn_dim))
-        if self.gate is not None:
-            out_BNA = out_BNA * self.gate(x_BNC).sigmoid()
-        return self.proj_drop(self.proj(out_BNA)), k_BHND.mean(dim=1) if keys else None
-
-    def _attend(
-        self, x_BNC: torch.Tensor, log_size_BN1: torch.Tensor | None, dropout_p: float
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """timm's fused path, with the bias (if any) in :func:`proportional_attention`'s
-        form for the device: attention output and keys, ``[B, H, N, D]`` each."""
-        B, N, _ = x_BNC.shape
         qkv_3BHND = (
             self.qkv(x_BNC).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         )
@@ -411,7 +317,10 @@ class MergeAttention(nn.Module):
             out_BHND = proportional_attention(
                 q_BHND, k_BHND, v_BHND, log_size_BN1, scale=self.scale, dropout_p=dropout_p
             )
-        return out_BHND, k_BHND
+        out_BNA = self.norm(out_BHND.transpose(1, 2).reshape(B, N, self.attn_dim))
+        if self.gate is not None:
+            out_BNA = out_BNA * self.gate(x_BNC).sigmoid()
+        return self.proj_drop(self.proj(out_BNA)), k_BHND.mean(dim=1) if keys else None
 
 
 class MergeBlock(nn.Module):

@@ -1,22 +1,17 @@
-"""Device step for issue #25, prepared 2026-12-07 and not yet run (the session's device time
-ran out): which SDPA backend takes proportional attention's padded heads fastest.
+"""Device step for issue #25: which form and SDPA backend take proportional attention fastest.
 
-Proportional attention carries log(size) in an extra head column, so DeiT's 64-wide heads
-become 72 wide; on an H100 cuDNN then runs its 128-wide flash kernel, and merge-3x47 served
-at batch 64 loses ~13% of its speed to it (1.21x dense with it, 1.38x without;
-bench/results/models/models-nvidia-h100-80gb-hbm3-20261206-234356.json). This times
-  1. SDPA alone on [64, 6, N, 72] under cuDNN, PyTorch's flash (96-wide for 72, if it
-     rounds up in 32s as FlashAttention-2 does) and the memory-efficient kernel, beside
-     64-wide heads with no bias and 64-wide heads with the bias as a [B, 1, 1, N] additive
-     mask (cuDNN and the memory-efficient kernel take one; flash does not);
-  2. whole models at batch 64 from CUDA graphs, each copy captured under one form (head or
-     mask) and one backend (the choice is baked in at capture), dense and the prop-off
-     schedule beside them.
+  1. SDPA alone on [64, 6, N, D] under cuDNN, PyTorch's flash and the memory-efficient
+     kernel: 64-wide heads with no bias, the bias as an extra head column (72 wide, the GPU
+     form until 2026-12-07) and the bias as a [B, 1, 1, N] additive mask (flash takes none);
+  2. whole models at batch 64 from CUDA graphs, each copy captured under one backend (the
+     choice is baked in at capture), dense and the prop-off schedule beside them.
+Run on an H100 on 2026-12-07 (bench/results/kernels/proportional-sdpa-20261207-012058.json)
+at commit 45c4bd5, where step 2 also timed the head form: the mask form won whole models,
+and became the only one (app/vit/merge.py).
     source bench/scripts/device_site.sh; python3 bench/scripts/gpu_proportional_sdpa.py $OUT
 (about 2 min on an H100; carry .whl for the wheels device_site.sh installs)
 """
 
-import contextlib
 import copy
 import json
 import os
@@ -28,7 +23,6 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-import app.vit.merge as merge
 from app.bench.arch import build_arch_models
 from app.timing import environment, prepare, time_interleaved
 
@@ -41,20 +35,6 @@ BACKENDS = {
     "flash": SDPBackend.FLASH_ATTENTION,
     "efficient": SDPBackend.EFFICIENT_ATTENTION,
 }
-
-
-@contextlib.contextmanager
-def bias_form(form: str):
-    """Proportional attention on the GPU in ``form``: "head" (the bias as an extra head
-    column, the default) or "mask" (an additive [B, 1, 1, N] mask, the CPU's form)."""
-    saved = merge.bias_in_qkv, merge.head_bias_attention
-    if form == "mask":
-        merge.bias_in_qkv = lambda device: False
-        merge.head_bias_attention = merge.mask_bias_attention
-    try:
-        yield
-    finally:
-        merge.bias_in_qkv, merge.head_bias_attention = saved
 
 
 def time_sdpa(q, k, v, backend, mask=None, calls=50, windows=5) -> float | None:
@@ -111,13 +91,10 @@ def main(out_dir: Path) -> None:
         }
         models["dense"](x)
         for config in configs:
-            variants = [("default", "head", None)]
+            variants = {"default": None}
             if "proportional=off" not in config:
-                variants += [(f"head {b}", "head", BACKENDS[b]) for b in BACKENDS]
-                variants += [("mask", "mask", None)]
-                variants += [(f"mask {b}", "mask", BACKENDS[b]) for b in BACKENDS]
-                variants = [v for v in variants if (v[1], v[0].split()[-1]) not in refused]
-            for name, form, backend in variants:
+                variants |= {b: BACKENDS[b] for b in BACKENDS if ("mask", b) not in refused}
+            for name, backend in variants.items():
                 model = prepare(
                     copy.deepcopy(built.compressed[config]),
                     device=device,
@@ -126,12 +103,11 @@ def main(out_dir: Path) -> None:
                     cuda_graphs=True,
                 )
                 try:
-                    with bias_form(form):
-                        if backend is None:
-                            model(x)  # captured here, with the default choice
-                        else:
-                            with sdpa_kernel(backend):  # no fallback: the label holds
-                                model(x)
+                    if backend is None:
+                        model(x)  # captured here, with the default choice
+                    else:
+                        with sdpa_kernel(backend):  # no fallback: the label holds
+                            model(x)
                 except RuntimeError as exc:  # the plain blocks refused by this backend
                     print(f"{arch} {config} [{name}]: capture failed ({str(exc)[:80]})")
                     continue

@@ -40,8 +40,6 @@ from app.vit.merge import (
     MergeBlock,
     MergeState,
     bipartite_soft_matching,
-    head_bias_attention,
-    mask_bias_attention,
     merge_weighted,
 )
 from tests.helpers import DEV_IMAGES, HF_CACHE, TINY_VIT, require_shared
@@ -512,16 +510,8 @@ def test_real_deit_tiny_r13_agrees_with_dense(monkeypatch: pytest.MonkeyPatch) -
 
 
 @pytest.mark.parametrize(("head_dim", "qkv_bias"), [(64, True), (12, True), (7, False)])
-@pytest.mark.parametrize("form", ["head from the qkv GEMM", "head", "mask"])
-def test_proportional_attention_equals_the_masked_softmax(
-    head_dim: int, qkv_bias: bool, form: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Every form of the log-size bias (an extra head dimension out of the qkv projection,
-    the GPU's; one concatenated to q, k and v; an additive mask, the CPU's) is the masked
-    softmax, exactly."""
-    monkeypatch.setattr("app.vit.merge.bias_in_qkv", lambda device: form.endswith("GEMM"))
-    attend = mask_bias_attention if form == "mask" else head_bias_attention
-    monkeypatch.setattr("app.vit.merge.proportional_attention", attend)
+def test_proportional_attention_equals_the_biased_softmax(head_dim: int, qkv_bias: bool) -> None:
+    """Attention with the log-size bias is ``softmax(q·kᵀ·scale + log size)·v``, exactly."""
     torch.manual_seed(head_dim)
     dense = Attention(3 * head_dim, num_heads=3, qkv_bias=qkv_bias).double().eval()
     x_BNC = torch.randn(2, 11, 3 * head_dim, dtype=torch.float64)
