@@ -31,7 +31,7 @@ class MergeBlockAlone(nn.Module):
     def forward(self, x_BNC: torch.Tensor) -> torch.Tensor:
         state = MergeState()
         if self.sized:
-            state.size_BN1 = x_BNC.new_ones(*x_BNC.shape[:2], 1)
+            state.set_sizes(x_BNC.new_ones(*x_BNC.shape[:2], 1))
         return self.block(x_BNC, state)
 
 

@@ -238,10 +238,18 @@ class MergeState:
     size_BN1: torch.Tensor | None = None
     track_source: bool = False
     source_BNP: torch.Tensor | None = None
+    log_size_B11N: torch.Tensor | None = None
+
+    def set_sizes(self, size_BN1: torch.Tensor) -> None:
+        """Take new token sizes, and make proportional attention's mask, ``log(size)`` as
+        ``[B, 1, 1, N]``, once for all the blocks that attend with them: at served batches
+        each small launch saved is a visible share of a merged forward."""
+        self.size_BN1 = size_BN1
+        self.log_size_B11N = size_BN1.log().transpose(-1, -2)[:, None]
 
     def merged(self, size_BM1: torch.Tensor, matching: Matching, num_tokens: int) -> None:
         """Take a merge's sizes and, when tracking, carry the source trace through it."""
-        self.size_BN1 = size_BM1
+        self.set_sizes(size_BM1)
         if self.track_source:
             source_BNP = self.source_BNP
             if source_BNP is None:
@@ -254,7 +262,7 @@ def proportional_attention(
     q_BHND: torch.Tensor,
     k_BHND: torch.Tensor,
     v_BHND: torch.Tensor,
-    log_size_BN1: torch.Tensor,
+    log_size_B11N: torch.Tensor,
     *,
     scale: float,
     dropout_p: float = 0.0,
@@ -269,9 +277,13 @@ def proportional_attention(
     1.32x dense against 1.22x, tome-r13 1.09x against 1.02x
     (bench/results/kernels/proportional-sdpa-20261207-012058.json).
     """
-    mask_B11N = log_size_BN1.to(q_BHND.dtype).transpose(-1, -2)[:, None]
     return F.scaled_dot_product_attention(
-        q_BHND, k_BHND, v_BHND, attn_mask=mask_B11N, dropout_p=dropout_p, scale=scale
+        q_BHND,
+        k_BHND,
+        v_BHND,
+        attn_mask=log_size_B11N.to(q_BHND.dtype),
+        dropout_p=dropout_p,
+        scale=scale,
     )
 
 
@@ -298,9 +310,10 @@ class MergeAttention(nn.Module):
         self.proj_drop = dense.proj_drop
 
     def forward(
-        self, x_BNC: torch.Tensor, log_size_BN1: torch.Tensor | None = None, keys: bool = True
+        self, x_BNC: torch.Tensor, log_size_B11N: torch.Tensor | None = None, keys: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Attention output ``[B, N, C]`` and, if ``keys``, the keys averaged over heads
+        """Attention output ``[B, N, C]`` (``log_size_B11N``: proportional attention's mask,
+        :attr:`MergeState.log_size_B11N`) and, if ``keys``, the keys averaged over heads
         ``[B, N, D]`` (a block that merges nothing skips that reduction)."""
         B, N, _ = x_BNC.shape
         dropout_p = self.attn_drop.p if self.training else 0.0
@@ -309,13 +322,13 @@ class MergeAttention(nn.Module):
         )
         q_BHND, k_BHND, v_BHND = qkv_3BHND.unbind(0)
         q_BHND, k_BHND = self.q_norm(q_BHND), self.k_norm(k_BHND)
-        if log_size_BN1 is None:
+        if log_size_B11N is None:
             out_BHND = F.scaled_dot_product_attention(
                 q_BHND, k_BHND, v_BHND, dropout_p=dropout_p, scale=self.scale
             )
         else:
             out_BHND = proportional_attention(
-                q_BHND, k_BHND, v_BHND, log_size_BN1, scale=self.scale, dropout_p=dropout_p
+                q_BHND, k_BHND, v_BHND, log_size_B11N, scale=self.scale, dropout_p=dropout_p
             )
         out_BNA = self.norm(out_BHND.transpose(1, 2).reshape(B, N, self.attn_dim))
         if self.gate is not None:
@@ -354,9 +367,8 @@ class MergeBlock(nn.Module):
     def forward(self, x_BNC: torch.Tensor, state: MergeState) -> torch.Tensor:
         """``[B, N, C] -> [B, N - r, C]``; updates ``state`` when it merges."""
         size_BN1 = state.size_BN1
-        sized = size_BN1 is not None and self.proportional
-        log_size_BN1 = size_BN1.log() if sized else None
-        attn_BNC, keys_BNK = self.attn(self.norm1(x_BNC), log_size_BN1, keys=self.r > 0)
+        log_size_B11N = state.log_size_B11N if self.proportional else None
+        attn_BNC, keys_BNK = self.attn(self.norm1(x_BNC), log_size_B11N, keys=self.r > 0)
         x_BNC = x_BNC + self.drop_path1(self.ls1(attn_BNC))
         if keys_BNK is not None:
             matching = bipartite_soft_matching(keys_BNK, self.r)

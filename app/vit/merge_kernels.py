@@ -138,6 +138,7 @@ def _merge_kernel(
     stride_sb,
     stride_sn,
     HAS_SIZE: tl.constexpr,
+    PRECISION: tl.constexpr,
     BLOCK_S: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
@@ -177,7 +178,7 @@ def _merge_kernel(
             weight = in_tile.to(tl.float32)
         # Row i of the one-hot picks, weighted, the merged tokens that land in slot i.
         onehot = tl.where(s[:, None] == dst[None, :], weight[None, :], 0.0)
-        acc += tl.dot(onehot, rows, input_precision="ieee")
+        acc += tl.dot(onehot, rows, input_precision=PRECISION)
         total += tl.sum(onehot, axis=1)
     out = acc / tl.where(s_valid, total, 1.0)[:, None]
     out_ptrs = out_ptr + image * num_slots * channels + s[:, None] * channels + c[None, :]
@@ -239,6 +240,18 @@ def matching_positions(
     return slot_pos, src_pos, dst_slot
 
 
+def merge_precision(dtype: torch.dtype) -> str:
+    """The merge's ``tl.dot`` precision for tokens of ``dtype``: TF32 tensor cores for bf16
+    and fp16 tokens, fp32 FMA (``"ieee"``) for fp32 ones.
+
+    TF32 is exact here, not an approximation: a bf16/fp16 value fits TF32's 10-bit
+    mantissa, a size (an integer <= 2048) does too, their product fits fp32, and the sum is
+    fp32 either way. FMA made the merge's one-hot product the largest part of the kernel
+    at served batches (about half of ~19 us on DeiT-S, batch 64, on an H100).
+    """
+    return "tf32" if dtype in (torch.bfloat16, torch.float16) else "ieee"
+
+
 @triton_op("vitserve::merge_tokens", mutates_args={})
 def merge_tokens(
     x_BNC: torch.Tensor,
@@ -274,6 +287,7 @@ def merge_tokens(
         sizes.stride(0),
         sizes.stride(1),
         HAS_SIZE=has_size,
+        PRECISION=merge_precision(x_BNC.dtype),
         BLOCK_S=BLOCK_SLOTS,
         BLOCK_R=max(MIN_DOT, min(BLOCK_MERGED_MAX, triton.next_power_of_2(r))),
         BLOCK_C=BLOCK_CHANNELS,

@@ -519,6 +519,6 @@ def test_proportional_attention_equals_the_biased_softmax(head_dim: int, qkv_bia
     q, k, v = dense.qkv(x_BNC).reshape(2, 11, 3, 3, head_dim).permute(2, 0, 3, 1, 4)
     logits = q @ k.transpose(-1, -2) * dense.scale + size_BN1.log().transpose(1, 2)[:, None]
     expected = dense.proj((logits.softmax(dim=-1) @ v).transpose(1, 2).reshape(2, 11, -1))
-    got, keys_BND = MergeAttention(dense)(x_BNC, size_BN1.log())
+    got, keys_BND = MergeAttention(dense)(x_BNC, size_BN1.log().transpose(1, 2)[:, None])
     torch.testing.assert_close(got, expected)
     torch.testing.assert_close(keys_BND, k.mean(dim=1))
