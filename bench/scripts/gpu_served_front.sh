@@ -3,7 +3,7 @@
 #   front-served-h100 in docs/compression.md): every front config in served mode (CUDA
 #   graphs, no compile) at batch 16, 64 and 256 on DeiT-S and DeiT-Tiny, then the compiled
 #   (+ graphs) batch-256 curve of the fastest configs on DeiT-S.
-# Takes: one GPU call, ~7 min on an H100 (GRID_S per arch, COMPILED_S for the compiled run).
+# Takes: one GPU call, ~8 min on an H100 (GRID_S per arch, COMPILED_S for the compiled run).
 # Random weights (speed only); bf16; each ratio against dense timed in the same loop. Rows
 # are written as they finish, so a run cut short keeps what it measured. Then, here:
 #   python -m app.bench.pareto --cuda-graphs --arch deit_small_patch16_224 --batch 64 \
@@ -14,9 +14,9 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 out=${OUT:-bench/results}/models; mkdir -p "$out"
 configs=(tome-r8 tome-r13 tome-r16 merge-t5 merge-t5-c34 merge-t6 glad-s3-t3 merge-4x35
   merge-3x47 "merge=55@0,55@4,43@8" "merge=44@0,40@3,36@6,30@9"
-  "merge=47@0,47@4,47@8;proportional=off")
+  "merge=47@0,47@4,47@8;proportional=off" "merge=55@0,55@4,43@8;proportional=off")
 for arch in deit_small_patch16_224 deit_tiny_patch16_224; do
-  timeout "${GRID_S:-145}" python3 -m app.bench.models --archs "$arch" --device cuda \
+  timeout "${GRID_S:-170}" python3 -m app.bench.models --archs "$arch" --device cuda \
     --dtypes bfloat16 --batches 64 16 256 --compile off --cuda-graphs --no-per-layer \
     --no-progress --warmup 5 --repeats 20 --configs "${configs[@]}" --out-dir "$out"
 done
