@@ -19,6 +19,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
 
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from app.bench.fidelity import pooled
@@ -217,8 +218,10 @@ def _draw_front(
     compiled: bool,
     cuda_graphs: bool,
     targets: Sequence[tuple[float, float]] = TARGETS,
+    overlay: Sequence[ParetoPoint] = (),
 ) -> Path:
-    """The PNG of :func:`plot_pareto` from points already collected."""
+    """The PNG of :func:`plot_pareto` from points already collected; ``overlay``: the same
+    configs in another mode (compiled + graphs), drawn as a second front over the first."""
     if len(points) == 1:
         raise ValueError(
             f"no config has both a speed row ({arch}, {dtype}, batch {batch}, "
@@ -252,6 +255,8 @@ def _draw_front(
             label=f"target {speedup:.1f}x / {100 * agreement:.0f}%",
         )
     ax.scatter([p.speedup for p in points], [100 * p.agreement for p in points], color="tab:blue")
+    if overlay:
+        _draw_overlay(ax, overlay)
     for p in points:
         if p.ci95:
             ax.vlines(p.speedup, 100 * p.ci95[0], 100 * p.ci95[1], color="tab:blue", alpha=0.4)
@@ -294,6 +299,35 @@ def _draw_front(
     return out_png
 
 
+def _draw_overlay(ax: Axes, overlay: Sequence[ParetoPoint]) -> None:
+    """The overlay's points (crosses) and its own front (dotted), each front point labelled
+    with its speed-up, so the two modes of one config read side by side."""
+    ax.scatter(
+        [p.speedup for p in overlay],
+        [100 * p.agreement for p in overlay],
+        marker="x",
+        color="tab:purple",
+    )
+    front = pareto_front(overlay)
+    ax.step(
+        [p.speedup for p in front],
+        [100 * p.agreement for p in front],
+        where="pre",
+        color="tab:purple",
+        linestyle=":",
+        label="front compiled + CUDA graphs",
+    )
+    for p in front:
+        ax.annotate(
+            f"{p.speedup:.2f}x",
+            (p.speedup, 100 * p.agreement),
+            textcoords="offset points",
+            xytext=(4, -10),
+            fontsize=7,
+            color="tab:purple",
+        )
+
+
 def fidelity_from_distill(report: Mapping[str, Any]) -> dict[str, dict]:
     """``{entry: {'config', 'agreement_top1', 'top1'}}`` from a distillation summary
     (``bench/scripts/gpu_distill.sh``'s JSON: one row per distilled entry)."""
@@ -323,11 +357,14 @@ def write_front(
     out_png: Path,
     *,
     targets: Sequence[tuple[float, float]] = TARGETS,
+    overlay_compiled: bool = False,
     **slice_: Any,
 ) -> dict[str, Any]:
     """PNG plus a JSON-ready summary: every point (``speedup``, agreement, top-1, on the
     front or not). Rows of several speed reports are pooled; each ratio still comes from
-    its own run, and a config timed in several keeps the first report's row."""
+    its own run, and a config timed in several keeps the first report's row.
+    ``overlay_compiled``: the same batch compiled and replayed from CUDA graphs, drawn as a
+    second front and listed under ``overlay``."""
     rows: dict[tuple, dict] = {}
     for report in speed_reports:
         for row in report["rows"]:
@@ -335,7 +372,19 @@ def write_front(
             rows.setdefault((*key, row.get("cuda_graphs", False)), row)
     report = {"device": speed_reports[0]["device"], "rows": list(rows.values())}
     points, missing = speed_points(report, fidelity, **slice_)
-    _draw_front(points, missing, out_png, device=report["device"], targets=targets, **slice_)
+    overlay: list[ParetoPoint] = []
+    if overlay_compiled:
+        compiled_slice = {**slice_, "compiled": True, "cuda_graphs": True}
+        overlay = speed_points(report, fidelity, **compiled_slice)[0]
+    _draw_front(
+        points,
+        missing,
+        out_png,
+        device=report["device"],
+        targets=targets,
+        overlay=overlay,
+        **slice_,
+    )
     front = set(pareto_front(points))
     return {
         "slice": {k: dtype_name(v) if k == "dtype" else v for k, v in slice_.items()},
@@ -353,6 +402,23 @@ def write_front(
         ],
         "no_fidelity": missing,
         "png": str(out_png),
+        **({"overlay": _overlay_summary(overlay)} if overlay else {}),
+    }
+
+
+def _overlay_summary(overlay: Sequence[ParetoPoint]) -> dict[str, Any]:
+    front = set(pareto_front(overlay))
+    return {
+        "mode": "compiled + CUDA graphs",
+        "points": [
+            {
+                "label": p.label,
+                "speedup": p.speedup,
+                "agreement_top1": p.agreement,
+                "on_front": p in front,
+            }
+            for p in sorted(overlay, key=lambda p: p.speedup)
+        ],
     }
 
 
@@ -388,6 +454,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="SPEEDUP:AGREEMENT",
         help="corners drawn as the region to reach (default: %(default)s); e.g. 1.5:0.9",
     )
+    parser.add_argument(
+        "--overlay-compiled",
+        action="store_true",
+        help="also draw the same batch compiled + CUDA graphs as a second front",
+    )
     parser.add_argument("--out-png", type=Path, required=True)
     parser.add_argument("--out-json", type=Path, required=True)
     args = parser.parse_args(argv)
@@ -404,6 +475,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         compiled=not (args.eager or args.cuda_graphs),
         cuda_graphs=args.cuda_graphs or args.compiled_graphs,
         targets=args.target,
+        overlay_compiled=args.overlay_compiled,
     )
     summary["speed_json"] = [str(p) for p in args.speed]
     summary["fidelity_json"] = [str(p) for p in args.fidelity]

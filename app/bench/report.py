@@ -57,10 +57,11 @@ def _arch(name: str) -> str:
 
 def models_table(table: Table, repo: Path) -> list[str]:
     """Speed-up over dense per config, one column per (model, mode) measured (the table's
-    ``modes`` only, if it names them), and per batch when the files hold several; a later
-    file overrides an earlier one's cell. Dense's images/s is its own row."""
+    ``modes`` and ``batches`` only, if it names them), and per batch when the files hold
+    several; a later file overrides an earlier one's cell. Dense's images/s is its own row."""
     results = [load_result(repo, f) for f in table["files"]]
     modes = table.get("modes", MODES)  # a table may keep only some modes' columns
+    wanted = table.get("batches")
     measured = [
         (name, row)
         for name, result in zip(table["files"], results, strict=True)
@@ -68,6 +69,7 @@ def models_table(table: Table, repo: Path) -> list[str]:
         if not row.get("error")
         and row.get("speedup") is not None
         and mode_name(row["compiled"], row.get("cuda_graphs", False)) in modes
+        and (wanted is None or row["batch"] in wanted)
     ]
     batches = sorted({row["batch"] for _, row in measured})
     dtypes = {row["dtype"] for _, row in measured}

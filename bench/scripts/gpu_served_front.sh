@@ -17,7 +17,7 @@ configs=(tome-r8 tome-r13 tome-r16 merge-t5 merge-t5-c34 merge-t6 glad-s3-t3 mer
   "merge=47@0,47@4,47@8;proportional=off" "merge=55@0,55@4,43@8;proportional=off")
 for arch in deit_small_patch16_224 deit_tiny_patch16_224; do
   timeout "${GRID_S:-170}" python3 -m app.bench.models --archs "$arch" --device cuda \
-    --dtypes bfloat16 --batches 64 16 256 --compile off --cuda-graphs --no-per-layer \
+    --dtypes bfloat16 --batches 64 16 256 1 --compile off --cuda-graphs --no-per-layer \
     --no-progress --warmup 5 --repeats 20 --configs "${configs[@]}" --out-dir "$out"
 done
 timeout "${COMPILED_S:-140}" python3 -m app.bench.models --archs deit_small_patch16_224 \

@@ -561,3 +561,27 @@ def test_pareto_cli_picks_the_rows_of_one_mode(tmp_path: Path, flag: str, speedu
     )
     summary = json.loads(out_json.read_text())
     assert {p["label"]: p["speedup"] for p in summary["points"]}["t3"] == speedup
+
+
+def test_pareto_cli_overlays_the_compiled_front_on_the_served_one(tmp_path: Path):
+    """--overlay-compiled: the served (graphs) front is the figure's own; the same batch
+    compiled + graphs is a second front beside it, listed apart in the JSON."""
+    rows = []
+    for compiled, ratio in ((False, 2.2), (True, 2.4)):
+        for r in _speed_report()["rows"][:3:2]:  # dense and glad-t3
+            speedup = 1.0 if r["name"] == "dense" else ratio
+            rows.append({**r, "compiled": compiled, "cuda_graphs": True, "speedup": speedup})
+    speed, fidelity = tmp_path / "speed.json", tmp_path / "fidelity.json"
+    speed.write_text(json.dumps({"device": "test", "rows": rows}))
+    fidelity.write_text(
+        json.dumps({"rows": [{"entry": "t3", "config": "glad-t3", "agreement_top1": 0.7}]})
+    )
+    out_json, out_png = tmp_path / "front.json", tmp_path / "front.png"
+    argv = ["--speed", str(speed), "--fidelity", str(fidelity), "--cuda-graphs"]
+    argv += ["--overlay-compiled", "--out-png", str(out_png), "--out-json", str(out_json)]
+    assert pareto_main(argv) == 0
+    summary = json.loads(out_json.read_text())
+    assert {p["label"]: p["speedup"] for p in summary["points"]}["t3"] == 2.2
+    assert summary["overlay"]["mode"] == "compiled + CUDA graphs"
+    assert {p["label"]: p["speedup"] for p in summary["overlay"]["points"]}["t3"] == 2.4
+    assert out_png.stat().st_size > 0
