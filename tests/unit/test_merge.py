@@ -522,3 +522,14 @@ def test_proportional_attention_equals_the_biased_softmax(head_dim: int, qkv_bia
     got, keys_BND = MergeAttention(dense)(x_BNC, size_BN1.log().transpose(1, 2)[:, None])
     torch.testing.assert_close(got, expected)
     torch.testing.assert_close(keys_BND, k.mean(dim=1))
+
+
+def test_new_sizes_bring_proportional_attentions_mask_once() -> None:
+    """The mask every later block attends with is made when the sizes change, as
+    ``log(size)`` laid out ``[B, 1, 1, N]`` for SDPA, not rebuilt block by block."""
+    state = MergeState()
+    assert state.log_size_B11N is None  # before any merge: plain attention
+    size_BN1 = torch.tensor([[[1.0], [2.0], [4.0]], [[3.0], [1.0], [1.0]]])
+    state.set_sizes(size_BN1)
+    assert state.log_size_B11N.shape == (2, 1, 1, 3)
+    torch.testing.assert_close(state.log_size_B11N[:, 0, 0], size_BN1[..., 0].log())
