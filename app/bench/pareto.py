@@ -260,13 +260,7 @@ def _draw_front(
     for p in points:
         if p.ci95:
             ax.vlines(p.speedup, 100 * p.ci95[0], 100 * p.ci95[1], color="tab:blue", alpha=0.4)
-    ax.step(
-        [p.speedup for p in front],
-        [100 * p.agreement for p in front],
-        where="pre",
-        color="tab:green",
-        label="Pareto front",
-    )
+    _step_front(ax, front, color="tab:green", label="Pareto front")
     for p in front:
         ax.annotate(
             p.label,
@@ -299,6 +293,11 @@ def _draw_front(
     return out_png
 
 
+def _step_front(ax: Axes, front: Sequence[ParetoPoint], **style: Any) -> None:
+    """A front as a step line through its points (agreement in %)."""
+    ax.step([p.speedup for p in front], [100 * p.agreement for p in front], where="pre", **style)
+
+
 def _draw_overlay(ax: Axes, overlay: Sequence[ParetoPoint]) -> None:
     """The overlay's points (crosses) and its own front (dotted), each front point labelled
     with its speed-up, so the two modes of one config read side by side."""
@@ -309,14 +308,7 @@ def _draw_overlay(ax: Axes, overlay: Sequence[ParetoPoint]) -> None:
         color="tab:purple",
     )
     front = pareto_front(overlay)
-    ax.step(
-        [p.speedup for p in front],
-        [100 * p.agreement for p in front],
-        where="pre",
-        color="tab:purple",
-        linestyle=":",
-        label="front compiled + CUDA graphs",
-    )
+    _step_front(ax, front, color="tab:purple", linestyle=":", label="front compiled + CUDA graphs")
     for p in front:
         ax.annotate(
             f"{p.speedup:.2f}x",
@@ -385,41 +377,34 @@ def write_front(
         overlay=overlay,
         **slice_,
     )
-    front = set(pareto_front(points))
     return {
         "slice": {k: dtype_name(v) if k == "dtype" else v for k, v in slice_.items()},
         "device": report["device"],
         "targets": [{"speedup": s, "agreement_top1": a} for s, a in targets],
-        "points": [
-            {
-                "label": p.label,
-                "speedup": p.speedup,
-                "agreement_top1": p.agreement,
-                "agreement_ci95": list(p.ci95) if p.ci95 else None,
-                "on_front": p in front,
-            }
-            for p in sorted(points, key=lambda p: p.speedup)
-        ],
+        "points": _points_summary(points),
         "no_fidelity": missing,
         "png": str(out_png),
-        **({"overlay": _overlay_summary(overlay)} if overlay else {}),
+        **(
+            {"overlay": {"mode": "compiled + CUDA graphs", "points": _points_summary(overlay)}}
+            if overlay
+            else {}
+        ),
     }
 
 
-def _overlay_summary(overlay: Sequence[ParetoPoint]) -> dict[str, Any]:
-    front = set(pareto_front(overlay))
-    return {
-        "mode": "compiled + CUDA graphs",
-        "points": [
-            {
-                "label": p.label,
-                "speedup": p.speedup,
-                "agreement_top1": p.agreement,
-                "on_front": p in front,
-            }
-            for p in sorted(overlay, key=lambda p: p.speedup)
-        ],
-    }
+def _points_summary(points: Sequence[ParetoPoint]) -> list[dict[str, Any]]:
+    """Every point by speed, JSON-ready, with whether it is on its own set's front."""
+    front = set(pareto_front(points))
+    return [
+        {
+            "label": p.label,
+            "speedup": p.speedup,
+            "agreement_top1": p.agreement,
+            "agreement_ci95": list(p.ci95) if p.ci95 else None,
+            "on_front": p in front,
+        }
+        for p in sorted(points, key=lambda p: p.speedup)
+    ]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

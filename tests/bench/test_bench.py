@@ -539,11 +539,9 @@ def test_compiled_merge_rows_say_which_matching_ran(tmp_path: Path):
     assert all(r["speedup"] > 0 for r in report["rows"])
 
 
-@pytest.mark.parametrize(
-    ("flag", "speedup"), [("--eager", 2.1), ("--cuda-graphs", 2.2), ("--compiled-graphs", 2.4)]
-)
-def test_pareto_cli_picks_the_rows_of_one_mode(tmp_path: Path, flag: str, speedup: float):
-    modes = {(False, False): 2.1, (False, True): 2.2, (True, False): 2.3, (True, True): 2.4}
+def _glad_t3_in_modes(tmp_path: Path, modes: dict[tuple[bool, bool], float]) -> list[str]:
+    """``--speed`` and ``--fidelity`` arguments: dense and glad-t3 timed in each
+    (compiled, cuda_graphs) mode at the given speed-up, and glad-t3's fidelity as ``t3``."""
     rows = []
     for (compiled, graphs), ratio in modes.items():
         for r in _speed_report()["rows"][:3:2]:  # dense and glad-t3
@@ -554,8 +552,16 @@ def test_pareto_cli_picks_the_rows_of_one_mode(tmp_path: Path, flag: str, speedu
     fidelity.write_text(
         json.dumps({"rows": [{"entry": "t3", "config": "glad-t3", "agreement_top1": 0.7}]})
     )
+    return ["--speed", str(speed), "--fidelity", str(fidelity)]
+
+
+@pytest.mark.parametrize(
+    ("flag", "speedup"), [("--eager", 2.1), ("--cuda-graphs", 2.2), ("--compiled-graphs", 2.4)]
+)
+def test_pareto_cli_picks_the_rows_of_one_mode(tmp_path: Path, flag: str, speedup: float):
+    modes = {(False, False): 2.1, (False, True): 2.2, (True, False): 2.3, (True, True): 2.4}
     out_json = tmp_path / "front.json"
-    argv = ["--speed", str(speed), "--fidelity", str(fidelity), flag]
+    argv = [*_glad_t3_in_modes(tmp_path, modes), flag]
     assert (
         pareto_main([*argv, "--out-png", str(tmp_path / "f.png"), "--out-json", str(out_json)]) == 0
     )
@@ -566,18 +572,8 @@ def test_pareto_cli_picks_the_rows_of_one_mode(tmp_path: Path, flag: str, speedu
 def test_pareto_cli_overlays_the_compiled_front_on_the_served_one(tmp_path: Path):
     """--overlay-compiled: the served (graphs) front is the figure's own; the same batch
     compiled + graphs is a second front beside it, listed apart in the JSON."""
-    rows = []
-    for compiled, ratio in ((False, 2.2), (True, 2.4)):
-        for r in _speed_report()["rows"][:3:2]:  # dense and glad-t3
-            speedup = 1.0 if r["name"] == "dense" else ratio
-            rows.append({**r, "compiled": compiled, "cuda_graphs": True, "speedup": speedup})
-    speed, fidelity = tmp_path / "speed.json", tmp_path / "fidelity.json"
-    speed.write_text(json.dumps({"device": "test", "rows": rows}))
-    fidelity.write_text(
-        json.dumps({"rows": [{"entry": "t3", "config": "glad-t3", "agreement_top1": 0.7}]})
-    )
     out_json, out_png = tmp_path / "front.json", tmp_path / "front.png"
-    argv = ["--speed", str(speed), "--fidelity", str(fidelity), "--cuda-graphs"]
+    argv = [*_glad_t3_in_modes(tmp_path, {(False, True): 2.2, (True, True): 2.4}), "--cuda-graphs"]
     argv += ["--overlay-compiled", "--out-png", str(out_png), "--out-json", str(out_json)]
     assert pareto_main(argv) == 0
     summary = json.loads(out_json.read_text())
