@@ -37,6 +37,10 @@ def set_value(args: list[str], flag: str, value: str | None) -> list[str]:
     return args
 
 
+# options that the recorded command sets as flags of `compress`, which override --options
+FLAG_OPTIONS = {"steps": "--steps", "batch_size": "--batch-size"}
+
+
 def fold_args(
     args: list[str],
     *,
@@ -62,6 +66,10 @@ def fold_args(
         args = set_value(args, "--eval-images", None)
     if config is not None:
         args = set_value(args, "--config", config)
+    options = dict(options or {})
+    for key, flag in FLAG_OPTIONS.items():  # compress's own flags win over its --options
+        if key in options:
+            args = set_value(args, flag, str(options.pop(key)))
     return with_options(args, options) if options else args
 
 

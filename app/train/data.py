@@ -161,6 +161,34 @@ def seeded_globals(seed: int) -> Iterator[None]:
         torch.set_rng_state(torch_state)
 
 
+class ViewOrder:
+    """Which photo global sample ``k`` shows: groups of ``views`` consecutive samples of one
+    photo, photos in a fresh permutation per epoch (shared by both ways of making views)."""
+
+    def __init__(self, photos: int, *, seed: int, views: int) -> None:
+        if not photos:
+            raise ValueError("no training images")
+        if views < 1:
+            raise ValueError("views must be >= 1")
+        self.photos, self.seed, self.views = photos, seed, views
+        self._orders: dict[int, list[int]] = {}  # epoch -> photo order
+
+    def __len__(self) -> int:
+        """Samples per epoch (every photo ``views`` times); the stream itself never ends."""
+        return self.photos * self.views
+
+    def _order(self, epoch: int) -> list[int]:
+        if epoch not in self._orders:
+            gen = torch.Generator().manual_seed(derive_seed(self.seed, epoch))
+            self._orders[epoch] = torch.randperm(self.photos, generator=gen).tolist()
+        return self._orders[epoch]
+
+    def locate(self, k: int) -> tuple[int, int, int]:
+        """``(epoch, photo index, index of the sample within its epoch)`` of global sample k."""
+        epoch, within = divmod(k, len(self))
+        return epoch, self._order(epoch)[within // self.views], within
+
+
 class DistillViews(Dataset):
     """An endless stream of augmented views: global sample ``k -> uint8 view[3,H,W]``.
 
@@ -180,31 +208,19 @@ class DistillViews(Dataset):
         seed: int,
         views: int,
     ) -> None:
-        if not paths:
-            raise ValueError("no training images")
-        if views < 1:
-            raise ValueError("views must be >= 1")
+        self.order = ViewOrder(len(paths), seed=seed, views=views)
         self.images = [load_rgb(p) for p in paths]
         self.augment = augment
         self.transform = augment.transform(data_config)
         self.seed = seed
-        self.views = views
-        self._orders: dict[int, list[int]] = {}  # epoch -> photo order
 
     def __len__(self) -> int:
         """Samples per epoch (every photo ``views`` times); the stream itself never ends."""
-        return len(self.images) * self.views
-
-    def _order(self, epoch: int) -> list[int]:
-        if epoch not in self._orders:
-            gen = torch.Generator().manual_seed(derive_seed(self.seed, epoch))
-            self._orders[epoch] = torch.randperm(len(self.images), generator=gen).tolist()
-        return self._orders[epoch]
+        return len(self.order)
 
     def locate(self, k: int) -> tuple[int, int, int]:
         """``(epoch, photo index, index of the sample within its epoch)`` of global sample k."""
-        epoch, within = divmod(k, len(self))
-        return epoch, self._order(epoch)[within // self.views], within
+        return self.order.locate(k)
 
     def _view(self, image: int, seed: int) -> torch.Tensor:
         with seeded_globals(seed):

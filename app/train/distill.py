@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -45,6 +45,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from app.train.data import DistillViews, StepBatches, normalize_views
+from app.train.device_views import DeviceViews
 from app.train.losses import (
     distill_loss,
     nudge_towards_disagreement,
@@ -146,7 +147,18 @@ def _views_loader(
     opts: DistillOptions,
     start: int,
     ctx: Distributed,
-) -> DataLoader:
+) -> Iterable[torch.Tensor]:
+    """Each remaining step's uint8 views for this rank, from loader workers or the device."""
+    if opts.views_on == "device":
+        views = DeviceViews(
+            train_images,
+            data_config,
+            opts.augment,
+            seed=opts.seed,
+            views=opts.views,
+            device=ctx.device,
+        )
+        return views.stream(start, opts.steps, opts.batch_size, rank=ctx.rank, world=ctx.world)
     views = DistillViews(train_images, data_config, opts.augment, seed=opts.seed, views=opts.views)
     batches = StepBatches(start, opts.steps, opts.batch_size, rank=ctx.rank, world=ctx.world)
     # Augmenting views is the CPU's job and can bound the step time: use every core this

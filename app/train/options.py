@@ -41,6 +41,12 @@ class DistillOptions(BaseModel):
     seed: int = 0
     views: int = Field(4, ge=1, description="Views of one photo side by side in a batch.")
     augment: ViewAugment = Field(default_factory=ViewAugment)
+    views_on: Literal["loader", "device"] = Field(
+        "loader",
+        description="Where views are made: 'loader' (CPU workers, timm's PIL transforms) or "
+        "'device' (the training device, batched: crops, flips, colour jitter, mixes; no "
+        "RandAugment), which a GPU whose host cores set the pace runs several times faster.",
+    )
     phase1_steps: int = Field(
         500, ge=0, description="First steps that train only static matrices + aggregation maps."
     )

@@ -17,7 +17,7 @@ from app.train.options import DistillOptions
 from app.vit.builder import CompressedViT
 
 # The options that define the stream of views; a resumed run must keep them.
-STREAM_KEYS = ("batch_size", "seed", "views", "augment")
+STREAM_KEYS = ("batch_size", "seed", "views", "augment", "views_on")
 
 
 # ---- optimizer, schedule, phases -------------------------------------------------------------
@@ -163,7 +163,9 @@ def load_checkpoint(path: Path, opts: DistillOptions) -> dict[str, Any]:
     of the optimizer copies every tensor to its parameter's device anyway."""
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     now = opts.model_dump(mode="json")
-    changed = [k for k in STREAM_KEYS if ckpt["options"][k] != now[k]]
+    # a checkpoint older than an option was made with that option's default
+    made = {**DistillOptions().model_dump(mode="json"), **ckpt["options"]}
+    changed = [k for k in STREAM_KEYS if made[k] != now[k]]
     if changed:
         raise ValueError(f"{path} was made with different {changed}; cannot resume with these")
     return ckpt

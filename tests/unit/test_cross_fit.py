@@ -42,6 +42,15 @@ def test_options_under_test_merge_into_the_recorded_ones() -> None:
     assert options["augment"]["mix_prob"] == 0.0
 
 
+def test_steps_under_test_replace_the_recorded_flag() -> None:
+    """``compress --steps`` overrides ``--options``, so a longer run must change the flag."""
+    args = recorded("deit_tiny-merge-t5-gpu")
+    fold = fold_args(args, seed=1, extra=Path("e"), out="o", options={"steps": 1600, "lr": 5e-5})
+    assert fold[fold.index("--steps") + 1] == "1600"
+    options = json.loads(fold[fold.index("--options") + 1])
+    assert "steps" not in options and options["lr"] == 5e-5
+
+
 def test_the_printed_line_runs_compress(capsys, monkeypatch) -> None:
     monkeypatch.delenv("HF_HUB_CACHE", raising=False)
     main(["--entry", "deit_tiny-merge-t6", "--seed", "0", "--extra", "e", "--out", "o"])
