@@ -6,7 +6,9 @@
 # Takes: ~5 min. Runs on any Linux machine with >= 2 cores: everything (server, client and
 #   the model-only timing) is pinned to cores $CORES with taskset, so a device call measures
 #   2 quiet cores of a bigger host. Weights are random (speed does not depend on them).
-# ENGINE=process serves through the engine (default: the server's, inline).
+# ENGINE=process serves through the engine (default: the server's, inline). REPEATS=8 measures
+#   each model at 4 in flight 8 times (default 4): the JSON's median_speedups then hold on a
+#   noisy host, where the best level alone reads high.
 # Carry (device): .whl (fastapi, uvicorn, pydantic, ... for its python) and
 #   .carry/images/imagenet-dev; locally IMAGES=../shared/images/imagenet-dev.
 set -uo pipefail
@@ -27,6 +29,6 @@ pin python3 -m app.bench.models --device cpu --threads 2 --archs deit_tiny_patch
   --configs "${entries[@]}" --out-dir "$out/models"
 pin python3 -m app.bench.service --store "$store" --device cpu \
   --models deit_tiny_patch16_224 "${entries[@]/#/deit_tiny-}" \
-  --concurrency 4 4 4 4 --images-per-request 16 --images "$images" \
+  --concurrency $(for _ in $(seq "${REPEATS:-4}"); do echo 4; done) --images-per-request 16 --images "$images" \
   --seconds "${SECONDS_PER_LEVEL:-25}" --warmup 6 --no-half-load --out "$out/service" \
   ${ENGINE:+--engine "$ENGINE"}

@@ -8,7 +8,8 @@ import pytest
 
 from app.bench.decode_ceiling import decode_ceiling, stage_times
 from app.bench.images import load_images, photo_like_jpeg
-from app.bench.service import batch_totals, main, speedups
+from app.bench.service import batch_totals, main, median_speedups, speedups
+from app.bench.service_levels import Level
 from app.config import Settings
 from app.store import ModelStore
 from app.vit.builder import compress
@@ -23,6 +24,7 @@ RESULT_KEYS = {
     "dtype",
     "speedup",
     "speedups",
+    "median_speedups",
     "decode_ceiling_img_s",
     "decode_ceiling_processes",
     "decode_stage_steps",
@@ -44,6 +46,20 @@ def test_batch_totals_reads_one_models_histogram():
     )
     assert batch_totals(text, "a") == (12.0, 3.0)
     assert batch_totals(text, "c") == (0.0, 0.0)
+
+
+def test_median_speedups_compare_repeated_levels_concurrency_by_concurrency():
+    def level(model: str, concurrency: int, img_s: float, offered: float | None = None) -> Level:
+        fields = dict.fromkeys(Level.__dataclass_fields__)
+        return Level(**{**fields, "model": model, "concurrency": concurrency, "img_s": img_s,
+                        "offered_img_s": offered})  # fmt: skip
+
+    levels = [level("dense", 4, v) for v in (30.0, 38.0, 31.0)] + [
+        *(level("merged", 4, v) for v in (48.0, 65.0, 45.0)),
+        level("merged", 8, 70.0),  # no dense level at 8: no ratio there
+        level("merged", 4, 999.0, offered=20.0),  # open loop: not a repeat
+    ]
+    assert median_speedups(levels, "dense") == {"merged": {4: 48.0 / 31.0}}
 
 
 def test_speedups_are_relative_to_the_reference():
