@@ -107,3 +107,25 @@ def test_a_service_result_gives_the_end_to_end_figure(store, tmp_path):
     figure = speed(store, "tome")[-1]
     assert figure["speedup"] == {"32": 1.651}
     assert figure["mode"].startswith("end to end through HTTP: 16 photos a request, 4 in flight")
+
+
+def test_repeated_levels_give_the_median_figure_in_place_of_the_best(store, tmp_path):
+    """Measured four times each, the figure is the median ratio, and it replaces the same
+    set-up's earlier best-level figure rather than sitting beside it."""
+    base = models_result([]) | {
+        "levels": [],
+        "batch": 32,
+        "dtype": "float32",
+        "images_per_request": 16,
+        "models": {
+            "d": {"architecture": TINY_ARCH, "variant": "dense", "compression": None},
+            "t": {"architecture": TINY_ARCH, "variant": "compressed", "compression": TOME},
+        },
+        "speedups": {"t": 1.86},
+    }
+    update_store(store.root, write(tmp_path, base | {"concurrency": [4]}))
+    repeated = base | {"concurrency": [4, 4, 4, 4], "median_speedups": {"t": {"4": 1.512}}}
+    update_store(store.root, write(tmp_path, repeated))
+    (figure,) = [f for f in speed(store, "tome") if f["mode"].startswith("end to end")]
+    assert figure["speedup"] == {"32": 1.512}
+    assert figure["mode"].endswith("one server, median of 4 levels of each")
