@@ -168,6 +168,18 @@ def cross_fitted(name: str, folds: Sequence[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def per_seed(name: str, folds: Sequence[dict[str, Any]], seeds: Sequence[int]) -> dict[str, float]:
+    """Each seed's own cross-fitted agreement over all photos, from its folds (named
+    ``<recipe>-s<seed>-fold-<part>``, as ``bench/scripts/cross_fit.sh`` names them): the
+    spread over seeds that the pooled figure averages away."""
+    out = {}
+    for seed in seeds:
+        own = [row for row in folds if f"-s{seed}-fold-" in row["name"]]
+        if own:
+            out[str(seed)] = round(cross_fitted(name, own)["pooled"]["agreement_top1"], 4)
+    return out
+
+
 def record_figure(manifest_path: Path, row: dict[str, Any], source: str, measured: str) -> None:
     """Write ``row``'s pooled agreement into a manifest as a fidelity figure, replacing the
     one it had over the same photo sets (a figure from the result file, never typed)."""
@@ -247,6 +259,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="write the --cross-fit row's pooled figure into this manifest.json",
     )
     p.add_argument("--out-dir", type=Path, default=Path("bench/results/fidelity"))
+    p.add_argument("--note", help="how the scored entries were made, kept in the result file")
     args = p.parse_args(argv)
     report = evaluate_all(
         ModelStore(args.store),
@@ -260,7 +273,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.cross_fit:
         folds = [row for row in report["rows"] if row["name"] in args.entries]
         report["rows"].append(cross_fitted(args.cross_fit, folds) | {"seeds": args.seeds})
+        report["per_seed_cross_fitted"] = per_seed(args.cross_fit, folds, args.seeds or [])
+    if args.note:
+        report["note"] = args.note
     print(format_table(report))
+    if report.get("per_seed_cross_fitted"):
+        print("per seed, cross-fitted:", report["per_seed_cross_fitted"])
     args.out_dir.mkdir(parents=True, exist_ok=True)
     path = args.out_dir / f"fidelity-{report['device_type']}-{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.write_text(json.dumps(report, indent=2) + "\n")

@@ -116,7 +116,10 @@ class DeviceViews:
             p.transpose(1, 2) if t else p for p, t in zip(photos, self.transposed_P, strict=True)
         ]
         self.hw_P2 = np.array([p.shape[1:] for p in photos])  # stored (landscape) sizes
-        dtype = torch.float16 if device.type == "cuda" else torch.float32
+        # roi_align takes the boxes, photo index first, in the canvas's dtype: half precision
+        # holds integers exactly up to 2048 only
+        half = device.type == "cuda" and len(photos) <= 2048
+        dtype = torch.float16 if half else torch.float32
         H, W = self.hw_P2.max(axis=0)
         self.canvas_P3HW = torch.zeros(len(photos), 3, H, W, dtype=dtype, device=device)
         for i, p in enumerate(photos):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from app.bench.fidelity import cross_fitted, main, record_figure
+from app.bench.fidelity import cross_fitted, main, per_seed, record_figure
 from app.store import ModelStore
 from app.store.manifest import Source, wilson_interval
 from app.vit.builder import compress
@@ -113,6 +113,21 @@ def test_cross_fitting_scores_every_photo_by_the_folds_that_did_not_see_it() -> 
 
     with pytest.raises(ValueError, match="share a config"):
         cross_fitted("mixed", [fold_a, {**fold_b, "config": "merge=8"}])
+
+
+def test_each_seed_gets_its_own_cross_fitted_figure() -> None:
+    """Folds named as cross_fit.sh names them: seed 0's pair and seed 1's pair each give one
+    figure over all photos; a seed without folds gives none."""
+
+    def fold(name: str, part: str, agreement: float) -> dict:
+        seen = {"a": "extra-b", "b": "extra-a"}[part]  # each fold scores the half it left out
+        result = {"n_images": 10, "n_labelled": 10, "agreement_top1": agreement,
+                  "student_top1_acc": 0.7, "teacher_top1_acc": 0.8}  # fmt: skip
+        return {"name": f"{name}-fold-{part}", "config": "merge=4", "eval": {seen: result}}
+
+    folds = [fold("r-s0", "a", 0.9), fold("r-s0", "b", 0.7), fold("r-s1", "a", 0.5),
+             fold("r-s1", "b", 0.5)]  # fmt: skip
+    assert per_seed("r", folds, [0, 1, 2]) == {"0": 0.8, "1": 0.5}
 
 
 def test_a_cross_fitted_figure_is_written_from_the_result_and_replaces_its_own(tmp_path):
