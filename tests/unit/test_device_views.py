@@ -118,9 +118,9 @@ def test_views_are_one_stream_whatever_the_split(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_views_on_a_gpu_are_the_cpus_in_half_precision(tmp_path: Path) -> None:
-    """Same random numbers, same boxes: the GPU's half-precision canvas changes a pixel
-    by a rounding step at most (fp16 holds 0..255 to within 0.125)."""
+def test_views_on_a_gpu_are_the_cpus(tmp_path: Path) -> None:
+    """Same random numbers, same boxes, same float32 arithmetic in another order: a pixel
+    may round the other way, by one step, and rarely."""
     paths = write_images(tmp_path, 5)
     augment = ViewAugment(rand_augment=None, mix_prob=0.5)
     on_cpu = DeviceViews(paths, DATA_CONFIG, augment, seed=3, views=2, device=CPU)
@@ -128,7 +128,8 @@ def test_views_on_a_gpu_are_the_cpus_in_half_precision(tmp_path: Path) -> None:
                          device=torch.device("cuda"))  # fmt: skip
     for step in range(3):
         a, b = on_cpu.step(step, 8).int(), on_gpu.step(step, 8).cpu().int()
-        assert (a - b).abs().max() <= 2 and (a - b).abs().float().mean() < 0.2
+        print(f"step {step}: max {(a - b).abs().max()}, mean {(a - b).abs().float().mean()}")
+        assert (a - b).abs().max() <= 1 and (a - b).abs().float().mean() < 0.01
 
 
 def test_rand_augment_is_refused(tmp_path: Path) -> None:
