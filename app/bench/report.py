@@ -210,9 +210,11 @@ def fidelity_table(table: Table, repo: Path) -> list[str]:
         for row in r["rows"]
         for f, ev in row["eval"].items()
     }
+    # older files name no dtype: they were all scored in float32 on a CPU
+    dtypes = ", ".join(sorted({r.get("dtype", "float32") for r in results}))
     caption = (
         f"Model: {', '.join(sorted(teachers))} (real weights) and its variants; mode eager, "
-        f"float32; device {', '.join(sorted(devices))}; every variant on the same photos, "
+        f"{dtypes}; device {', '.join(sorted(devices))}; every variant on the same photos, "
         "batch size irrelevant to the figures. Dense top-1: "
         + ", ".join(f"{k} {v:.1%}" for k, v in sorted(dense.items()))
         + "."
@@ -258,6 +260,7 @@ def pooled_table(table: Table, repo: Path) -> list[str]:
     trainings = table.get("training")
     rows: dict[tuple[str, str], tuple[dict[str, Any], Mapping[str, Any], str]] = {}
     dense, photos, devices, teachers, torch_versions = set(), set(), set(), set(), set()
+    dtypes = set()
     for name in table["files"]:
         result = load_result(repo, name)
         for row in result["rows"]:
@@ -276,6 +279,7 @@ def pooled_table(table: Table, repo: Path) -> list[str]:
             )
             teachers.add(result["teacher"])
             torch_versions.add(result["torch_version"])
+            dtypes.add(result.get("dtype", "float32"))  # older files: all float32 on a CPU
     lines = []
     for pool, row, source in sorted(rows.values(), key=lambda v: -v[0]["agreement_top1"]):
         costs = {block_cost(row["config"], t) for t in teachers}
@@ -293,7 +297,8 @@ def pooled_table(table: Table, repo: Path) -> list[str]:
         )
     header = ["variant", "config", "training", "agreement [95% CI]", "top-1", "block cost"]
     caption = (
-        f"Model: {', '.join(sorted(teachers))} (real weights); float32, eager; device "
+        f"Model: {', '.join(sorted(teachers))} (real weights); {', '.join(sorted(dtypes))}, "
+        "eager; device "
         f"{', '.join(sorted(devices))}; torch {', '.join(sorted(torch_versions))}. Agreement "
         f"with dense top-1 over {' + '.join(want)} pooled ({', '.join(sorted(photos))} "
         "photos), its "

@@ -12,6 +12,7 @@ from app.bench.fidelity import pooled
 from app.bench.report import (
     INDEX,
     block_cost,
+    fidelity_table,
     levels_table,
     merge_steps_table,
     pooled_table,
@@ -133,6 +134,24 @@ def test_pooled_fidelity_counts_every_folder_and_later_files_win(tmp_path: Path)
     assert "| 25.0% [" in body[3]
     assert "80.0%" in body[0] and body[0].endswith("| b |")  # the newer file's counts
     assert "20 photos" in lines[0] and "dense: 80.0%" in lines[0]
+
+
+def test_a_fidelity_table_names_the_dtype_its_files_were_scored_in(tmp_path: Path) -> None:
+    """A GPU scores under bf16 autocast; files from before the field were all float32."""
+
+    def scored(name: str, **dtype: str) -> str:
+        row = _fidelity_row(name, "merge=8", dev=9, extra=5)
+        meta = {"device": "gpu-x", "device_type": "cuda", "folders": ["dev", "extra"], **dtype}
+        path = tmp_path / "bench/results/fidelity" / f"{name}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({**meta, "teacher": "deit_tiny_patch16_224", "rows": [row]}))
+        return f"fidelity/{name}.json"
+
+    assert (
+        "mode eager, bfloat16;"
+        in fidelity_table({"files": [scored("new", dtype="bfloat16")]}, tmp_path)[0]
+    )
+    assert "mode eager, float32;" in fidelity_table({"files": [scored("old")]}, tmp_path)[0]
 
 
 def test_block_cost_counts_the_tokens_each_block_keeps() -> None:
