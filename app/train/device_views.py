@@ -116,8 +116,8 @@ class DeviceViews:
             p.transpose(1, 2) if t else p for p, t in zip(photos, self.transposed_P, strict=True)
         ]
         self.hw_P2 = np.array([p.shape[1:] for p in photos])  # stored (landscape) sizes
-        # float32: roi_align's half-precision kernel rounds the pixels it averages, and its
-        # boxes (photo index first) take the canvas's dtype, exact in half only up to 2048
+        # float32: the CPU path's arithmetic on another device; in half precision the boxes
+        # (photo index first, in the canvas's dtype) would be exact only up to 2048 photos
         H, W = self.hw_P2.max(axis=0)
         self.canvas_P3HW = torch.zeros(len(photos), 3, H, W, device=device)
         for i, p in enumerate(photos):
