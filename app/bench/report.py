@@ -176,6 +176,12 @@ def proportional_sdpa_table(table: Table, repo: Path) -> list[str]:
     ]
 
 
+def scored_dtype(result: Mapping[str, Any]) -> str:
+    """The dtype a fidelity file's models ran in: older files name none, and were all
+    scored in float32 on a CPU."""
+    return result.get("dtype", "float32")
+
+
 def fidelity_table(table: Table, repo: Path) -> list[str]:
     """Agreement with the dense top-1 and top-1 accuracy per variant and image folder."""
     results = [load_result(repo, f) for f in table["files"]]
@@ -210,8 +216,7 @@ def fidelity_table(table: Table, repo: Path) -> list[str]:
         for row in r["rows"]
         for f, ev in row["eval"].items()
     }
-    # older files name no dtype: they were all scored in float32 on a CPU
-    dtypes = ", ".join(sorted({r.get("dtype", "float32") for r in results}))
+    dtypes = ", ".join(sorted({scored_dtype(r) for r in results}))
     caption = (
         f"Model: {', '.join(sorted(teachers))} (real weights) and its variants; mode eager, "
         f"{dtypes}; device {', '.join(sorted(devices))}; every variant on the same photos, "
@@ -279,7 +284,7 @@ def pooled_table(table: Table, repo: Path) -> list[str]:
             )
             teachers.add(result["teacher"])
             torch_versions.add(result["torch_version"])
-            dtypes.add(result.get("dtype", "float32"))  # older files: all float32 on a CPU
+            dtypes.add(scored_dtype(result))
     lines = []
     for pool, row, source in sorted(rows.values(), key=lambda v: -v[0]["agreement_top1"]):
         costs = {block_cost(row["config"], t) for t in teachers}
