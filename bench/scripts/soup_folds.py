@@ -9,24 +9,18 @@ each fold's soup has seen only that fold's photos. Then score it as a recipe of 
         --cross-fit deit_tiny-merge-t5-gpu-dv-soup --seeds 0
 """
 
-import hashlib
-import json
 import sys
 from pathlib import Path
 
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-store, recipe, seeds = Path(sys.argv[1]), sys.argv[2], sys.argv[3:]
+from app.store import ModelStore
+
+store, recipe, seeds = ModelStore(Path(sys.argv[1])), sys.argv[2], sys.argv[3:]
 for part in "ab":
-    folds = [store / f"{recipe}-s{seed}-fold-{part}" for seed in seeds]
-    weights = [load_file(fold / "model.safetensors") for fold in folds]
+    folds = [f"{recipe}-s{seed}-fold-{part}" for seed in seeds]
+    weights = [load_file(store.root / fold / "model.safetensors") for fold in folds]
     soup = {key: sum(w[key] for w in weights) / len(weights) for key in weights[0]}
-    folder = store / f"{recipe}-soup-s0-fold-{part}"
-    folder.mkdir(exist_ok=True)
-    save_file(soup, folder / "model.safetensors")
-    manifest = json.loads((folds[0] / "manifest.json").read_text())
-    manifest["name"] = folder.name
-    digest = hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()
-    manifest["weights"]["sha256"] = digest
-    (folder / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    print(f"wrote {folder} from {', '.join(f.name for f in folds)}")
+    name = f"{recipe}-soup-s0-fold-{part}"
+    store.write_entry(store.manifest(folds[0]).model_copy(update={"name": name}), soup)
+    print(f"wrote {name} from {', '.join(folds)}")
