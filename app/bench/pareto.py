@@ -407,13 +407,37 @@ def _points_summary(points: Sequence[ParetoPoint]) -> list[dict[str, Any]]:
     ]
 
 
+def redraw_from(args: argparse.Namespace, front: Mapping[str, Any]) -> None:
+    """Fill ``args`` from a front's JSON, so that a front takes a new fidelity file (a
+    variant scored since) without its command typed again; it is written over in place."""
+    cut = front["slice"]
+    args.speed = [Path(p) for p in front["speed_json"]]
+    args.fidelity = [Path(p) for p in front["fidelity_json"]] + [
+        p for p in args.fidelity if str(p) not in front["fidelity_json"]
+    ]
+    args.arch, args.dtype, args.batch = cut["arch"], cut["dtype"], cut["batch"]
+    args.eager = not cut["compiled"] and not cut["cuda_graphs"]
+    args.cuda_graphs = cut["cuda_graphs"] and not cut["compiled"]
+    args.compiled_graphs = cut["compiled"] and cut["cuda_graphs"]
+    args.target = [(t["speedup"], t["agreement_top1"]) for t in front["targets"]]
+    args.overlay_compiled = "overlay" in front
+    args.out_png, args.out_json = Path(front["png"]), args.redraw
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m app.bench.pareto",
         description="Speed (a models-bench JSON) against fidelity: PNG of the front + JSON.",
     )
-    parser.add_argument("--speed", nargs="+", type=Path, required=True, help="models JSONs")
-    parser.add_argument("--fidelity", nargs="+", type=Path, required=True)
+    parser.add_argument(
+        "--redraw",
+        type=Path,
+        metavar="FRONT_JSON",
+        help="draw a front again from its JSON (speed, fidelity, slice, targets, PNG, overlay), "
+        "with any --fidelity given added to its own and --folder/--min-photos as given",
+    )
+    parser.add_argument("--speed", nargs="+", type=Path, default=[], help="models JSONs")
+    parser.add_argument("--fidelity", nargs="+", type=Path, default=[])
     parser.add_argument(
         "--folder",
         default="imagenet-dev",
@@ -444,9 +468,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="also draw the same batch compiled + CUDA graphs as a second front",
     )
-    parser.add_argument("--out-png", type=Path, required=True)
-    parser.add_argument("--out-json", type=Path, required=True)
+    parser.add_argument("--out-png", type=Path)
+    parser.add_argument("--out-json", type=Path)
     args = parser.parse_args(argv)
+    if args.redraw:
+        redraw_from(args, json.loads(args.redraw.read_text()))
+    if not (args.speed and args.fidelity and args.out_png and args.out_json):
+        parser.error("--speed, --fidelity, --out-png and --out-json are needed (or --redraw)")
     fidelity: dict[str, dict] = {}
     for path in args.fidelity:
         fidelity.update(load_fidelity(path, args.folder, min_photos=args.min_photos))
@@ -464,6 +492,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     summary["speed_json"] = [str(p) for p in args.speed]
     summary["fidelity_json"] = [str(p) for p in args.fidelity]
+    summary["fidelity_folder"] = {"folder": args.folder, "min_photos": args.min_photos}
     args.out_json.parent.mkdir(parents=True, exist_ok=True)
     args.out_json.write_text(json.dumps(summary, indent=1))
     width = max(len(p["label"]) for p in summary["points"])

@@ -405,7 +405,7 @@ def variants_table(table: Table, repo: Path) -> list[str]:
             seeds = f", {len(fid['seeds'])} seed(s)" if fid.get("seeds") else ""
             if fid.get("method") == "cross-fitted":
                 per_seed = len(fid["folds"]) // max(1, len(fid.get("seeds") or [1]))
-                seeds += f", cross-fitted: {per_seed} folds a seed"
+                seeds += f", cross-fitted: {per_seed} fold{'s' if per_seed != 1 else ''} a seed"
             agreement = (
                 f"{_agreement_cell(fid['agreement_top1'], fid['ci95'])} "
                 f"({fid['n_images']}, {' + '.join(fid['eval_sets'])}{seeds})"

@@ -1,10 +1,18 @@
 # Sourced by the device scripts: the device's python3 lacks the server's packages
 # (pydantic, fastapi, uvicorn, ...), so the carried wheels (${WHEELS:-.whl}, made by
-# device_wheels.sh) go into /tmp/site, which joins PYTHONPATH with the repo root.
+# device_wheels.sh) go into /tmp/site, which joins PYTHONPATH with the repo root. Once a
+# call: scripts side by side that source it again must not rewrite a package another one is
+# importing.
 # Returns non-zero when no wheel installed; the caller decides whether that is fatal.
 #   source bench/scripts/device_site.sh || exit 1
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-  --target /tmp/site "${WHEELS:-.whl}"/*.whl
-_site_status=$?
+_site_wheels=$(ls "${WHEELS:-.whl}" 2>/dev/null)
+if [ -n "$_site_wheels" ] && [ "$(cat /tmp/site/.wheels 2>/dev/null)" = "$_site_wheels" ]; then
+  _site_status=0
+else
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site "${WHEELS:-.whl}"/*.whl
+  _site_status=$?
+  [ $_site_status = 0 ] && echo "$_site_wheels" > /tmp/site/.wheels
+fi
 export PYTHONPATH=/tmp/site:$PWD
 return $_site_status

@@ -3,12 +3,12 @@
 #   recipe-screen-3x55-off in docs/compression.md). Each recipe's fold a (three seeds side by
 #   side, cross_fit.sh with TRAIN_ONLY=1) is scored there over extra-b, the half it left out;
 #   the best, if its mean beats BASE, gets its fold b and a cross-fitted figure over extra,
-#   and its six folds come back in bf16 ($OUT/<tag>-s<seed>-<fold>.bf16.safetensors.xz).
+#   and its six folds come back packed (bench/scripts/pack_folds.py).
 #   Here, bench/scripts/unpack_folds.py puts them in WORK/store, and cross_fit.sh with the
 #   same TAG and OPTIONS scores them over dev + extra: the figure of record.
 # Takes: ~5 min of an H100 per recipe screened (three runs side by side), as many again for
 #   the best one's fold b; LIMIT (s) bounds the whole call, recipes that no longer fit are
-#   skipped.
+#   skipped. SCREEN_ONLY=1: no fold b (the best's fold a comes back).
 #   RECIPES=recipes.txt ENTRY=deit_tiny-merge-t5-gpu CONFIG='merge=55@0,55@4,43@8;proportional=off' IMAGES=<its photos> \
 #     HF_HUB_CACHE=<hub cache> OUT=<out> bash bench/scripts/gpu_recipe_screen.sh
 # recipes.txt: one "TAG OPTIONS-JSON" a line, the JSON merged into the entry's recorded
@@ -75,23 +75,12 @@ PY
 )
 echo "== best: $best, $(left) s left"
 [ "$best" = none ] && exit 0
-if [ "$(left)" -gt $((took + 60)) ]; then
+if [ -z "${SCREEN_ONLY:-}" ] && [ "$(left)" -gt $((took + 60)) ]; then
   run_folds "$best" b; wait
   names=(); for seed in 0 1 2; do for f in a b; do names+=("$entry-$best-s$seed-fold-$f"); done; done
   score "$logs/cross-fit" --entries "${names[@]}" --cross-fit "$entry-$best" --seeds 0 1 2
 fi
-for seed in 0 1 2; do for f in a b; do
-  dir=$work/store/$entry-$best-s$seed-fold-$f
-  [ -f "$dir/model.safetensors" ] || continue
-  { python3 - "$dir/model.safetensors" "$out/$best-s$seed-$f.bf16.safetensors" <<'PY'
-import sys
-import torch
-from safetensors.torch import load_file, save_file
-weights = load_file(sys.argv[1])
-save_file({k: v.to(torch.bfloat16).contiguous() for k, v in weights.items()}, sys.argv[2])
-PY
-    xz -6 -T1 "$out/$best-s$seed-$f.bf16.safetensors"; } &
-done; done; wait
-(cd "$work/store" && find . -name manifest.json -path "*-fold-*" | tar cf "$logs/manifests.tar" -T -)
+python3 bench/scripts/pack_folds.py "$work/store" "$out" \
+  $(for seed in 0 1 2; do for f in a b; do echo "$entry-$best-s$seed-fold-$f"; done; done)
 tar cf "$out/logs.tar" -C "$work" logs
 echo "done in $(($(date +%s) - T0)) s"

@@ -581,3 +581,32 @@ def test_pareto_cli_overlays_the_compiled_front_on_the_served_one(tmp_path: Path
     assert summary["overlay"]["mode"] == "compiled + CUDA graphs"
     assert {p["label"]: p["speedup"] for p in summary["overlay"]["points"]}["t3"] == 2.4
     assert out_png.stat().st_size > 0
+
+
+def test_pareto_redraw_keeps_a_fronts_slice_and_adds_a_fidelity_file(tmp_path: Path):
+    """--redraw FRONT_JSON: the same mode, batch, overlay and output as the front was drawn
+    with, its fidelity files plus the new one; a variant scored since joins the points."""
+    out_json, out_png = tmp_path / "front.json", tmp_path / "front.png"
+    argv = [*_glad_t3_in_modes(tmp_path, {(False, True): 2.2, (True, True): 2.4}), "--cuda-graphs"]
+    argv += ["--overlay-compiled", "--out-png", str(out_png), "--out-json", str(out_json)]
+    assert pareto_main(argv) == 0
+    before = json.loads(out_json.read_text())
+    newer = tmp_path / "newer.json"
+    newer.write_text(
+        json.dumps({"rows": [{"entry": "t3-again", "config": "glad-t3", "agreement_top1": 0.8}]})
+    )
+    out_png.unlink()
+    assert pareto_main(["--redraw", str(out_json), "--fidelity", str(newer)]) == 0
+    after = json.loads(out_json.read_text())
+    assert after["slice"] == before["slice"]
+    assert after["overlay"]["mode"] == before["overlay"]["mode"]
+    assert after["fidelity_json"] == [*before["fidelity_json"], str(newer)]
+    assert {p["label"] for p in after["points"]} == {p["label"] for p in before["points"]} | {
+        "t3-again"
+    }
+    assert out_png.stat().st_size > 0
+
+
+def test_pareto_cli_needs_its_inputs_without_redraw(tmp_path: Path):
+    with pytest.raises(SystemExit):
+        pareto_main(["--out-png", str(tmp_path / "f.png")])

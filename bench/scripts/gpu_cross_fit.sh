@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Reproduces: the cross-fitted fidelity of distilled entries whose recorded recipes want a
+#   GPU (deit_tiny-merge-t6, deit_tiny-glad-s3-t3 in docs/compression.md). On one GPU
+#   machine every fold of FOLDS trains side by side (cross_fit.sh with TRAIN_ONLY=1: the
+#   entry's own recipe on half of imagenet-extra), and comes back packed (pack_folds.py;
+#   at most seven folds a call, the device's limit on files). Here:
+#     python3 bench/scripts/unpack_folds.py <the call's files> /tmp/cross-fit
+#     ENTRY=deit_tiny-merge-t6 SEEDS="0 1 2" WORK=/tmp/cross-fit bash bench/scripts/cross_fit.sh
+#   scores them over dev + extra and records the figure in the entry's manifest.
+# Takes: ~40 ms of an H100 per step of DeiT-Tiny with views made on the GPU, shared by the
+#   folds side by side; LIMIT (s) bounds the call, leaving a minute to pack.
+#   FOLDS="deit_tiny-merge-t6:0:a deit_tiny-merge-t6:0:b" IMAGES=<its photos> \
+#     HF_HUB_CACHE=<hub cache> WHEELS=<wheels> OUT=<out> bash bench/scripts/gpu_cross_fit.sh
+# A dry run here: NO_WHEELS=1 OPTIONS='{"steps":2,"batch_size":8}' TAG=smoke.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+T0=$(date +%s); LIMIT=${LIMIT:-540}
+source bench/scripts/device_site.sh || [ -n "${NO_WHEELS:-}" ] || exit 1
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+work=${WORK:-/tmp/cross-fit}; logs=$work/logs; out=${OUT:?the folder whose files come back}
+mkdir -p "$logs" "$out"
+names=()
+for fold in ${FOLDS:?ENTRY:SEED:FOLD ...}; do
+  IFS=: read -r entry seed half <<< "$fold"
+  # the halves of extra and the teacher, once per entry, before the folds run side by side
+  SEEDS=" " TRAIN_ONLY=1 WORK=$work ENTRY=$entry bash bench/scripts/cross_fit.sh > /dev/null
+  ENTRY=$entry SEEDS=$seed FOLDS=$half TRAIN_ONLY=1 WORK=$work \
+    timeout $((LIMIT - 60 - $(date +%s) + T0)) \
+    bash bench/scripts/cross_fit.sh > "$logs/$entry-s$seed-$half.log" 2>&1 &
+  names+=("$entry${TAG:+-$TAG}-s$seed-fold-$half")
+done
+wait
+for log in "$logs"/*.log; do echo "== $(basename "$log"): $(tail -c 300 "$log" | tr '\r' '\n' | tail -n 1)"; done
+python3 bench/scripts/pack_folds.py "$work/store" "$out" "${names[@]}"
+tar cf "$out/logs.tar" -C "$work" logs
+echo "done in $(($(date +%s) - T0)) s"
