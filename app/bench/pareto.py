@@ -198,12 +198,14 @@ def plot_pareto(
     return _draw_front(points, missing, out_png, device=report["device"], **slice_)
 
 
-def off_front(points: Sequence[P], front: Sequence[P]) -> list[P]:
-    """The points not on ``front``, by speed then agreement: the plot numbers them and keys
-    the numbers below it, since several runs of one config often share one speed and their
-    labels would print over each other; front points carry their own label."""
+def keyed_points(points: Sequence[P], front: Sequence[P]) -> list[tuple[P, bool]]:
+    """Every point but dense, by speed then agreement, and whether it is on ``front``: the
+    plot numbers them and keys the numbers below it, since neighbouring points (several runs
+    of one config often share one speed) would print their labels over each other."""
     on_front = set(front)
-    return sorted((p for p in points if p not in on_front), key=lambda p: (p[0], p[1]))
+    return [
+        (p, p in on_front) for p in sorted(points, key=lambda p: (p[0], p[1])) if p[2] != "dense"
+    ]
 
 
 def _draw_front(
@@ -228,11 +230,12 @@ def _draw_front(
             f"compiled={compiled}) and fidelity; fidelity lacks: {missing}"
         )
     front = pareto_front(points)
-    others = off_front(points, front)
+    keyed = keyed_points(points, front)
     key = [
         f"{i}: {p.label}  {p.speedup:.2f}x, {100 * p.agreement:.1f}%"
         + (f" [{100 * p.ci95[0]:.1f}, {100 * p.ci95[1]:.1f}]" if p.ci95 else "")
-        for i, p in enumerate(others, 1)
+        + ("  (front)" if on_front else "")
+        for i, (p, on_front) in enumerate(keyed, 1)
     ]
     if missing:
         key.append("no fidelity yet: " + ", ".join(missing))
@@ -262,21 +265,17 @@ def _draw_front(
             ax.vlines(p.speedup, 100 * p.ci95[0], 100 * p.ci95[1], color="tab:blue", alpha=0.4)
     _step_front(ax, front, color="tab:green", label="Pareto front")
     for p in front:
-        ax.annotate(
-            p.label,
-            (p.speedup, 100 * p.agreement),
-            textcoords="offset points",
-            xytext=(5, 4),
-            fontsize=8,
-        )
-    for i, p in enumerate(others, 1):
+        if p.label == "dense":
+            ax.annotate("dense", (p.speedup, 100), textcoords="offset points", xytext=(5, 4))
+    for i, (p, on_front) in enumerate(keyed, 1):
         ax.annotate(
             str(i),
             (p.speedup, 100 * p.agreement),
             textcoords="offset points",
-            xytext=(-4, -11),
-            fontsize=7,
-            color="0.35",
+            xytext=(5, 3) if on_front else (-4, -11),
+            fontsize=8 if on_front else 7,
+            color="tab:green" if on_front else "0.35",
+            fontweight="bold" if on_front else "normal",
         )
     mode = mode_name(compiled, cuda_graphs)
     ax.set_title(f"{arch}, {dtype_name(dtype)}, batch {batch}, {mode}\n{device}")
@@ -422,6 +421,10 @@ def redraw_from(args: argparse.Namespace, front: Mapping[str, Any]) -> None:
     args.target = [(t["speedup"], t["agreement_top1"]) for t in front["targets"]]
     args.overlay_compiled = "overlay" in front
     args.out_png, args.out_json = Path(front["png"]), args.redraw
+    drawn_with = front.get("fidelity_folder", {})  # fronts drawn before 2026-12-07 lack it
+    args.folder = args.folder or drawn_with.get("folder")
+    if args.min_photos is None:
+        args.min_photos = drawn_with.get("min_photos")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -433,18 +436,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--redraw",
         type=Path,
         metavar="FRONT_JSON",
-        help="draw a front again from its JSON (speed, fidelity, slice, targets, PNG, overlay), "
-        "with any --fidelity given added to its own and --folder/--min-photos as given",
+        help="draw a front again from its JSON (speed, fidelity, slice, targets, PNG, overlay, "
+        "fidelity folder), with any --fidelity given added to its own",
     )
     parser.add_argument("--speed", nargs="+", type=Path, default=[], help="models JSONs")
     parser.add_argument("--fidelity", nargs="+", type=Path, default=[])
     parser.add_argument(
         "--folder",
-        default="imagenet-dev",
-        help=f"fidelity report folder, or {POOLED!r}: all its photos with a 95%% interval",
+        help=f"fidelity report folder, or {POOLED!r}: all its photos with a 95%% interval "
+        "(default: imagenet-dev, or what the --redraw front was drawn with)",
     )
     parser.add_argument(
-        "--min-photos", type=int, default=0, help=f"with {POOLED!r}: leave out smaller samples"
+        "--min-photos", type=int, help=f"with {POOLED!r}: leave out smaller samples (default 0)"
     )
     parser.add_argument("--arch", default="deit_small_patch16_224")
     parser.add_argument("--dtype", default="bfloat16")
@@ -473,6 +476,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.redraw:
         redraw_from(args, json.loads(args.redraw.read_text()))
+    args.folder = args.folder or "imagenet-dev"
+    args.min_photos = args.min_photos or 0
     if not (args.speed and args.fidelity and args.out_png and args.out_json):
         parser.error("--speed, --fidelity, --out-png and --out-json are needed (or --redraw)")
     fidelity: dict[str, dict] = {}

@@ -339,3 +339,37 @@ def perf_analyzer_table(table: Table, repo: Path) -> list[str]:
         ]
         lines += [caption, "", *markdown(header, rows), ""]
     return lines[:-1]
+
+
+def levels_table(table: Table, repo: Path) -> list[str]:
+    """Per-level ratios of one service run's closed-loop levels: each model's images/s over
+    the reference's in the same level. The run alternates which model goes first, so the
+    spread between levels is the noise the shared machine added."""
+    lines = []
+    for name in table["files"]:
+        result = load_result(repo, name)
+        ref = result["reference"]
+        closed: dict[str, list[float]] = {}
+        for level in result["levels"]:  # per model, in the order the levels ran
+            if level.get("offered_img_s") is None:
+                closed.setdefault(level["model"], []).append(level["img_s"])
+        header = ["model", "compression"] + [
+            f"level {k + 1}: c={c}, {'reference first' if k % 2 == 0 else 'reference last'}"
+            for k, c in enumerate(result["concurrency"])
+        ]
+        rows = [["`" + ref + "` (reference)", "–", *(f"{v:.1f} img/s" for v in closed[ref])]]
+        for model, values in closed.items():
+            if model != ref:
+                ratios = (f"{v / r:.2f}×" for v, r in zip(values, closed[ref], strict=True))
+                rows.append([f"`{model}`", f"`{result['models'][model]['compression']}`", *ratios])
+        caption = (
+            f"Through HTTP, one server serving every model: {result['device']} "
+            f"({result['threads']} threads), {result['dtype']}, batches up to {result['batch']}, "
+            f"{result['images_per_request']} photos of `{Path(result['images_dir']).name}` a "
+            f"request, closed loop at concurrency c for {result['seconds_per_level']:.0f} s a "
+            f"level; torch {result['torch_version']}. Source: `{stamp(name)}`."
+        )
+        if "validity" in result:
+            caption += f" The run's own note: {result['validity']}"
+        lines += [caption, "", *markdown(header, rows), ""]
+    return lines[:-1]

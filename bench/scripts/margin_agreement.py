@@ -3,8 +3,9 @@ minus top-2 probability), in quartiles over dev + extra. A student that misses m
 the teacher is nearly tied loses photos whose top-1 a resampling of the photo would flip for
 the teacher itself, so its shortfall there bounds what more training can win.
 
-Each cross-fitted recipe is scored as its fidelity figure is: extra-a by its fold b, extra-b
-by its fold a, dev by both (their mean). Training-free configs are built from the teacher.
+Each cross-fitted recipe is scored as its fidelity figure is (app.bench.fidelity.cross_fitted):
+every photo by the folds whose manifests say they did not train on its folder, the mean of
+theirs. Training-free configs are built from the teacher.
 
     HF_HUB_CACHE=../shared/hf-cache HF_HUB_OFFLINE=1 python3 bench/scripts/margin_agreement.py \\
       --work /tmp/cross-fit --recipes deit_tiny-merge-t5-gpu-dv:0,1,2 \\
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from app.bench.fidelity import trained_on
 from app.store import ModelStore
 from app.timing import environment
 from app.train.data import list_images
@@ -42,11 +44,15 @@ def main() -> None:
     teacher_loaded = store.load(args.teacher)
     teacher, config = teacher_loaded.module, teacher_loaded.manifest.preprocessing
     data_config = config.timm_data_config()
-    folders = {"dev": args.dev, "extra-a": args.work / "extra-a", "extra-b": args.work / "extra-b"}
-    photos = {name: list_images(folder) for name, folder in folders.items()}
+    folders = [args.dev, args.work / "extra-a", args.work / "extra-b"]
+    photos = {folder.name: list_images(folder) for folder in folders}
 
-    def top1(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-        return {name: logits(model, files, data_config).argmax(1) for name, files in photos.items()}
+    def top1(model: torch.nn.Module, seen: set[str] = frozenset()) -> dict[str, torch.Tensor]:
+        return {
+            name: logits(model, files, data_config).argmax(1)
+            for name, files in photos.items()
+            if name not in seen
+        }
 
     t_logits = {name: logits(teacher, files, data_config) for name, files in photos.items()}
     t_top1 = {name: lg.argmax(1) for name, lg in t_logits.items()}
@@ -69,25 +75,19 @@ def main() -> None:
     for spec in args.recipes:
         recipe, seeds = spec.split(":")
         for seed in seeds.split(","):
-            fold = {part: top1(store.load(f"{recipe}-s{seed}-fold-{part}").module) for part in "ab"}
-            agree = torch.cat(
-                [
-                    (
-                        (fold["a"]["dev"] == t_top1["dev"]).float()
-                        + (fold["b"]["dev"] == t_top1["dev"]).float()
-                    )
-                    / 2,
-                    (fold["b"]["extra-a"] == t_top1["extra-a"]).float(),
-                    (fold["a"]["extra-b"] == t_top1["extra-b"]).float(),
-                ]
-            )
+            held_out: dict[str, list[torch.Tensor]] = {name: [] for name in photos}
+            for part in "ab":
+                fold = store.load(f"{recipe}-s{seed}-fold-{part}")
+                for name, preds in top1(fold.module, trained_on(fold.manifest)).items():
+                    held_out[name].append((preds == t_top1[name]).float())
+            agree = torch.cat([torch.stack(held_out[name]).mean(0) for name in photos])
             rows.append(
                 {
                     "name": f"{recipe}-s{seed}",
                     "training": "cross-fitted",
                     "by_margin_quartile": by_quartile(agree),
                     "agreement_top1": round(agree.mean().item(), 4),
-                }  # fmt: skip
+                }
             )
     for row in rows:
         print(

@@ -18,7 +18,7 @@ from app.bench.pareto import (
     POOLED,
     collect_fidelity,
     fidelity_from_report,
-    off_front,
+    keyed_points,
     pareto_front,
     plot_pareto,
     speed_points,
@@ -247,10 +247,14 @@ def test_pareto_front_keeps_only_undominated_points():
     assert pareto_front([]) == []
 
 
-def test_points_off_the_front_are_keyed_by_speed_then_agreement():
+def test_points_but_dense_are_keyed_by_speed_then_agreement_with_their_place_on_the_front():
     points = [(1.0, 1.0, "dense"), (2.0, 0.9, "a"), (2.0, 0.8, "a, worse run"), (1.5, 0.7, "x")]
-    keyed = off_front(points, pareto_front(points))
-    assert [p[2] for p in keyed] == ["x", "a, worse run"]
+    keyed = keyed_points(points, pareto_front(points))
+    assert [(p[2], on_front) for p, on_front in keyed] == [
+        ("x", False),
+        ("a, worse run", False),
+        ("a", True),
+    ]
 
 
 def _speed_report() -> dict:
@@ -601,6 +605,7 @@ def test_pareto_redraw_keeps_a_fronts_slice_and_adds_a_fidelity_file(tmp_path: P
     assert after["slice"] == before["slice"]
     assert after["overlay"]["mode"] == before["overlay"]["mode"]
     assert after["fidelity_json"] == [*before["fidelity_json"], str(newer)]
+    assert after["fidelity_folder"] == before["fidelity_folder"]
     assert {p["label"] for p in after["points"]} == {p["label"] for p in before["points"]} | {
         "t3-again"
     }

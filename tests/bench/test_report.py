@@ -8,17 +8,20 @@ from pathlib import Path
 
 import pytest
 
-from app.bench.fidelity import pooled
-from app.bench.report import (
-    INDEX,
+from app.bench.compression_tables import (
     block_cost,
     fidelity_table,
-    levels_table,
     merge_steps_table,
     pooled_table,
-    write_docs,
 )
-from app.bench.service_tables import decoders_table, set_up_label, worker_cpu_table
+from app.bench.fidelity import pooled
+from app.bench.report import INDEX, write_docs
+from app.bench.service_tables import (
+    decoders_table,
+    levels_table,
+    set_up_label,
+    worker_cpu_table,
+)
 from app.store.manifest import wilson_interval
 from tests.helpers import REPO
 
