@@ -7,8 +7,11 @@
 #     python3 bench/scripts/unpack_folds.py <the call's files> /tmp/cross-fit
 #     ENTRY=deit_tiny-merge-t6 SEEDS="0 1 2" WORK=/tmp/cross-fit bash bench/scripts/cross_fit.sh
 #   scores them over dev + extra and records the figure in the entry's manifest.
-# Takes: ~40 ms of an H100 per step of DeiT-Tiny with views made on the GPU, shared by the
-#   folds side by side; LIMIT (s) bounds the call, leaving a minute to pack.
+# Takes: the GPU sets the pace, shared by the folds side by side: on an H100, six 800-step
+#   merge-t6 folds and one 3,000-step glad-s3-t3 fold took 450 s in all (the merge folds done
+#   at 150 s); three GLAD folds beside a three-run screen ran at 7-8 steps/s each and missed
+#   a 540-s limit. LIMIT (s) bounds the call, leaving a minute to pack; a fold cut off by it
+#   is lost, so size FOLDS to fit.
 #   FOLDS="deit_tiny-merge-t6:0:a deit_tiny-merge-t6:0:b" IMAGES=<its photos> \
 #     HF_HUB_CACHE=<hub cache> WHEELS=<wheels> OUT=<out> bash bench/scripts/gpu_cross_fit.sh
 # A dry run here: NO_WHEELS=1 OPTIONS='{"steps":2,"batch_size":8}' TAG=smoke.
