@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from app.bench.tables import write_result
 from app.store import ModelStore
 from app.store.manifest import FidelityFigure, put_figure, rewrite_declared, wilson_interval
 from app.timing import dtype_name, environment
@@ -279,10 +279,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(format_table(report))
     if report.get("per_seed_cross_fitted"):
         print("per seed, cross-fitted:", report["per_seed_cross_fitted"])
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    path = args.out_dir / f"fidelity-{report['device_type']}-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {path}")
+    path = write_result(args.out_dir, f"fidelity-{report['device_type']}", report)
     if args.record_in and args.cross_fit:
         measured = (
             f"{report['device']} ({report['device_type']}), {report['dtype']}; "

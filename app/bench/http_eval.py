@@ -17,6 +17,7 @@ import torch
 from tqdm import tqdm
 
 from app.bench.server import running_server
+from app.bench.tables import write_result
 from app.timing import environment
 from app.train.data import list_images, read_labels
 
@@ -78,10 +79,7 @@ def main() -> None:
         a, b = (runs[d]["top1"] for d in devices)
         result["top1_agreement_cuda_vs_cpu"] = sum(a[f] == b[f] for f in a) / len(a)
         print(f"top-1 agreement cuda vs cpu: {result['top1_agreement_cuda_vs_cpu']:.1%}")
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"http-eval-{'-'.join(devices)}-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {path}")
+    write_result(args.out, f"http-eval-{'-'.join(devices)}", result)
 
 
 if __name__ == "__main__":

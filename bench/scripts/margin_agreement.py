@@ -15,13 +15,12 @@ theirs. Training-free configs are built from the teacher.
 from __future__ import annotations
 
 import argparse
-import json
-import time
 from pathlib import Path
 
 import torch
 
 from app.bench.fidelity import trained_on
+from app.bench.tables import write_result
 from app.store import ModelStore
 from app.timing import environment
 from app.train.data import list_images
@@ -103,10 +102,7 @@ def main() -> None:
         "quartiles over dev + extra; agreement of each row's top-1 with the teacher's per quartile",
         "rows": rows,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"margin-agreement-cpu-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {path}")
+    write_result(args.out, "margin-agreement-cpu", result)
 
 
 if __name__ == "__main__":
