@@ -23,10 +23,14 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 work=${WORK:-/tmp/cross-fit}; logs=$work/logs; out=${OUT:?the folder whose files come back}
 mkdir -p "$logs" "$out"
 names=()
+declare -A prepared
 for fold in ${FOLDS:?ENTRY:SEED:FOLD ...}; do
   IFS=: read -r entry seed half <<< "$fold"
   # the halves of extra and the teacher, once per entry, before the folds run side by side
-  SEEDS=" " TRAIN_ONLY=1 WORK=$work ENTRY=$entry bash bench/scripts/cross_fit.sh > /dev/null
+  if [ -z "${prepared[$entry]:-}" ]; then
+    SEEDS=" " TRAIN_ONLY=1 WORK=$work ENTRY=$entry bash bench/scripts/cross_fit.sh > /dev/null
+    prepared[$entry]=1
+  fi
   ENTRY=$entry SEEDS=$seed FOLDS=$half TRAIN_ONLY=1 WORK=$work \
     timeout $((LIMIT - 60 - $(date +%s) + T0)) \
     bash bench/scripts/cross_fit.sh > "$logs/$entry-s$seed-$half.log" 2>&1 &
