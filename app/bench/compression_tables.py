@@ -347,8 +347,12 @@ def variants_table(table: Table, repo: Path) -> list[str]:
         if fid:
             seeds = f", {len(fid['seeds'])} seed(s)" if fid.get("seeds") else ""
             if fid.get("method") == "cross-fitted":
-                per_seed = len(fid["folds"]) // max(1, len(fid.get("seeds") or [1]))
-                seeds += f", cross-fitted: {per_seed} fold{'s' if per_seed != 1 else ''} a seed"
+                folds, n_seeds = len(fid["folds"]), len(fid.get("seeds") or [1])
+                if folds % n_seeds:  # some seed lacks a fold: say how many there are
+                    seeds += f", cross-fitted: {folds} folds over the seeds"
+                else:
+                    per_seed = folds // n_seeds
+                    seeds += f", cross-fitted: {per_seed} fold{'s' if per_seed != 1 else ''} a seed"
             agreement = (
                 f"{_agreement_cell(fid['agreement_top1'], fid['ci95'])} "
                 f"({fid['n_images']}, {' + '.join(fid['eval_sets'])}{seeds})"

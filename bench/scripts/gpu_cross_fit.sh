@@ -9,8 +9,8 @@
 #   scores them over dev + extra and records the figure in the entry's manifest.
 # Takes: the GPU sets the pace, shared by the folds side by side: on an H100, six 800-step
 #   merge-t6 folds and one 3,000-step glad-s3-t3 fold took 450 s in all (the merge folds done
-#   at 150 s); three GLAD folds beside a three-run screen ran at 7-8 steps/s each and missed
-#   a 540-s limit. LIMIT (s) bounds the call, leaving a minute to pack; a fold cut off by it
+#   at 150 s); GLAD folds share the GPU with no gain: two side by side took 310 s of training
+#   (400 s a call), three ran at 7 steps/s each and missed a 575-s limit at 90%. LIMIT (s) bounds the call, leaving a minute to pack; a fold cut off by it
 #   is lost, so size FOLDS to fit.
 #   FOLDS="deit_tiny-merge-t6:0:a deit_tiny-merge-t6:0:b" IMAGES=<its photos> \
 #     HF_HUB_CACHE=<hub cache> WHEELS=<wheels> OUT=<out> bash bench/scripts/gpu_cross_fit.sh

@@ -13,6 +13,7 @@ from app.bench.compression_tables import (
     fidelity_table,
     merge_steps_table,
     pooled_table,
+    variants_table,
 )
 from app.bench.fidelity import pooled
 from app.bench.report import INDEX, write_docs
@@ -238,3 +239,37 @@ def test_the_worker_cpu_table_keeps_two_http_servers_of_one_commit_apart(tmp_pat
     code = json.loads(source.read_text())["code"]
     median_rows = [x for x in worker_cpu_table({"files": names}, tmp_path) if "median of" in x]
     assert [row.split(" | ")[0] for row in median_rows] == [f"| `{code}`", f"| `{code}`, granian"]
+
+
+@pytest.mark.parametrize(
+    ("folds", "seeds", "said"),
+    [
+        (["s0-fold-a", "s0-fold-b", "s1-fold-a", "s1-fold-b"], [0, 1], "2 folds a seed"),
+        (["s0-fold-b", "s1-fold-a", "s1-fold-b", "s2-fold-a"], [0, 1, 2], "4 folds over the seeds"),
+    ],
+)
+def test_the_variants_table_counts_a_cross_fits_folds_as_they_are(
+    tmp_path: Path, folds: list[str], seeds: list[int], said: str
+) -> None:
+    manifest = {
+        "name": "glad",
+        "variant": "compressed",
+        "source": {"kind": "compress"},
+        "figures": {
+            "fidelity": [
+                {
+                    "eval_sets": ["extra-a", "extra-b", "imagenet-dev"],
+                    "n_images": 1543,
+                    "agreement_top1": 0.8,
+                    "ci95": [0.78, 0.82],
+                    "seeds": seeds,
+                    "method": "cross-fitted",
+                    "folds": folds,
+                }
+            ]
+        },
+    }
+    (tmp_path / "model_store/glad").mkdir(parents=True)
+    (tmp_path / "model_store/glad/manifest.json").write_text(json.dumps(manifest))
+    (row,) = [line for line in variants_table({}, tmp_path) if line.startswith("| `glad`")]
+    assert f"{len(seeds)} seed(s), cross-fitted: {said})" in row
