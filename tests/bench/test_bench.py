@@ -18,14 +18,13 @@ from app.bench.pareto import (
     POOLED,
     collect_fidelity,
     fidelity_from_report,
-    keyed_points,
-    pareto_front,
     plot_pareto,
     speed_points,
 )
 from app.bench.pareto import (
     main as pareto_main,
 )
+from app.bench.pareto_plot import keyed_points, pareto_front
 from app.store import ModelStore
 from app.timing import (
     BenchError,
