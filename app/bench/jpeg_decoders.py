@@ -35,12 +35,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import json
 import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -52,6 +50,7 @@ from torchvision.transforms.functional import pil_to_tensor
 from tqdm import tqdm
 
 from app.bench.images import load_images
+from app.bench.tables import write_result
 from app.serving.preprocess import Preprocessor, TensorResizeCrop
 from app.store.manifest import Preprocessing
 from app.timing import device_slug, environment
@@ -351,11 +350,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"{name:20} {label:5} vs eval transform: max {diff['max']:.0f}, "
                 f"mean {diff['mean']:.3f}, p99.9 {diff['p99_9']:.1f} grey levels"
             )
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
-    path = args.out_dir / f"jpeg-decoders-{device_slug(device)}-{stamp}.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {path}")
+    write_result(args.out_dir, f"jpeg-decoders-{device_slug(device)}", result)
     return 0
 
 

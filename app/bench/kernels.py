@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +27,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from app.bench.arch import DENSE, build_arch_models, fmt, release
 from app.bench.models import mode_name, resolve_configs
+from app.bench.tables import write_result
 from app.timing import device_slug, environment, prepare, random_inputs
 
 # First match wins; names are lower-cased. cuBLAS/CUTLASS GEMMs, SDPA back-ends, ours.
@@ -173,10 +172,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         forwards=args.forwards,
     )
     print(format_table(results))
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     mode = mode_name(args.compiled, cuda_graphs=False)
-    out = Path(args.out_dir) / f"kernels-{device_slug(device)}-{stamp}-{mode}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
     report = {
         **environment(device),
         "arch": args.arch,
@@ -186,8 +182,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "configs": {names[t]: t for t in names},
         "results": results,
     }
-    out.write_text(json.dumps(report, indent=1))
-    print(f"wrote {out}")
+    write_result(Path(args.out_dir), f"kernels-{device_slug(device)}-{mode}", report)
     return 0
 
 

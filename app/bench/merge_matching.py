@@ -16,9 +16,7 @@ against the reference of that same loop.
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Callable, Sequence
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +25,7 @@ from torch import nn
 from tqdm import tqdm
 
 from app.bench.arch import fmt
+from app.bench.tables import write_result
 from app.timing import (
     Timing,
     default_counts,
@@ -232,11 +231,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "rows": rows,
     }
     print(format_table(rows))
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    path = args.out_dir / f"merge-matching-{device_slug(device)}-{stamp}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=1) + "\n")
-    print(f"wrote {path}")
+    path = write_result(args.out_dir, f"merge-matching-{device_slug(device)}", report)
     return {**report, "path": str(path)}
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import re
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -22,6 +21,7 @@ from typing import Any
 
 import torch
 
+from app.bench.tables import write_result
 from app.timing import device_slug, environment
 
 CSV_NAME = re.compile(r"pa-(?P<model>.+)-(?P<protocol>http|grpc)-(?P<input>[a-z0-9]+)-c(?P<c>\d+)")
@@ -111,15 +111,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     result = summarize(
         args.folder, dense=args.dense, compressed=args.compressed, dtype=args.dtype, env=env
     )
-    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
-    path = args.folder / f"perf-analyzer-{device_slug(device)}-{stamp}.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(args.folder, f"perf-analyzer-{device_slug(device)}", result)
     for row in result["ratios"]:
         print(
             f"{row['protocol']:5} {row['input']:6} c={row['concurrency']:<4} "
             f"{args.compressed} / {args.dense}: {row['speedup']:.2f}x"
         )
-    print(f"wrote {path}")
     return 0
 
 
