@@ -17,6 +17,7 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 REPO = Path(__file__).resolve().parents[2]
+LOG_TAIL_LINES = 200  # of the server's output, shown when the code using it fails
 
 
 def free_port() -> int:
@@ -61,7 +62,8 @@ def running_server(
 ) -> Iterator[ServerURL]:
     """Yield the base URL once /readyz answers 200 and, with several ``workers``, once
     /metrics counts that many ready (one /readyz answer speaks for one worker); stop with
-    SIGINT (graceful) after."""
+    SIGINT (graceful) after. Where the code inside fails, the server's last log lines go to
+    stderr (a test shows them beside its failure)."""
     port = free_port()
     # a free gRPC port too, unless set: servers running side by side must not share 8001
     grpc_port = int(env.get("VITSERVE_GRPC_PORT", free_port()))
@@ -85,6 +87,7 @@ def running_server(
     )
     base = ServerURL(f"http://127.0.0.1:{port}")
     base.proc, base.grpc_port = proc, grpc_port
+    failed = False
     try:
         deadline = time.monotonic() + timeout_s
         while not _ready(base, workers):
@@ -94,7 +97,11 @@ def running_server(
             if time.monotonic() > deadline:
                 raise TimeoutError(f"server did not become ready in {timeout_s:.0f}s")
             time.sleep(0.2)
-        yield base
+        try:
+            yield base
+        except BaseException:
+            failed = True  # what the server said goes to stderr, once it has stopped
+            raise
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGINT)
@@ -102,4 +109,8 @@ def running_server(
                 proc.wait(30)
             except subprocess.TimeoutExpired:
                 proc.kill()
+        if failed:
+            log.seek(0)
+            tail = log.read().decode(errors="replace").splitlines()[-LOG_TAIL_LINES:]
+            print("\n".join(["--- the server's log, last lines ---", *tail]), file=sys.stderr)
         log.close()

@@ -281,12 +281,15 @@ def test_engines_per_device_starts_that_many_and_one_serves_while_the_other_rest
     tiny_store,
 ):
     data = image_bytes("JPEG", (64, 48))
-    env = serve_env(tiny_store, max_delay_ms=2, engine="process", engines_per_device=2)
+    # at info: a failure shows the engines' restarts and the links' view in the log's tail
+    env = serve_env(
+        tiny_store, max_delay_ms=2, engine="process", engines_per_device=2, log_level="info"
+    )
     with running_server(env, timeout_s=120) as base:
 
-        def classify() -> int:
+        def classify() -> tuple[int, str]:
             answer = httpx.post(f"{base}/classify", content=data, headers=JPEG, timeout=30)
-            return answer.status_code
+            return answer.status_code, "" if answer.is_success else answer.text
 
         deadline = time.monotonic() + 60  # ready once one engine is; the other may lag
         engines = readyz(base).json()["engines"]
@@ -300,7 +303,8 @@ def test_engines_per_device_starts_that_many_and_one_serves_while_the_other_rest
         while readyz(base).json()["engines"][0]["up"]:
             assert time.monotonic() < deadline, "the killed engine was never reported down"
             time.sleep(0.05)
-        assert [classify() for _ in range(8)] == [200] * 8  # the live engine takes them all
+        answers = [classify() for _ in range(8)]  # the live engine takes them all
+        assert answers == [(200, "")] * 8, readyz(base).text
 
 
 def test_a_dead_engine_means_503s_then_a_restart(tiny_store):
