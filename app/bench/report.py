@@ -45,9 +45,15 @@ INDEX = Path("bench/results/current.toml")
 
 
 def settings_table(table: Table, repo: Path) -> list[str]:
-    """Every setting of :class:`app.config.Settings`: variable, default, meaning."""
+    """The settings of :class:`app.config.Settings` the table names (``settings``, in that
+    order), or every one: variable, default, meaning."""
+    fields = Settings.model_fields
+    names = table.get("settings") or list(fields)
+    if unknown := [n for n in names if n not in fields]:
+        raise KeyError(f"table {table['id']!r} names settings that do not exist: {unknown}")
     rows = []
-    for name, field in Settings.model_fields.items():
+    for name in names:
+        field = fields[name]
         default = field.get_default(call_default_factory=True)
         shown = "unset" if default is None else json.dumps(default, default=str)
         shown = shown.strip('"') if isinstance(default, str | Path) else shown

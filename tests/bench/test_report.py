@@ -16,7 +16,7 @@ from app.bench.compression_tables import (
     variants_table,
 )
 from app.bench.fidelity import pooled
-from app.bench.report import INDEX, write_docs
+from app.bench.report import INDEX, settings_table, write_docs
 from app.bench.service_tables import (
     decoders_table,
     levels_table,
@@ -273,3 +273,12 @@ def test_the_variants_table_counts_a_cross_fits_folds_as_they_are(
     (tmp_path / "model_store/glad/manifest.json").write_text(json.dumps(manifest))
     (row,) = [line for line in variants_table({}, tmp_path) if line.startswith("| `glad`")]
     assert f"{len(seeds)} seed(s), cross-fitted: {said})" in row
+
+
+def test_a_settings_table_shows_the_settings_it_names_in_that_order() -> None:
+    table = {"id": "settings", "settings": ["port", "host"]}
+    rows = settings_table(table, REPO)[2:]
+    assert [row.split(" | ")[0] for row in rows] == ["| `VITSERVE_PORT`", "| `VITSERVE_HOST`"]
+    assert len(settings_table({"id": "all"}, REPO)) > 20  # none named: every setting
+    with pytest.raises(KeyError, match="'nope'"):
+        settings_table({"id": "settings", "settings": ["port", "nope"]}, REPO)
