@@ -12,7 +12,9 @@
 # $WORK/store/<entry>-s<seed>-fold-{a,b} back into the same WORK and run this again here
 # to score them. A recipe under test: OPTIONS='{"merged_features":"aligned"}' TAG=aligned
 # (FOLDS=a: one fold only, a quick look before both). Another schedule under the same recipe:
-# CONFIG='merge=38@0,29@1,23@3,18@4,14@7;proportional=off' TAG=c50.
+# CONFIG='merge=38@0,29@1,23@3,18@4,14@7;proportional=off' TAG=c50. Each fold checkpoints
+# under WORK/checkpoints: FOLD_BUDGET_S (s of training) stops one there and exits 3, and the
+# same command again resumes it.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 entry=${ENTRY:-deit_tiny-merge-t5}
@@ -62,7 +64,7 @@ seeds=${SEEDS:-$recorded}
 # OPTIONS (JSON merged into the recipe's) or CONFIG tries another recipe under its own TAG;
 # its figure is written beside the others, not into the entry's manifest
 recipe=$entry${TAG:+-$TAG}
-folds=()
+folds=(); cut_off=()
 for seed in $seeds; do
   for fold in ${FOLDS:-a b}; do
     name=$recipe-s$seed-fold-$fold
@@ -72,9 +74,30 @@ for seed in $seeds; do
       --extra "$work/extra-$fold" --out "$name" --images "$images" \
       ${TRAIN_ONLY:+--train-only} ${OPTIONS:+--options "$OPTIONS"} ${CONFIG:+--config "$CONFIG"})
     echo "== seed $seed, fold $fold: $command --store $work/store"
-    bash -c "$command --store $work/store"
+    # checkpoints under WORK: a fold cut off (FOLD_BUDGET_S, a killed run) resumes where it
+    # stopped when this runs again with the same WORK (a warm GPU machine keeps /tmp)
+    bash -c "$command --store $work/store --checkpoint-dir $work/checkpoints/$name --resume \
+      ${FOLD_BUDGET_S:+--time-budget $FOLD_BUDGET_S}"
+    # a fold its budget cut short is no fold: its entry goes, so the next run resumes it
+    if ! python3 - "$work/store/$name" <<'PY'
+import json, shutil, sys
+from pathlib import Path
+entry = Path(sys.argv[1])
+details = json.loads((entry / "manifest.json").read_text())["source"]["details"]
+if details.get("stopped", "completed") != "completed":
+    print(f"{entry.name}: stopped at step {details['steps']} ({details['stopped']})")
+    shutil.rmtree(entry)
+    sys.exit(1)
+PY
+    then
+      cut_off+=("$name")
+    fi
   done
 done
+if ((${#cut_off[@]})); then
+  echo "cut off by FOLD_BUDGET_S, their checkpoints kept: ${cut_off[*]}; run again to resume"
+  exit 3
+fi
 [ -n "${TRAIN_ONLY:-}" ] && exit 0
 record=()
 [ -z "${OPTIONS:-}${CONFIG:-}" ] && record=(--record-in "model_store/$entry/manifest.json")

@@ -10,8 +10,11 @@
 # Takes: the GPU sets the pace, shared by the folds side by side: on an H100, six 800-step
 #   merge-t6 folds and one 3,000-step glad-s3-t3 fold took 450 s in all (the merge folds done
 #   at 150 s); GLAD folds share the GPU with no gain: two side by side took 310 s of training
-#   (400 s a call), three ran at 7 steps/s each and missed a 575-s limit at 90%. LIMIT (s) bounds the call, leaving a minute to pack; a fold cut off by it
-#   is lost, so size FOLDS to fit.
+#   (400 s a call), three ran at 7 steps/s each and missed a 575-s limit at 90%. LIMIT (s)
+#   bounds the call, leaving a minute to pack: each fold's training gets what is left less
+#   START_S for its start-up (FOLD_BUDGET_S), stops there and keeps its checkpoint under
+#   WORK, so the same call again on the still-warm machine resumes it; a cold machine
+#   starts it over.
 #   FOLDS="deit_tiny-merge-t6:0:a deit_tiny-merge-t6:0:b" IMAGES=<its photos> \
 #     HF_HUB_CACHE=<hub cache> WHEELS=<wheels> OUT=<out> bash bench/scripts/gpu_cross_fit.sh
 # A dry run here: NO_WHEELS=1 OPTIONS='{"steps":2,"batch_size":8}' TAG=smoke.
@@ -31,8 +34,9 @@ for fold in ${FOLDS:?ENTRY:SEED:FOLD ...}; do
     SEEDS=" " TRAIN_ONLY=1 WORK=$work ENTRY=$entry bash bench/scripts/cross_fit.sh > /dev/null
     prepared[$entry]=1
   fi
+  left=$((LIMIT - 60 - $(date +%s) + T0))
   ENTRY=$entry SEEDS=$seed FOLDS=$half TRAIN_ONLY=1 WORK=$work \
-    timeout $((LIMIT - 60 - $(date +%s) + T0)) \
+    FOLD_BUDGET_S=$((left - ${START_S:-90})) timeout $((left + 30)) \
     bash bench/scripts/cross_fit.sh > "$logs/$entry-s$seed-$half.log" 2>&1 &
   names+=("$entry${TAG:+-$TAG}-s$seed-fold-$half")
 done
