@@ -237,6 +237,38 @@ async def test_an_engine_that_never_answers_fails_the_request_after_deadline_and
         arena.close()
 
 
+async def test_a_frame_the_link_cannot_take_drops_the_connection_not_the_link(tmp_path):
+    """A malformed frame (here an error frame without an id) ends that connection, which
+    the link logs and makes again: a worker never stays cut off from a live engine."""
+    connections = 0
+
+    async def engine(reader, writer):
+        nonlocal connections
+        connections += 1
+        await read_frame(reader)  # hello
+        writer.write(frame({"op": "status", "pid": 1, "models": {"m": {"state": "ready"}}}))
+        if connections == 1:
+            writer.write(frame({"error": {"type": "EngineError", "message": "no id"}}))
+        await writer.drain()
+        await reader.read()  # until the link closes this connection
+
+    path = tmp_path / "engine.sock"
+    server = await asyncio.start_unix_server(engine, path=str(path))
+    arena = ShmArena(1 << 20)
+    link = EngineLink(path, arena)
+    link.start()
+    try:
+        deadline = time.monotonic() + 5
+        while not (connections == 2 and link.up):
+            assert time.monotonic() < deadline, "the link never came back"
+            await asyncio.sleep(0.01)
+        assert link.restarts == 1
+    finally:
+        await link.stop()
+        server.close()
+        arena.close()
+
+
 def test_decoded_crops_pixels_and_preprocessed_inputs_travel_as_raw_tensors(arena):
     crop = torch.arange(3 * 4 * 5, dtype=torch.uint8).reshape(3, 4, 5)
     pixels = Pixels(torch.arange(6 * 5 * 3, dtype=torch.uint8).reshape(6, 5, 3).permute(2, 0, 1))

@@ -110,6 +110,8 @@ class EngineLink:
                             self._fail(head["id"], decode_error(head["error"]))
             except (asyncio.IncompleteReadError, ConnectionError):
                 log.warning("engine at %s went away", self.socket_path)
+            except Exception:  # noqa: BLE001 - a frame it cannot take must not end the link
+                log.exception("engine link %s failed; reconnecting", self.socket_path)
             finally:
                 self._out, self.status = None, None
                 self.on_status()
