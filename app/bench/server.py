@@ -62,8 +62,8 @@ def running_server(
 ) -> Iterator[ServerURL]:
     """Yield the base URL once /readyz answers 200 and, with several ``workers``, once
     /metrics counts that many ready (one /readyz answer speaks for one worker); stop with
-    SIGINT (graceful) after. Where the code inside fails, the server's last log lines go to
-    stderr (a test shows them beside its failure)."""
+    SIGINT (graceful) after. Where it never gets ready or the code inside fails, the
+    server's last log lines go to stderr (a test shows them beside its failure)."""
     port = free_port()
     # a free gRPC port too, unless set: servers running side by side must not share 8001
     grpc_port = int(env.get("VITSERVE_GRPC_PORT", free_port()))
@@ -97,11 +97,10 @@ def running_server(
             if time.monotonic() > deadline:
                 raise TimeoutError(f"server did not become ready in {timeout_s:.0f}s")
             time.sleep(0.2)
-        try:
-            yield base
-        except BaseException:
-            failed = True  # what the server said goes to stderr, once it has stopped
-            raise
+        yield base
+    except BaseException:  # never ready, or the code inside failed
+        failed = True  # what the server said goes to stderr, once it has stopped
+        raise
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGINT)
