@@ -4,10 +4,13 @@ which is restarted when it dies while the workers answer 503 instead of hanging.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import struct
 import time
+from collections.abc import AsyncIterator
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -156,6 +159,25 @@ def test_an_input_error_keeps_its_status_and_code_and_a_full_queue_its_retry_tim
     assert decode_error(encode_error(QueueFull("m", 3.0))).retry_after_s == 3.0
 
 
+@contextlib.asynccontextmanager
+async def link_to(engine, tmp_path: Path) -> AsyncIterator[tuple[EngineLink, ShmArena]]:
+    """A worker's link, up, to ``engine`` (a unix-socket handler playing the engine), and
+    the arena it hands images through."""
+    path = tmp_path / "engine.sock"
+    server = await asyncio.start_unix_server(engine, path=str(path))
+    arena = ShmArena(1 << 20)
+    link = EngineLink(path, arena)
+    link.start()
+    try:
+        while not link.up:
+            await asyncio.sleep(0.01)
+        yield link, arena
+    finally:
+        await link.stop()
+        server.close()
+        arena.close()
+
+
 async def test_a_request_frame_carries_where_the_image_is_not_the_image(tmp_path):
     """Image bytes go through shared memory: the frame on the socket stays small whatever
     the image's size, and the engine finds the exact bytes in the worker's arena."""
@@ -177,20 +199,9 @@ async def test_a_request_frame_carries_where_the_image_is_not_the_image(tmp_path
         await writer.drain()
         shm.close()
 
-    path = tmp_path / "engine.sock"
-    server = await asyncio.start_unix_server(engine, path=str(path))
-    arena = ShmArena(1 << 20)
-    link = EngineLink(path, arena)
-    link.start()
-    try:
-        while not link.up:
-            await asyncio.sleep(0.01)
+    async with link_to(engine, tmp_path) as (link, arena):
         prediction = await link.infer("m", payload, time.monotonic() + 5)
         assert arena.used == 0  # the answer freed the image's region
-    finally:
-        await link.stop()
-        server.close()
-        arena.close()
     assert prediction.top_indices == [7] and prediction.probs.shape == (10,)
     assert seen and seen[0] < 1024
 
@@ -213,14 +224,7 @@ async def test_an_engine_that_never_answers_fails_the_request_after_deadline_and
         writer.write(answer_frame(head["id"], Prediction(probs, [0.9], [7], 0, 0, 0, 1, None)))
         await writer.drain()
 
-    path = tmp_path / "engine.sock"
-    server = await asyncio.start_unix_server(engine, path=str(path))
-    arena = ShmArena(1 << 20)
-    link = EngineLink(path, arena)
-    link.start()
-    try:
-        while not link.up:
-            await asyncio.sleep(0.01)
+    async with link_to(engine, tmp_path) as (link, arena):
         started = time.monotonic()
         payload = Encoded(b"x" * 1000, Probe("JPEG", 64, 48, True))
         with pytest.raises(EngineUnavailable, match="did not answer"):
@@ -231,10 +235,6 @@ async def test_an_engine_that_never_answers_fails_the_request_after_deadline_and
         while arena.used:
             assert time.monotonic() - started < 5, "the late answer never freed the region"
             await asyncio.sleep(0.01)
-    finally:
-        await link.stop()
-        server.close()
-        arena.close()
 
 
 async def test_a_frame_the_link_cannot_take_drops_the_connection_not_the_link(tmp_path):
@@ -252,21 +252,12 @@ async def test_a_frame_the_link_cannot_take_drops_the_connection_not_the_link(tm
         await writer.drain()
         await reader.read()  # until the link closes this connection
 
-    path = tmp_path / "engine.sock"
-    server = await asyncio.start_unix_server(engine, path=str(path))
-    arena = ShmArena(1 << 20)
-    link = EngineLink(path, arena)
-    link.start()
-    try:
+    async with link_to(engine, tmp_path) as (link, _):
         deadline = time.monotonic() + 5
         while not (connections == 2 and link.up):
             assert time.monotonic() < deadline, "the link never came back"
             await asyncio.sleep(0.01)
         assert link.restarts == 1
-    finally:
-        await link.stop()
-        server.close()
-        arena.close()
 
 
 def test_decoded_crops_pixels_and_preprocessed_inputs_travel_as_raw_tensors(arena):
