@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from app.bench.compression_tables import block_cost
+from app.bench.compression_tables import ARCH_SHAPES, block_cost
 from app.vit.builder import resolve_config
 from app.vit.config import CompressionConfig
 
@@ -31,7 +31,7 @@ FEATURES = ("work", "merges", "merges_proportional", "1")
 
 def features(config: CompressionConfig, arch: str) -> list[float]:
     """[work kept, merging blocks, merging blocks with proportional attention, 1]."""
-    merges = sum(1 for r in config.merge_r(12) if r > 0)
+    merges = sum(1 for r in config.merge_r(ARCH_SHAPES[arch][1]) if r > 0)
     proportional = merges if config.proportional_attention else 0
     return [block_cost(str(config), arch), merges, proportional, 1.0]
 
