@@ -46,8 +46,11 @@ def clean_start(tmp_path_factory) -> Iterator[CleanStart]:
         yield CleanStart(base, store, committed)
 
 
-def ready_compressed(base: str) -> list[dict]:
-    models = httpx.get(f"{base}/models", timeout=10).json()["models"]
+def served_models(base: str) -> list[dict]:
+    return httpx.get(f"{base}/models", timeout=10).json()["models"]
+
+
+def ready_compressed(models: list[dict]) -> list[dict]:
     return [
         m
         for m in models
@@ -57,8 +60,8 @@ def ready_compressed(base: str) -> list[dict]:
 
 def test_a_clean_store_serves_a_compressed_deit_tiny_after_start(clean_start):
     base = clean_start.base
-    models = httpx.get(f"{base}/models", timeout=10).json()["models"]
-    ready = [m["name"] for m in ready_compressed(base)]
+    models = served_models(base)
+    ready = [m["name"] for m in ready_compressed(models)]
     assert ready, [(m["name"], m["state"], m["reason"]) for m in models]
     photo = sorted(DEV_IMAGES.glob("*.JPEG"))[0].read_bytes()
     compare = httpx.post(
@@ -90,7 +93,7 @@ def test_the_ready_entries_agree_with_dense_as_their_manifests_say_and_one_reach
     CPU), and the best of them is >= 90%."""
     require_shared(EXTRA_IMAGES)
     claims = {}
-    for m in ready_compressed(clean_start.base):
+    for m in ready_compressed(served_models(clean_start.base)):
         pooled = [f for f in m["figures"].get("fidelity", []) if f["n_images"] >= 1500]
         if pooled and pooled[0]["agreement_top1"] >= 0.90:
             claims[m["name"]] = pooled[0]["agreement_top1"]
