@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from app.bench.models import mode_name
+from app.bench.perf_analyzer import level_key
 from app.bench.tables import Table, load_result, markdown, stamp, torch_versions
 
 
@@ -287,35 +288,29 @@ def decoders_table(table: Table, repo: Path) -> list[str]:
 def perf_analyzer_table(table: Table, repo: Path) -> list[str]:
     """perf_analyzer's levels against ``/v2`` (``app.bench.perf_analyzer`` records), dense
     and compressed side by side with their ratio; ``concurrency`` in the table keeps only
-    those levels, and the same call's ``bench service`` run, if named, adds its best rates."""
+    those levels, and the same call's ``bench service`` run, if named, adds its best rates.
+    A run with several images a request gets a column for it."""
     lines = []
     keep = set(table.get("concurrency", []))
     for name in table["files"]:
         result = load_result(repo, name)
         dense, compressed = result["models"]
-        by_key = {
-            (lv["model"], lv["protocol"], lv["input"], lv["concurrency"]): lv
-            for lv in result["levels"]
-        }
-        keys = sorted({k[1:] for k in by_key if not keep or k[3] in keep})
+        by_key = {(lv["model"], *level_key(lv)): lv for lv in result["levels"]}
+        keys = sorted({k[1:] for k in by_key if not keep or k[4] in keep})
+        several = len({k[2] for k in keys}) > 1 or any(k[2] != 1 for k in keys)
         rows = []
-        for protocol, input_, c in keys:
-            cells = []
-            for model in (dense, compressed):
-                lv = by_key.get((model, protocol, input_, c))
-                cells.append(
-                    f"{lv['infer_per_s']:,.0f} ({lv['p99_ms']:.0f} ms)"
-                    if lv
-                    else "no stable window"
-                )
-            a, b = (
-                by_key.get((dense, protocol, input_, c)),
-                by_key.get((compressed, protocol, input_, c)),
-            )
+        for protocol, input_, batch, c in keys:
+            a, b = (by_key.get((m, protocol, input_, batch, c)) for m in (dense, compressed))
+            cells = [
+                f"{lv['infer_per_s']:,.0f} ({lv['p99_ms']:.0f} ms)" if lv else "no stable window"
+                for lv in (a, b)
+            ]
             ratio = f"{b['infer_per_s'] / a['infer_per_s']:.2f}×" if a and b else "–"
-            rows.append([protocol, input_.upper(), str(c), *cells, ratio])
+            batch_cell = [str(batch)] if several else []
+            rows.append([protocol, input_.upper(), *batch_cell, str(c), *cells, ratio])
+        per_request = "images a request as the column says" if several else "one image a request"
         caption = (
-            f"NVIDIA perf_analyzer against `/v2`, one image a request: {result['device']}, "
+            f"NVIDIA perf_analyzer against `/v2`, {per_request}: {result['device']}, "
             f"{result['dtype']}, torch {result['torch_version']}; `{dense}` against "
             f"`{compressed}` (random weights), one server, levels minutes apart. BYTES: the "
             "client's JPEGs; UINT8: the same photos decoded by the client, resized on the "
@@ -332,6 +327,7 @@ def perf_analyzer_table(table: Table, repo: Path) -> list[str]:
         header = [
             "protocol",
             "input",
+            *(["images/request"] if several else []),
             "concurrency",
             f"`{dense}` infer/s (p99)",
             f"`{compressed}` infer/s (p99)",

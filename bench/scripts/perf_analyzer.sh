@@ -5,8 +5,9 @@
 # holding $DENSE and $COMPRESSED (made with random weights from $ARCH and $CONFIG if absent:
 # speed does not depend on the weights), then runs perf_analyzer for every model x protocol
 # (http, grpc) x input (bytes: the JPEGs of $IMAGES; uint8: the same photos decoded and
-# sized to 224x224 by the client) x concurrency ($CONCURRENCY), one image a request, and
-# writes one CSV each to OUT_DIR (pa-<model>-<protocol>-<input>-c<concurrency>.csv), with
+# sized to 224x224 by the client) x images a request ($BATCHES, perf_analyzer's -b; default
+# 1) x concurrency ($CONCURRENCY), and writes one CSV each to OUT_DIR
+# (pa-<model>-<protocol>-<input>-b<images a request>-c<concurrency>.csv), with
 # the server's log, a summary table (summary.csv) and the run's JSON record
 # (perf-analyzer-<device>-<stamp>.json: environment, levels, compressed/dense ratios).
 # Needs perf_analyzer on PATH: `pip install perf-analyzer` (its wheel needs glibc >= 2.38;
@@ -26,6 +27,7 @@ compressed=${COMPRESSED:-deit_small-$config}
 images=${IMAGES:-../shared/images/imagenet-dev}
 count=${COUNT:-64}
 concurrency=${CONCURRENCY:-64 256}
+batches=${BATCHES:-1}  # e.g. "1 16": 16 images a request share one request's HTTP cost
 protocols=${PROTOCOLS:-http grpc}
 inputs=${INPUTS:-bytes uint8}
 port=${PORT:-8000}
@@ -64,28 +66,31 @@ done
   { echo "server not ready after 300 s ($(ready_workers) of $workers workers)" >&2; exit 1; }
 
 summary="$out/summary.csv"
-echo "model,protocol,input,concurrency,infer_per_sec,p50_us,p99_us" > "$summary"
+echo "model,protocol,input,batch,concurrency,infer_per_sec,p50_us,p99_us" > "$summary"
 for model in "$dense" "$compressed"; do
   for protocol in $protocols; do
     url=127.0.0.1:$port
     [ "$protocol" = grpc ] && url=127.0.0.1:$grpc_port
     for input in $inputs; do
-      for c in $concurrency; do
-        csv="$out/pa-$model-$protocol-$input-c$c.csv"
-        echo "== $model $protocol $input concurrency $c"
-        timeout $((trials * interval_ms / 1000 * 3 + 30)) \
-          perf_analyzer -m "$model" -i "$protocol" -u "$url" -b 1 \
-          --input-data "$out/inputs/$input.json" --concurrency-range "$c:$c" \
-          --measurement-interval "$interval_ms" --stability-percentage "$stability" \
-          --max-trials "$trials" -f "$csv" | tail -n 4 || true
-        [ -s "$csv" ] || { echo "   no result (unstable or timed out)"; continue; }
-        # perf_analyzer's CSV: a header row, then Concurrency,Inferences/Second,...
-        python3 - "$csv" "$model,$protocol,$input" "$summary" << 'PY'
+      for b in $batches; do
+        for c in $concurrency; do
+          csv="$out/pa-$model-$protocol-$input-b$b-c$c.csv"
+          echo "== $model $protocol $input, $b image(s) a request, concurrency $c"
+          timeout $((trials * interval_ms / 1000 * 3 + 30)) \
+            perf_analyzer -m "$model" -i "$protocol" -u "$url" -b "$b" \
+            --input-data "$out/inputs/$input.json" --concurrency-range "$c:$c" \
+            --measurement-interval "$interval_ms" --stability-percentage "$stability" \
+            --max-trials "$trials" -f "$csv" | tail -n 4 || true
+          [ -s "$csv" ] || { echo "   no result (unstable or timed out)"; continue; }
+          # perf_analyzer's CSV: a header row, then Concurrency,Inferences/Second,... (its
+          # inferences count images: each of a request's -b images is one)
+          python3 - "$csv" "$model,$protocol,$input,$b" "$summary" << 'PY'
 import csv, sys
 row = next(csv.DictReader(open(sys.argv[1])))
 line = [sys.argv[2], row["Concurrency"], row["Inferences/Second"], row["p50 latency"], row["p99 latency"]]
 open(sys.argv[3], "a").write(",".join(line) + "\n")
 PY
+        done
       done
     done
   done

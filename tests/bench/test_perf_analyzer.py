@@ -15,9 +15,14 @@ HEADER = (
 ENV = {"device": "Test GPU", "torch_version": "2.x"}
 
 
-def write_level(folder: Path, model: str, protocol: str, input_: str, c: int, rate: float) -> None:
+def write_level(
+    folder: Path, model: str, protocol: str, input_: str, c: int, rate: float, batch: int = 0
+) -> None:
+    """One level's CSV as perf_analyzer.sh names it; ``batch`` 0 names it as runs did before
+    the images a request were in the name."""
     row = f"{c},{rate},0,0,20000,25000,27000,30000\n"
-    (folder / f"pa-{model}-{protocol}-{input_}-c{c}.csv").write_text(HEADER + row)
+    part = f"-b{batch}" if batch else ""
+    (folder / f"pa-{model}-{protocol}-{input_}{part}-c{c}.csv").write_text(HEADER + row)
 
 
 def test_ratios_pair_levels_of_the_same_protocol_input_and_concurrency(tmp_path: Path) -> None:
@@ -38,7 +43,7 @@ def test_ratios_pair_levels_of_the_same_protocol_input_and_concurrency(tmp_path:
     }
     assert levels[0]["p99_ms"] == 30.0  # perf_analyzer writes microseconds
     assert result["ratios"] == [
-        {"protocol": "http", "input": "uint8", "concurrency": 64, "speedup": 1.5}
+        {"protocol": "http", "input": "uint8", "batch": 1, "concurrency": 64, "speedup": 1.5}
     ]
     assert result["speedup"] == 1.5  # best compressed over best dense
     assert result["batch"] == 1 and result["device"] == "Test GPU"
@@ -57,3 +62,28 @@ def test_the_table_names_a_missing_level_and_keeps_the_asked_concurrency(tmp_pat
 
     rows = [line for line in lines if line.startswith("| grpc")]
     assert rows == ["| grpc | BYTES | 256 | 1,000 (30 ms) | no stable window | – |"]
+
+
+def test_levels_of_several_images_a_request_pair_only_with_their_own_batch(tmp_path: Path) -> None:
+    folder = tmp_path / "bench/results/v2/run"
+    folder.mkdir(parents=True)
+    write_level(folder, "dense", "http", "uint8", 64, 3000, batch=1)
+    write_level(folder, "dense-merge-t5", "http", "uint8", 64, 3100, batch=1)
+    write_level(folder, "dense", "http", "uint8", 64, 12000, batch=16)
+    write_level(folder, "dense-merge-t5", "http", "uint8", 64, 18000, batch=16)
+    record = summarize(folder, dense="dense", compressed="dense-merge-t5", dtype="bf16", env=ENV)
+    (folder / "record.json").write_text(json.dumps(record))
+
+    lines = perf_analyzer_table({"files": ["v2/run/record.json"]}, tmp_path)
+
+    assert [(r["batch"], round(r["speedup"], 3)) for r in record["ratios"]] == [
+        (1, 1.033),
+        (16, 1.5),
+    ]
+    assert record["batch"] == [1, 16]
+    assert "images a request as the column says" in lines[0]
+    assert "| protocol | input | images/request | concurrency |" in lines[2]
+    assert [line for line in lines if line.startswith("| http")] == [
+        "| http | UINT8 | 1 | 64 | 3,000 (30 ms) | 3,100 (30 ms) | 1.03× |",
+        "| http | UINT8 | 16 | 64 | 12,000 (30 ms) | 18,000 (30 ms) | 1.50× |",
+    ]
