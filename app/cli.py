@@ -4,14 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
-import os
 import re
-import signal
 import sys
-import tempfile
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import NoReturn
 
 from pydantic import ValidationError
 
@@ -25,88 +21,11 @@ def _store(args: argparse.Namespace):
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
+    from app.serve import serve
 
-    overrides = {
-        k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None
-    }
-    settings = Settings(**overrides)
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    return serve(
+        {k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None}
     )
-    # uvicorn drains on SIGTERM, then re-raises the signal under the handler that was in
-    # place before it started: make that one exit 0, since the shutdown was graceful.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    common = uvicorn_options(settings)
-    # Worker processes build their own app from the environment: hand the flags down, and
-    # give the metrics a shared folder so /metrics answers for the whole server (engines
-    # included).
-    for key, value in overrides.items():
-        os.environ[f"VITSERVE_{key.upper()}"] = str(value)
-    with tempfile.TemporaryDirectory(prefix="vitserve-metrics-") as scratch:
-        os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", scratch)
-        # Only now may the app be imported: prometheus_client picks its value store (files
-        # in that folder) when it is first imported.
-        from app.api.app import check_experiments, create_app
-        from app.serving.pool import selected_names
-        from app.store import ModelStore
-
-        # Here, not in the app's start-up: there a bad name is a traceback per worker process.
-        check_experiments(settings, selected_names(settings, ModelStore(settings.store_dir)))
-        supervisor = None
-        if settings.engine == "process":
-            from app.serving.engine.supervisor import EngineSupervisor
-
-            supervisor = EngineSupervisor(settings)
-            supervisor.start()
-            os.environ.update(supervisor.sockets_env)
-        try:
-            if settings.http_server == "granian":
-                _run_granian(settings)
-            elif settings.workers == 1:
-                uvicorn.run(create_app(settings), **common)
-            else:
-                uvicorn.run(
-                    "app.api.app:create_app", factory=True, workers=settings.workers, **common
-                )
-        finally:
-            if supervisor:  # after the workers drained: nothing is left in the engines' queues
-                supervisor.stop(timeout_s=settings.drain_timeout_s)
-    return 0
-
-
-def uvicorn_options(settings: Settings) -> dict[str, Any]:
-    """What ``uvicorn.run`` takes from the settings, whichever way it runs the app."""
-    return {
-        "host": settings.host,
-        "port": settings.port,
-        "log_level": settings.log_level,
-        "access_log": settings.access_log,
-        "timeout_graceful_shutdown": settings.drain_timeout_s,
-    }
-
-
-def _run_granian(settings: Settings) -> None:
-    """The same app under granian: its worker processes build it from the environment, as
-    uvicorn's do; on SIGTERM they finish their requests, given the drain time."""
-    try:
-        from granian import Granian
-        from granian.constants import Interfaces
-    except ImportError:
-        raise SystemExit(
-            "VITSERVE_HTTP_SERVER=granian needs granian: pip install 'vitserve[granian]'"
-        ) from None
-    Granian(
-        "app.api.app:create_app",
-        factory=True,
-        interface=Interfaces.ASGI,
-        address=settings.host,
-        port=settings.port,
-        workers=settings.workers,
-        log_level=settings.log_level.lower(),
-        log_access=settings.access_log,
-        workers_kill_timeout=settings.drain_timeout_s,
-    ).serve()
 
 
 def cmd_store_pull(args: argparse.Namespace) -> int:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from app.cli import uvicorn_options
+from app.serve import uvicorn_options
 from app.config import Settings
 
 
