@@ -25,9 +25,10 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from app.bench.tables import write_result
+from app.environment import environment
 from app.store import ModelStore
 from app.store.manifest import FidelityFigure, put_figure, rewrite_declared, wilson_interval
-from app.timing import dtype_name, environment
+from app.timing import dtype_name
 from app.train.data import EvalImages, eval_transform, list_images, read_labels
 from app.train.evaluate import evaluate, logits
 from app.vit.builder import calibrate, compress, resolve_config

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from app.bench.server import running_server
 from app.bench.tables import write_result
-from app.timing import environment
+from app.environment import environment
 from app.train.data import list_images, read_labels
 
 

@@ -51,9 +51,9 @@ from tqdm import tqdm
 
 from app.bench.images import load_images
 from app.bench.tables import write_result
+from app.environment import device_slug, environment
 from app.serving.preprocess import Preprocessor, TensorResizeCrop
 from app.store.manifest import Preprocessing
-from app.timing import device_slug, environment
 
 try:
     from app.serving.resize_kernel import ResizeCropNormalize

@@ -28,7 +28,8 @@ from torch.profiler import ProfilerActivity, profile
 from app.bench.arch import DENSE, build_arch_models, fmt, release
 from app.bench.models import mode_name, resolve_configs
 from app.bench.tables import write_result
-from app.timing import device_slug, environment, prepare, random_inputs
+from app.environment import device_slug, environment
+from app.timing import prepare, random_inputs
 
 # First match wins; names are lower-cased. cuBLAS/CUTLASS GEMMs, SDPA back-ends, ours.
 CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (

@@ -26,15 +26,8 @@ from tqdm import tqdm
 
 from app.bench.arch import fmt
 from app.bench.tables import write_result
-from app.timing import (
-    Timing,
-    default_counts,
-    device_slug,
-    environment,
-    prepare,
-    time_interleaved,
-    timing_device,
-)
+from app.environment import device_slug, environment
+from app.timing import Timing, default_counts, prepare, time_interleaved, timing_device
 from app.vit.merge import (
     Matching,
     best_matches,

@@ -39,14 +39,13 @@ from app.bench.arch import (
     release,
 )
 from app.bench.layers import format_per_layer, per_layer_bench
+from app.environment import device_slug, environment
 from app.timing import (
     COMPILE_MODES,
     Failure,
     Timing,
     default_counts,
-    device_slug,
     dtype_name,
-    environment,
     prepare,
     time_interleaved,
     timing_device,

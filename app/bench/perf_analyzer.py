@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from app.bench.tables import write_result
-from app.timing import device_slug, environment
+from app.environment import device_slug, environment
 
 CSV_NAME = re.compile(
     r"pa-(?P<model>.+)-(?P<protocol>http|grpc)-(?P<input>[a-z0-9]+)(?:-b(?P<b>\d+))?-c(?P<c>\d+)"

@@ -42,7 +42,8 @@ from app.bench.load_client import Client, Load
 from app.bench.server import running_server
 from app.bench.service_levels import Level, format_steps, format_table, plot
 from app.bench.utilisation import Utilisation
-from app.timing import environment, timing_device
+from app.environment import environment
+from app.timing import timing_device
 
 DEFAULT_CONCURRENCY = (1, 4, 16, 64)
 

@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from app.bench.arch import build_arch_models
-from app.timing import environment, prepare, time_interleaved
+from app.environment import environment
+from app.timing import prepare, time_interleaved
 
 BATCH = 64
 CONFIGS = tuple(

@@ -21,8 +21,8 @@ import torch
 
 from app.bench.fidelity import trained_on
 from app.bench.tables import write_result
+from app.environment import environment
 from app.store import ModelStore
-from app.timing import environment
 from app.train.data import list_images
 from app.train.evaluate import logits
 from app.vit.builder import compress, resolve_config

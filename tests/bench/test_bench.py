@@ -25,12 +25,11 @@ from app.bench.pareto import (
     main as pareto_main,
 )
 from app.bench.pareto_plot import keyed_points, pareto_front
+from app.environment import code_version, environment
 from app.store import ModelStore
 from app.timing import (
     BenchError,
     Timing,
-    code_version,
-    environment,
     prepare,
     throughput_ratio,
     time_forward,

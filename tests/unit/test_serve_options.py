@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from app.serve import uvicorn_options
 from app.config import Settings
+from app.serve import uvicorn_options
 
 
 def test_the_access_log_is_off_by_default_and_on_when_set(monkeypatch):
