@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import os
 import re
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -104,6 +105,8 @@ def summarize(
         "batch": batches[0] if len(batches) == 1 else batches,
         "dtype": dtype,
         "reference": dense,
+        # the script hands the caller's VITSERVE_* settings to the server it starts
+        "server": {k: v for k, v in sorted(os.environ.items()) if k.startswith("VITSERVE_")},
         "models": [dense, compressed],
         "levels": levels,
         "ratios": ratios(levels, dense, compressed),

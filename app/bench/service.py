@@ -158,9 +158,11 @@ def server_env(args: argparse.Namespace) -> dict[str, str]:
         "VITSERVE_ENGINES_PER_DEVICE": args.engines_per_device,
         "VITSERVE_GPU_DECODE": None if args.gpu_decode is None else str(args.gpu_decode).lower(),
     }
-    # switches the caller set (an A/B run sets them around the command): recorded
-    for name in ("VITSERVE_HARDWARE_DECODE", "VITSERVE_HTTP_SERVER"):
-        optional.setdefault(name, os.environ.get(name))
+    # settings the caller set around the command (an A/B run's switches, a script's engine
+    # set-up) reach the server too: recorded with the rest
+    for name, value in os.environ.items():
+        if name.startswith("VITSERVE_"):
+            optional.setdefault(name, value)
     return {
         "VITSERVE_STORE_DIR": str(args.store),
         "VITSERVE_DEFAULT_MODEL": args.models[0],

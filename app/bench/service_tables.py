@@ -316,6 +316,9 @@ def perf_analyzer_table(table: Table, repo: Path) -> list[str]:
             "client's JPEGs; UINT8: the same photos decoded by the client, resized on the "
             f"server. Source: `{stamp(name)}`."
         )
+        if settings := result.get("server"):
+            given = ", ".join(f"`{k}={v}`" for k, v in settings.items())
+            caption += f" Server: {given}."
         if "bench_service" in result:
             service = load_result(repo, result["bench_service"])
             best = service["best_img_s"]
