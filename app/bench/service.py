@@ -158,18 +158,17 @@ def server_env(args: argparse.Namespace) -> dict[str, str]:
         "VITSERVE_ENGINES_PER_DEVICE": args.engines_per_device,
         "VITSERVE_GPU_DECODE": None if args.gpu_decode is None else str(args.gpu_decode).lower(),
     }
-    # settings the caller set around the command (an A/B run's switches, a script's engine
-    # set-up) reach the server too: recorded with the rest
-    for name, value in os.environ.items():
-        if name.startswith("VITSERVE_"):
-            optional.setdefault(name, value)
-    return {
+    given = {k: str(v) for k, v in optional.items() if v is not None}
+    bench = {
         "VITSERVE_STORE_DIR": str(args.store),
         "VITSERVE_DEFAULT_MODEL": args.models[0],
         "VITSERVE_MODELS": json.dumps(sorted(set(args.models))),
         "VITSERVE_DEVICE": args.device,
-        **{k: str(v) for k, v in optional.items() if v is not None},
     }
+    # settings the caller set around the command (an A/B run's switches, a script's engine
+    # set-up) reach the server too, under the bench's own and its flags: recorded with them
+    inherited = {k: v for k, v in os.environ.items() if k.startswith("VITSERVE_")}
+    return {**inherited, **bench, **given}
 
 
 def decoding_processes(settings: Any) -> dict[str, int]:

@@ -8,7 +8,14 @@ import pytest
 
 from app.bench.decode_ceiling import decode_ceiling, stage_times
 from app.bench.images import load_images, photo_like_jpeg
-from app.bench.service import batch_totals, main, median_speedups, speedups
+from app.bench.service import (
+    batch_totals,
+    build_parser,
+    main,
+    median_speedups,
+    server_env,
+    speedups,
+)
 from app.bench.service_levels import Level
 from app.config import Settings
 from app.store import ModelStore
@@ -144,3 +151,20 @@ def test_the_decode_stage_is_timed_step_by_step_and_bigger_photos_cost_more_to_d
     assert fast["path"] == slow["path"] == "cpu" and fast["images"] == 4
     assert list(fast["ms_per_image"]) == ["probe", "decode", "resize_crop", "normalize"]
     assert slow["ms_per_image"]["decode"] > fast["ms_per_image"]["decode"]
+
+
+def test_settings_set_around_the_command_are_recorded_with_the_flags(monkeypatch) -> None:
+    """A script sets the engine up in the environment the server inherits: the record says so."""
+    monkeypatch.setenv("VITSERVE_ENGINES_PER_DEVICE", "3")
+    monkeypatch.setenv("VITSERVE_MAX_BATCH_SIZE", "64")
+    monkeypatch.setenv("VITSERVE_STORE_DIR", "/elsewhere")
+    args = build_parser().parse_args(
+        ["--store", "/s", "--models", "a", "--max-batch-size", "256", "--workers", "12"]
+    )
+
+    env = server_env(args)
+
+    assert env["VITSERVE_ENGINES_PER_DEVICE"] == "3"
+    assert env["VITSERVE_MAX_BATCH_SIZE"] == "256"  # a flag wins over the environment
+    assert env["VITSERVE_WORKERS"] == "12"
+    assert env["VITSERVE_STORE_DIR"] == "/s"  # and the bench's own store over the caller's
