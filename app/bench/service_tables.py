@@ -297,7 +297,7 @@ def perf_analyzer_table(table: Table, repo: Path) -> list[str]:
         dense, compressed = result["models"]
         by_key = {(lv["model"], *level_key(lv)): lv for lv in result["levels"]}
         keys = sorted({k[1:] for k in by_key if not keep or k[4] in keep})
-        several = len({k[2] for k in keys}) > 1 or any(k[2] != 1 for k in keys)
+        several = any(k[2] != 1 for k in keys)  # any level of more than one image
         rows = []
         for protocol, input_, batch, c in keys:
             a, b = (by_key.get((m, protocol, input_, batch, c)) for m in (dense, compressed))
