@@ -60,6 +60,22 @@ def read_levels(folder: Path) -> list[dict[str, Any]]:
     return levels
 
 
+SUMMARY_FIELDS = ("model", "protocol", "input", "batch", "concurrency", "infer_per_s")
+
+
+def write_summary(folder: Path, levels: Sequence[dict[str, Any]]) -> Path:
+    """``summary.csv`` beside the levels' CSVs: one line a level, latencies in microseconds
+    as perf_analyzer writes them."""
+    path = folder / "summary.csv"
+    with path.open("w", newline="") as out:
+        writer = csv.writer(out)
+        writer.writerow([*SUMMARY_FIELDS[:-1], "infer_per_sec", "p50_us", "p99_us"])
+        for lv in levels:
+            latencies = (round(lv["p50_ms"] * 1e3), round(lv["p99_ms"] * 1e3))
+            writer.writerow([*(lv[k] for k in SUMMARY_FIELDS), *latencies])
+    return path
+
+
 def level_key(level: dict[str, Any]) -> tuple[str, str, int, int]:
     """What makes two models' levels comparable: protocol, input, images a request (1 in
     records from before the batch was recorded) and concurrency."""
@@ -130,6 +146,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     result = summarize(
         args.folder, dense=args.dense, compressed=args.compressed, dtype=args.dtype, env=env
     )
+    write_summary(args.folder, result["levels"])
     write_result(args.folder, f"perf-analyzer-{device_slug(device)}", result)
     for row in result["ratios"]:
         print(

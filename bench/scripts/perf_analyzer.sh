@@ -65,8 +65,6 @@ done
 [ "$(ready_workers)" -ge "$workers" ] ||
   { echo "server not ready after 300 s ($(ready_workers) of $workers workers)" >&2; exit 1; }
 
-summary="$out/summary.csv"
-echo "model,protocol,input,batch,concurrency,infer_per_sec,p50_us,p99_us" > "$summary"
 for model in "$dense" "$compressed"; do
   for protocol in $protocols; do
     url=127.0.0.1:$port
@@ -81,23 +79,16 @@ for model in "$dense" "$compressed"; do
             --input-data "$out/inputs/$input.json" --concurrency-range "$c:$c" \
             --measurement-interval "$interval_ms" --stability-percentage "$stability" \
             --max-trials "$trials" -f "$csv" | tail -n 4 || true
-          [ -s "$csv" ] || { echo "   no result (unstable or timed out)"; continue; }
-          # perf_analyzer's CSV: a header row, then Concurrency,Inferences/Second,... (its
-          # inferences count images: each of a request's -b images is one)
-          python3 - "$csv" "$model,$protocol,$input,$b" "$summary" << 'PY'
-import csv, sys
-row = next(csv.DictReader(open(sys.argv[1])))
-line = [sys.argv[2], row["Concurrency"], row["Inferences/Second"], row["p50 latency"], row["p99 latency"]]
-open(sys.argv[3], "a").write(",".join(line) + "\n")
-PY
+          [ -s "$csv" ] || echo "   no result (unstable or timed out)"
         done
       done
     done
   done
 done
-column -s, -t "$summary" 2> /dev/null || cat "$summary"
+# the levels' CSVs, read once: the JSON record and summary.csv
 python3 -m app.bench.perf_analyzer "$out" --dense "$dense" --compressed "$compressed" \
   --dtype "${VITSERVE_DTYPE:-bfloat16}"
+column -s, -t "$out/summary.csv" 2> /dev/null || cat "$out/summary.csv"
 if [ "${BENCH_SERVICE:-0}" = 1 ]; then
   kill -INT $server && wait $server || true
   trap - EXIT

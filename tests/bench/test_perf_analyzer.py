@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from app.bench.perf_analyzer import read_levels, summarize
+from app.bench.perf_analyzer import read_levels, summarize, write_summary
 from app.bench.service_tables import perf_analyzer_table
 
 HEADER = (
@@ -86,4 +86,15 @@ def test_levels_of_several_images_a_request_pair_only_with_their_own_batch(tmp_p
     assert [line for line in lines if line.startswith("| http")] == [
         "| http | UINT8 | 1 | 64 | 3,000 (30 ms) | 3,100 (30 ms) | 1.03× |",
         "| http | UINT8 | 16 | 64 | 12,000 (30 ms) | 18,000 (30 ms) | 1.50× |",
+    ]
+
+
+def test_the_summary_has_a_line_a_level_in_perf_analyzers_units(tmp_path: Path) -> None:
+    write_level(tmp_path, "dense", "grpc", "bytes", 64, 1000.5, batch=16)
+
+    path = write_summary(tmp_path, read_levels(tmp_path))
+
+    assert path.read_text().splitlines() == [
+        "model,protocol,input,batch,concurrency,infer_per_sec,p50_us,p99_us",
+        "dense,grpc,bytes,16,64,1000.5,20000,30000",
     ]
