@@ -121,8 +121,6 @@ def summarize(
         "batch": batches[0] if len(batches) == 1 else batches,
         "dtype": dtype,
         "reference": dense,
-        # the script hands the caller's VITSERVE_* settings to the server it starts
-        "server": {k: v for k, v in sorted(os.environ.items()) if k.startswith("VITSERVE_")},
         "models": [dense, compressed],
         "levels": levels,
         "ratios": ratios(levels, dense, compressed),
@@ -142,7 +140,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda", help="the device the server ran on")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
-    env = environment(device)
+    env = {
+        **environment(device),
+        # the script hands the caller's VITSERVE_* settings to the server it starts
+        "server": {k: v for k, v in sorted(os.environ.items()) if k.startswith("VITSERVE_")},
+    }
     result = summarize(
         args.folder, dense=args.dense, compressed=args.compressed, dtype=args.dtype, env=env
     )
