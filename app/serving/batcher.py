@@ -8,6 +8,9 @@ has one decode thread and one inference thread, and two batch slots: while one b
 computes the next ones decode (``decode_threads`` at once), so neither the device nor the
 decoder waits on the other. On a CPU there is one slot: decode and compute take the same
 cores, and overlapping them slows the forward more than it saves.
+A decode thread hands its batch straight to the inference thread: the event loop only
+closes batches and hands out results, so a busy loop (every HTTP worker's images go through
+it in the engine) never keeps the device waiting for a batch already decoded.
 A batch is only closed once a slot is free, so under load batches grow to the size the
 device drains. With several replicas (one per GPU, say) there is still one queue; a
 batch goes to the replica whose slot freed.
@@ -20,7 +23,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -225,13 +228,14 @@ class DynamicBatcher:
             live.append(item)
         if not live:
             return
-        loop = asyncio.get_running_loop()
         decode_started = time.monotonic()
         try:
-            decoded = await loop.run_in_executor(
+            decoded, computing = await asyncio.get_running_loop().run_in_executor(
                 self._decode_executors[replica],
-                self._decoders[replica],
+                self._decode_then_compute,
+                replica,
                 [item.payload for item in live],
+                [item.deadline for item in live],
             )
         except Exception as exc:  # noqa: BLE001 - a failing batch fails only its own requests
             self._fail(live, exc, "decode")
@@ -240,21 +244,14 @@ class DynamicBatcher:
             if not live[i].future.done():
                 live[i].future.set_exception(exc)
         rows = [live[i] for i in decoded.rows]
-        if not rows:
+        if computing is None:
             return
         try:
-            started, keep, probs, (scores, indices) = await loop.run_in_executor(
-                self._executors[replica],
-                self._compute,
-                self._replicas[replica],
-                decoded.inputs,
-                [item.deadline for item in rows],
-                self.top_k,
-            )
+            started, finished, keep, probs, (scores, indices) = await asyncio.wrap_future(computing)
         except Exception as exc:  # noqa: BLE001 - a failing batch fails only its own requests
             self._fail(rows, exc, "inference")
             return
-        elapsed = time.monotonic() - started
+        elapsed = finished - started
         kept = {k: n for n, k in enumerate(keep)}
         for k, item in enumerate(rows):
             if k not in kept:
@@ -287,22 +284,39 @@ class DynamicBatcher:
                     )
                 )
 
+    def _decode_then_compute(
+        self, replica: int, payloads: list[Any], deadlines: list[float]
+    ) -> tuple[DecodedBatch, Future | None]:
+        """On a decode thread: decode the batch, then queue its rows on the replica's
+        inference thread at once (None: no row decoded)."""
+        decoded = self._decoders[replica](payloads)
+        if not decoded.rows:
+            return decoded, None
+        return decoded, self._executors[replica].submit(
+            self._compute,
+            self._replicas[replica],
+            decoded.inputs,
+            [deadlines[i] for i in decoded.rows],
+            self.top_k,
+        )
+
     @staticmethod
     def _compute(
         predict: Predict, inputs: torch.Tensor, deadlines: list[float], top_k: int
-    ) -> tuple[float, list[int], Sequence[torch.Tensor], tuple[list, list]]:
+    ) -> tuple[float, float, list[int], Sequence[torch.Tensor], tuple[list, list]]:
         """On the inference thread: drop rows whose deadline passed while the batch waited
         for it (decoded, behind the batch computing), compute the rest, rank their top-k,
-        and split the probabilities into rows (the event loop only hands them out)."""
+        and split the probabilities into rows (the event loop only hands them out). Timed
+        here, so the forward's time does not include the loop's delay in reading it."""
         started = time.monotonic()
         keep = [k for k, deadline in enumerate(deadlines) if deadline > started]
         if not keep:
-            return started, keep, (), ([], [])
+            return started, started, keep, (), ([], [])
         if len(keep) < len(deadlines):
             inputs = inputs[keep]
         probs = predict(inputs)
         scores, indices = probs.topk(min(top_k, probs.shape[-1]), dim=-1)
-        return started, keep, probs.unbind(0), (scores.tolist(), indices.tolist())
+        return started, time.monotonic(), keep, probs.unbind(0), (scores.tolist(), indices.tolist())
 
     def _fail(self, items: list[_Item], exc: Exception, stage: str) -> None:
         log.error("model %s: %s of %d images failed", self.name, stage, len(items), exc_info=exc)

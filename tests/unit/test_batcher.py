@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from app.serving.batcher import DeadlineExceeded, DynamicBatcher, QueueFull
+from app.serving.decode import DecodedBatch, stack_tensors
 from app.serving.metrics import Metrics
 from app.serving.runner import ModelRunner
 
@@ -206,3 +207,28 @@ async def test_each_image_gets_its_classes_ranked_on_the_inference_thread():
     assert a.top_indices[0] == 1 and b.top_indices == [0, 3, 2]
     assert b.top_scores == pytest.approx([0.7, 0.2, 0.1])
     assert torch.equal(a.probs, probs[0])
+
+
+async def test_a_decoded_batch_computes_while_the_event_loop_is_busy():
+    """The decode thread hands the batch to the inference thread itself: a loop busy with
+    other work (the engine's, every worker's images) does not hold the forward back."""
+    computed_at: list[float] = []
+
+    def model(images: torch.Tensor) -> torch.Tensor:
+        computed_at.append(time.monotonic())
+        return images.flatten(1).mean(1, keepdim=True)
+
+    def slow_decode(payloads: list[torch.Tensor]) -> DecodedBatch:
+        time.sleep(0.05)
+        return stack_tensors(payloads)
+
+    batcher = make(model, decode=slow_decode, max_delay_s=0.0)
+    batcher.start()
+    pending = batcher.enqueue(image(1), far())
+    await asyncio.sleep(0.01)  # the batch closes and starts decoding on its thread
+    time.sleep(0.3)  # the loop blocked: nothing on it may be needed for the forward to run
+    unblocked = time.monotonic()
+    result = await pending
+    await batcher.stop()
+    assert computed_at and computed_at[0] < unblocked
+    assert result.inference_s < 0.1  # the forward's own time, not the loop's delay in reading it
