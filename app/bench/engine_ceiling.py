@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from app.bench.images import load_images
-from app.bench.tables import markdown, write_result
+from app.bench.tables import Table, load_result, markdown, stamp, write_result
 from app.config import Settings
 from app.environment import device_slug, environment
 from app.serving.batcher import DynamicBatcher, Prediction
@@ -199,6 +199,24 @@ def format_rows(rows: list[dict[str, Any]]) -> str:
         for r in rows
     ]
     return "\n".join(markdown(header, cells))
+
+
+def ceiling_table(table: Table, repo: Path) -> list[str]:
+    """The docs' table of each run ``table`` lists: its rows, and the ratio per row."""
+    lines: list[str] = []
+    for name in table["files"]:
+        result = load_result(repo, name)
+        caption = (
+            f"{result['device']}, {result['dtype']}, torch {result['torch_version']}; "
+            f"{result['images']} photos of `{Path(result['images_dir']).name}` cycled, "
+            f"{result['in_flight']} images kept queued, {result['seconds']:g} s a row; "
+            f"random-weight models. Source: `{stamp(name)}`."
+        )
+        lines += [caption, "", *format_rows(result["rows"]).splitlines(), ""]
+        if ratios := result.get("speedup"):
+            shown = ", ".join(f"{key}: {ratio:.2f}×" for key, ratio in ratios.items())
+            lines += [f"Second model over the first, row by row: {shown}.", ""]
+    return lines[:-1]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -27,6 +27,7 @@ from app.bench.compression_tables import (
     proportional_sdpa_table,
     variants_table,
 )
+from app.bench.engine_ceiling import ceiling_table
 from app.bench.service_tables import (
     baseline_table,
     decode_table,
@@ -75,6 +76,7 @@ RENDERERS: dict[str, Callable[[Table, Path], list[str]]] = {
     "pooled": pooled_table,
     "levels": levels_table,
     "perf_analyzer": perf_analyzer_table,
+    "engine_ceiling": ceiling_table,
     "front": front_table,
     "variants": variants_table,
     "settings": settings_table,

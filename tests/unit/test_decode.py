@@ -16,7 +16,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms.functional import pil_to_tensor
 
 from app.config import Settings
-from app.serving.decode import BatchDecoder, Encoded, Preprocessed
+from app.serving.decode import BatchDecoder, Encoded, Pixels, Preprocessed
 from app.serving.metrics import Metrics
 from app.serving.pipeline import ClassifyPipeline, ImageInput
 from app.serving.pool import ModelPool
@@ -119,6 +119,33 @@ def test_preprocessed_inputs_join_the_batch_as_sent_in_their_rows(pre, pool):
     assert torch.equal(batch.inputs[0], pre(photo(seed=4)))
     assert torch.equal(batch.inputs[1], ready) and torch.equal(batch.inputs[2], -ready)
     assert torch.equal(decoder([Preprocessed(ready)]).inputs, ready[None])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_host_tensors_reach_the_gpu_batch_in_their_rows_as_on_the_cpu(pre, pool):
+    """Preprocessed inputs, crops decoded ahead and client pixels of several sizes cross to
+    the GPU together (one pinned copy) and land in their own rows, as the CPU decoder puts
+    them."""
+    g = torch.Generator().manual_seed(0)
+    ready = torch.randn(3, 224, 224, generator=g)
+    crop = pre.decode_crop(photo(seed=5))
+    pixels = [
+        Pixels(torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g))
+        for h, w in ((224, 224), (300, 260), (120, 500))
+    ]
+    payloads = [pixels[0], Preprocessed(ready), crop, pixels[1], Preprocessed(-ready), pixels[2]]
+    on = {
+        device: BatchDecoder(
+            pre, device=torch.device(device), dtype=torch.float32, pool=pool, nvjpeg=False
+        )(payloads)
+        for device in ("cpu", "cuda")
+    }
+    assert on["cuda"].rows == on["cpu"].rows == list(range(6))
+    gpu, cpu = on["cuda"].inputs.cpu(), on["cpu"].inputs
+    assert torch.equal(gpu[[1, 2, 4]], cpu[[1, 2, 4]])  # sent as they are, or normalised
+    grey_levels = ((gpu - cpu) * pre.std[:, None, None] * 255).abs()[[0, 3, 5]]
+    assert grey_levels.max() <= 2  # resized by the kernel on the GPU, by torch on the CPU
 
 
 def test_tensor_resize_and_crop_match_pillows_within_two_levels(pre):
