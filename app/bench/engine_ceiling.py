@@ -42,7 +42,8 @@ def payloads(model: ServedModel, images: list[bytes], kind: str) -> list[Payload
     pre = model.preprocessor
     if kind == "jpeg":
         return [Encoded(bytearray(data), pre.probe(data)) for data in images]
-    return [Pixels(pre.decode_crop(data)) for data in images]
+    # contiguous [3, H, W], as the engine receives them (the HTTP worker lays them out)
+    return [Pixels(pre.decode_crop(data).contiguous()) for data in images]
 
 
 async def saturate(

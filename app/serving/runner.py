@@ -1,16 +1,13 @@
 """Predict stage: one model on one device, batch in → probabilities out.
 
 CUDA runs in bfloat16 by default, CPU in float32, and on CUDA the forward is replayed from
-CUDA graphs (:mod:`app.serving.cuda_graphs`) captured at warm-up, on a stream of the highest
-priority: the decode stage's kernels and copies run beside it on their own streams, and where
-both want the SMs the forward goes first. An eager CUDA
+CUDA graphs (:mod:`app.serving.cuda_graphs`) captured at warm-up. An eager CUDA
 out-of-memory error splits the batch in halves and retries, so one oversized batch never
 takes the model down.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Callable, Sequence
 
@@ -50,18 +47,15 @@ class ModelRunner:
         )
         self.graph_buckets = tuple(graph_buckets) if device.type == "cuda" else ()
         self.graphed: GraphedForward | None = None
-        # a number below the device's range maps to its highest priority
-        self.stream = torch.cuda.Stream(device, priority=-100) if device.type == "cuda" else None
 
     @torch.inference_mode()
     def predict(self, images_B3HW: torch.Tensor) -> torch.Tensor:
         """Images [B,3,H,W] (any device, any float dtype) → float32 probabilities [B, classes]
         on the CPU. The decode stage hands them over already on the device, in its dtype."""
         try:
-            with torch.cuda.stream(self.stream) if self.stream else contextlib.nullcontext():
-                x = images_B3HW.to(self.device, non_blocking=True).to(self.dtype)
-                logits = (self.graphed or self.forward)(x)
-                return logits.float().softmax(dim=-1).cpu()
+            x = images_B3HW.to(self.device, non_blocking=True).to(self.dtype)
+            logits = (self.graphed or self.forward)(x)
+            return logits.float().softmax(dim=-1).cpu()
         except Exception as exc:
             if not is_out_of_memory(exc) or images_B3HW.shape[0] == 1:
                 raise

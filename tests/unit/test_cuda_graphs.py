@@ -96,22 +96,3 @@ def test_a_model_that_cannot_be_captured_serves_eagerly(caplog) -> None:
     assert runner.graphed is None and "runs eagerly" in caplog.text
     torch.testing.assert_close(runner.predict(torch.ones(2, 2)), torch.full((2, 2), 0.5))
     torch.randn(4, device="cuda")  # the aborted capture left the device's RNG usable
-
-
-@pytest.mark.gpu
-@needs_cuda
-def test_the_forward_runs_on_the_devices_highest_priority_stream() -> None:
-    """The decode stage's kernels share the GPU with the forward; the forward goes first."""
-    streams: list[torch.cuda.Stream] = []
-
-    class Recording(nn.Linear):
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            streams.append(torch.cuda.current_stream())
-            return super().forward(x)
-
-    cuda = torch.device("cuda")
-    runner = ModelRunner(Recording(4, 2), device=cuda, dtype=torch.float32, input_size=(4,))
-    runner.predict(torch.randn(3, 4))
-    highest = min(torch.cuda.Stream.priority_range())  # lower numbers go first
-    assert streams[-1] == runner.stream and runner.stream.priority == highest
-    assert torch.cuda.current_stream() != runner.stream  # the caller's stream is left alone

@@ -130,9 +130,9 @@ def test_host_tensors_reach_the_gpu_batch_in_their_rows_as_on_the_cpu(pre, pool)
     g = torch.Generator().manual_seed(0)
     ready = torch.randn(3, 224, 224, generator=g)
     crop = pre.decode_crop(photo(seed=5))
-    pixels = [
-        Pixels(torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g))
-        for h, w in ((224, 224), (300, 260), (120, 500))
+    pixels = [  # photo-like: on noise, any two bicubic resizes part by many levels
+        Pixels(decode_jpeg(torch.frombuffer(bytearray(photo(size, seed=s)), dtype=torch.uint8)))
+        for s, size in enumerate([(224, 224), (260, 300), (500, 240)])
     ]
     payloads = [pixels[0], Preprocessed(ready), crop, pixels[1], Preprocessed(-ready), pixels[2]]
     on = {
