@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 import time
 from pathlib import Path
@@ -163,6 +164,8 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
         "images_dir": str(args.images),
         "seconds": args.seconds,
         "in_flight": args.in_flight,
+        # what else set the engine up (VITSERVE_HARDWARE_DECODE=true, say)
+        "server": {k: v for k, v in sorted(os.environ.items()) if k.startswith("VITSERVE_")},
         "rows": rows,
         "speedup": speedups(rows, args.models),
     }
@@ -213,6 +216,10 @@ def ceiling_table(table: Table, repo: Path) -> list[str]:
             f"{result['in_flight']} images kept queued, {result['seconds']:g} s a row; "
             f"random-weight models. Source: `{stamp(name)}`."
         )
+        if server := result.get("server"):
+            caption += " Server: " + ", ".join(f"{k}={v}" for k, v in server.items()) + "."
+        if note := result.get("note"):
+            caption += f" {note}"
         lines += [caption, "", *format_rows(result["rows"]).splitlines(), ""]
         if ratios := result.get("speedup"):
             shown = ", ".join(f"{key}: {ratio:.2f}×" for key, ratio in ratios.items())

@@ -9,7 +9,10 @@ from app.store import ModelStore
 from tests.helpers import add_tiny_entry, image_bytes
 
 
-def test_each_model_input_and_batch_gets_a_row_and_the_second_model_a_ratio(tmp_path, capsys):
+def test_each_model_input_and_batch_gets_a_row_and_the_second_model_a_ratio(
+    tmp_path, capsys, monkeypatch
+):
+    monkeypatch.setenv("VITSERVE_DECODE_WORKERS", "1")  # a setting around the command
     store = ModelStore(tmp_path / "store")
     add_tiny_entry(store, "a", seed=0)
     add_tiny_entry(store, "b", seed=1)
@@ -30,6 +33,7 @@ def test_each_model_input_and_batch_gets_a_row_and_the_second_model_a_ratio(tmp_
         assert row["forward_ms_per_batch"] > 0 and row["model_alone_ms"] > 0
     assert set(result["speedup"]) == {"jpeg b4 t2", "pixels b4 t2"}
     assert result["device_type"] == "cpu" and result["batch"] == [4]
+    assert result["server"]["VITSERVE_DECODE_WORKERS"] == "1"  # recorded with the figures
     assert "| a | jpeg | 4 | 2 |" in capsys.readouterr().out
 
 
