@@ -58,6 +58,12 @@ def code_version(root: Path = CODE_ROOT) -> str | None:
     return head.stdout.decode().strip() + ("+changes" if changes.stdout.strip() else "")
 
 
+def server_settings() -> dict[str, str]:
+    """The ``VITSERVE_*`` variables set in this process's environment, by name: how the
+    caller set up the server a figure was measured on, recorded beside it."""
+    return {k: v for k, v in sorted(os.environ.items()) if k.startswith("VITSERVE_")}
+
+
 def environment(device: str | torch.device = "auto") -> dict[str, Any]:
     """The facts a reader needs to judge or reproduce a number measured on ``device``."""
     dev = resolve_device(device)

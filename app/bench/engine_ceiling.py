@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import statistics
 import time
 from pathlib import Path
@@ -29,7 +28,7 @@ import torch
 from app.bench.images import load_images
 from app.bench.tables import Table, load_result, markdown, stamp, write_result
 from app.config import Settings
-from app.environment import device_slug, environment
+from app.environment import device_slug, environment, server_settings
 from app.serving.batcher import DynamicBatcher, Prediction
 from app.serving.decode import Encoded, Payload, Pixels
 from app.serving.metrics import Metrics
@@ -121,23 +120,12 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
         model = pool.get(name)
         if model.batcher is None:
             raise SystemExit(f"model {name!r} did not load: {model.state} {model.reason}")
+        alone = {batch: model_alone_ms(model, batch) for batch in args.batches}
         for kind in args.kinds:
             items = payloads(model, images, kind)
             for batch in args.batches:
-                alone = model_alone_ms(model, batch)
                 for threads in args.decode_threads:
-                    batcher = DynamicBatcher(
-                        name,
-                        [runner.predict for runner in model.runners],
-                        decode=model.decoders,
-                        top_k=settings.max_top_k,
-                        max_batch_size=batch,
-                        max_delay_s=settings.max_delay_ms / 1000,
-                        queue_size=args.in_flight,
-                        metrics=Metrics(),
-                        decode_threads=threads,
-                        pipelined=pool.device.type != "cpu",
-                    )
+                    batcher = pool.new_batcher(model, max_batch_size=batch, decode_threads=threads)
                     batcher.start()
                     stats = await saturate(
                         batcher,
@@ -149,8 +137,8 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
                     await batcher.stop()
                     row = {"model": name, "kind": kind, "batch": batch, "decode_threads": threads}
                     row |= {k: round(v, 3) for k, v in stats.items()}
-                    row["model_alone_ms"] = round(alone, 3)
-                    row["model_alone_img_s"] = round(1e3 * batch / alone, 1)
+                    row["model_alone_ms"] = round(alone[batch], 3)
+                    row["model_alone_img_s"] = round(1e3 * batch / alone[batch], 1)
                     print(format_rows([row]).splitlines()[-1], flush=True)
                     rows.append(row)
     await pool.stop()
@@ -165,7 +153,7 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
         "seconds": args.seconds,
         "in_flight": args.in_flight,
         # what else set the engine up (VITSERVE_HARDWARE_DECODE=true, say)
-        "server": {k: v for k, v in sorted(os.environ.items()) if k.startswith("VITSERVE_")},
+        "server": server_settings(),
         "rows": rows,
         "speedup": speedups(rows, args.models),
     }

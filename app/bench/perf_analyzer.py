@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import os
 import re
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -25,7 +24,7 @@ from typing import Any
 import torch
 
 from app.bench.tables import write_result
-from app.environment import device_slug, environment
+from app.environment import device_slug, environment, server_settings
 
 CSV_NAME = re.compile(
     r"pa-(?P<model>.+)-(?P<protocol>http|grpc)-(?P<input>[a-z0-9]+)(?:-b(?P<b>\d+))?-c(?P<c>\d+)"
@@ -143,7 +142,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     env = {
         **environment(device),
         # the script hands the caller's VITSERVE_* settings to the server it starts
-        "server": {k: v for k, v in sorted(os.environ.items()) if k.startswith("VITSERVE_")},
+        "server": server_settings(),
     }
     result = summarize(
         args.folder, dense=args.dense, compressed=args.compressed, dtype=args.dtype, env=env

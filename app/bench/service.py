@@ -42,7 +42,7 @@ from app.bench.load_client import Client, Load
 from app.bench.server import running_server
 from app.bench.service_levels import Level, format_steps, format_table, plot
 from app.bench.utilisation import Utilisation
-from app.environment import environment
+from app.environment import environment, server_settings
 from app.timing import timing_device
 
 DEFAULT_CONCURRENCY = (1, 4, 16, 64)
@@ -167,8 +167,7 @@ def server_env(args: argparse.Namespace) -> dict[str, str]:
     }
     # settings the caller set around the command (an A/B run's switches, a script's engine
     # set-up) reach the server too, under the bench's own and its flags: recorded with them
-    inherited = {k: v for k, v in os.environ.items() if k.startswith("VITSERVE_")}
-    return {**inherited, **bench, **given}
+    return {**server_settings(), **bench, **given}
 
 
 def decoding_processes(settings: Any) -> dict[str, int]:

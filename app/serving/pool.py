@@ -181,19 +181,7 @@ class ModelPool:
             model.state, model.reason = ModelState.FAILED, f"{type(exc).__name__}: {exc}"
             log.error("model %s failed to load: %s", model.name, model.reason)
             return
-        s = self.settings
-        model.batcher = DynamicBatcher(
-            model.name,
-            [self._predict_fn(runner) for runner in model.runners],
-            decode=model.decoders,
-            top_k=s.max_top_k,
-            max_batch_size=s.max_batch_size,
-            max_delay_s=s.max_delay_ms / 1000,
-            queue_size=s.queue_size,
-            metrics=self.metrics,
-            decode_threads=s.decode_threads,
-            pipelined=self.device.type != "cpu",
-        )
+        model.batcher = self.new_batcher(model)
         model.batcher.start()
         model.devices = [str(runner.device) for runner in model.runners]
         model.dtype = str(self.dtype).removeprefix("torch.")
@@ -202,6 +190,29 @@ class ModelPool:
         if self.device.type == "cuda":
             self.metrics.sample_gpu_memory(self.device)  # weights + warm-up, before traffic
         log.info("model %s ready on %s (%s)", model.name, self.device, self.dtype)
+
+    def new_batcher(
+        self,
+        model: ServedModel,
+        *,
+        max_batch_size: int | None = None,
+        decode_threads: int | None = None,
+    ) -> DynamicBatcher:
+        """A dynamic batcher over a loaded model's runners and decoders, as the settings
+        make it; a benchmark may vary its batch and decode threads."""
+        s = self.settings
+        return DynamicBatcher(
+            model.name,
+            [self._predict_fn(runner) for runner in model.runners],
+            decode=model.decoders,
+            top_k=s.max_top_k,
+            max_batch_size=max_batch_size or s.max_batch_size,
+            max_delay_s=s.max_delay_ms / 1000,
+            queue_size=s.queue_size,
+            metrics=self.metrics,
+            decode_threads=decode_threads or s.decode_threads,
+            pipelined=self.device.type != "cpu",
+        )
 
     def _predict_fn(self, runner: ModelRunner) -> Callable[[torch.Tensor], torch.Tensor]:
         """The batcher's forward; on CUDA it also samples torch's memory figures, on the
