@@ -72,6 +72,16 @@ class Settings(BaseSettings):
         description="On CUDA replicas, decode baseline JPEGs with nvjpeg (batched, on the GPU); "
         "other formats, and every image on CPU, use Pillow.",
     )
+    gpu_jpeg_decoder: Literal["torchvision", "nvimgcodec"] = Field(
+        "torchvision",
+        description="Who runs nvjpeg's CUDA decode of baseline JPEGs: torchvision (one "
+        "process-wide lock, its Huffman pass on the calling thread) or, with the `hwdecode` "
+        "extra, nvImageCodec (the Huffman pass on `nvimgcodec_threads` threads of its own). "
+        "Without nvImageCodec, torchvision.",
+    )
+    nvimgcodec_threads: int = Field(
+        8, ge=1, le=64, description="Host threads of each nvImageCodec CUDA decoder."
+    )
     hardware_decode: bool = Field(
         False,
         description="With the `hwdecode` extra (nvImageCodec) on a GPU with JPEG engines "

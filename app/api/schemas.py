@@ -21,8 +21,9 @@ class ImageTimings(BaseModel):
     inference_ms: float = Field(description="Forward time of the batch this image ran in.")
     batch_size: int
     decoder: str | None = Field(
-        description="'nvjpeg' (GPU, CUDA), 'hardware' (the GPU's JPEG engines), 'pillow' (CPU), "
-        "or null when decoded before queueing (compare)."
+        description="'nvjpeg' (GPU, CUDA, torchvision's), 'nvimgcodec' (GPU, CUDA, "
+        "nvImageCodec's), 'hardware' (the GPU's JPEG engines), 'pillow' (CPU), or null when "
+        "decoded before queueing (compare)."
     )
 
 

@@ -24,7 +24,7 @@ from PIL import Image
 from app.bench.load_client import Images
 from app.devices import resolve_device, resolve_dtype
 from app.serving.decode import BatchDecoder, Encoded
-from app.serving.hardware_jpeg import HardwareJpeg
+from app.serving.nvimgcodec_jpeg import NvImageCodecJpeg
 from app.serving.preprocess import Preprocessor
 
 
@@ -53,13 +53,17 @@ def _warm_decoder(
     """The decode stage as the server builds it (``settings``' dtype, the JPEG engines where
     they run and are allowed), warmed up."""
     hardware = nvjpeg and settings.hardware_decode
+    cuda_jpeg = nvjpeg and settings.gpu_jpeg_decoder == "nvimgcodec"
     decoder = BatchDecoder(
         pre,
         device=dev,
         dtype=resolve_dtype(settings.dtype, dev),
         pool=pool,
         nvjpeg=nvjpeg,
-        hardware=HardwareJpeg.load(dev) if hardware else None,
+        hardware=NvImageCodecJpeg.load(dev) if hardware else None,
+        cuda_jpeg=NvImageCodecJpeg.load(dev, "cuda", settings.nvimgcodec_threads)
+        if cuda_jpeg
+        else None,
     )
     decoder.warm_up()
     return decoder

@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import statistics
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -79,7 +80,10 @@ async def saturate(
         submit()
     await drained
     batches = sum(1 / p.batch_size for p in done)
+    decoders = Counter(p.decoder for p in done if p.decoder)
     return {
+        # who decoded (a decoder asked for but not found falls back, and shows here)
+        **{f"{name}_share": n / len(done) for name, n in sorted(decoders.items())},
         "img_s": len(done) / seconds,
         "mean_batch": len(done) / batches,
         "decode_ms_per_batch": 1e3 * sum(p.decode_s / p.batch_size for p in done) / batches,
@@ -172,13 +176,20 @@ def speedups(rows: list[dict[str, Any]], models: list[str]) -> dict[str, float] 
     }
 
 
+def input_label(row: dict[str, Any]) -> str:
+    """The row's input kind, and for JPEGs who decoded them (earlier runs did not record it)."""
+    shares = {k.removesuffix("_share"): v for k, v in row.items() if k.endswith("_share")}
+    said = ", ".join(f"{name} {share:.0%}" for name, share in shares.items())
+    return f"{row['kind']} ({said})" if said else row["kind"]
+
+
 def format_rows(rows: list[dict[str, Any]]) -> str:
     header = ["model", "input", "batch", "decode threads", "img/s", "mean batch"]
     header += ["decode ms/batch", "forward ms/batch", "model alone ms", "model alone img/s"]
     cells = [
         [
             r["model"],
-            r["kind"],
+            input_label(r),
             str(r["batch"]),
             str(r["decode_threads"]),
             f"{r['img_s']:,.0f}",

@@ -66,15 +66,28 @@ Step = Callable[[list[torch.Tensor]], Any]  # what runs on each batch's decoded 
 GPU_OUTPUT = ("torchvision-nvjpeg", "nvimgcodec-hw", "nvimgcodec-cuda", "nvimgcodec-hw+cuda")
 
 
-# nvImageCodec decoders by name: their backends (kind, load hint) and host threads each.
-# "hw+cuda" is one decoder over both GPU backends: the NVJPG engines take the load hint's
-# share of a batch and nvjpeg's CUDA decode the rest, split inside nvImageCodec, with its
-# own host threads for the Huffman pass (no Python lock, no torchvision one).
+def on_gpu(name: str) -> bool:
+    """Whether decoder ``name``'s images land on the GPU (its variants' too)."""
+    return name.startswith(GPU_OUTPUT)
+
+
+# nvImageCodec decoders by name: their backends (kind, load hint), host threads and options.
+# The CUDA backend (nvjpeg) runs each image's Huffman pass on one of its own host threads (no
+# Python lock, no torchvision one), or with ``hybrid_huffman_threshold=0`` on the GPU for
+# every image ("-gpu-huffman"); "-tN" names its host threads. "hw+cuda" is one decoder over
+# both GPU backends: the NVJPG engines take the load hint's share of a batch and the CUDA
+# backend the rest, split inside nvImageCodec.
+GPU_HUFFMAN = "nvjpeg_cuda_decoder:hybrid_huffman_threshold=0"
 NVIMGCODEC = {
-    "nvimgcodec-cpu": ([("CPU_ONLY", 1.0)], 1),
-    "nvimgcodec-hw": ([("HW_GPU_ONLY", 1.0)], 1),
-    "nvimgcodec-cuda": ([("GPU_ONLY", 1.0)], 1),
-    "nvimgcodec-hw+cuda": ([("HW_GPU_ONLY", 0.5), ("GPU_ONLY", 1.0)], 4),
+    "nvimgcodec-cpu": ([("CPU_ONLY", 1.0)], 1, ""),
+    "nvimgcodec-hw": ([("HW_GPU_ONLY", 1.0)], 1, ""),
+    "nvimgcodec-cuda": ([("GPU_ONLY", 1.0)], 1, ""),
+    "nvimgcodec-cuda-t4": ([("GPU_ONLY", 1.0)], 4, ""),
+    "nvimgcodec-cuda-t8": ([("GPU_ONLY", 1.0)], 8, ""),
+    "nvimgcodec-cuda-t12": ([("GPU_ONLY", 1.0)], 12, ""),
+    "nvimgcodec-cuda-gpu-huffman": ([("GPU_ONLY", 1.0)], 4, GPU_HUFFMAN),
+    "nvimgcodec-hw+cuda": ([("HW_GPU_ONLY", 0.5), ("GPU_ONLY", 1.0)], 4, ""),
+    "nvimgcodec-hw+cuda-t8": ([("HW_GPU_ONLY", 0.3), ("GPU_ONLY", 1.0)], 8, ""),
 }
 
 
@@ -85,13 +98,16 @@ def _nvimgcodec_decoder(name: str, device: torch.device) -> Decode | None:
         from nvidia import nvimgcodec
     except ImportError:
         return None
-    kinds, cpu_threads = NVIMGCODEC[name]
+    kinds, cpu_threads, options = NVIMGCODEC[name]
     on_cpu = kinds[0][0] == "CPU_ONLY"
     device_id = nvimgcodec.NVIMGCODEC_DEVICE_CPU_ONLY if on_cpu else device.index or 0
     backends = [nvimgcodec.Backend(getattr(nvimgcodec.BackendKind, k), h) for k, h in kinds]
     try:
         decoder = nvimgcodec.Decoder(
-            device_id=device_id, backends=backends, max_num_cpu_threads=cpu_threads
+            device_id=device_id,
+            backends=backends,
+            max_num_cpu_threads=cpu_threads,
+            options=options,
         )
     except RuntimeError as exc:
         print(f"{name}: no decoder here ({exc})", file=sys.stderr)
@@ -131,9 +147,10 @@ def makers(device: torch.device) -> dict[str, Callable[[], Decode | None]]:
     return found
 
 
-def decoders(device: torch.device) -> dict[str, Decode]:
-    """Every backend that runs on this machine (the GPU ones only with ``device`` CUDA)."""
-    made = {name: make() for name, make in makers(device).items()}
+def decoders(device: torch.device, names: Sequence[str] | None = None) -> dict[str, Decode]:
+    """Every backend (or those in ``names``) that runs on this machine (the GPU ones only
+    with ``device`` CUDA)."""
+    made = {n: make() for n, make in makers(device).items() if names is None or n in names}
     return {name: decode for name, decode in made.items() if decode is not None}
 
 
@@ -239,7 +256,7 @@ def steps(
     """The steps measured for decoder ``name`` at ``batch``: what follows the decode."""
     crop = TensorResizeCrop(Preprocessor(Preprocessing(), 10**9).resize_crop)
     found: dict[str, Step | None] = {"decode": None, "decode+crop": crop}
-    if name in GPU_OUTPUT and fused_runs(device):
+    if on_gpu(name) and fused_runs(device):
         found["decode+fused"] = fused_step(batch, dtype, device)
     return found
 
@@ -252,13 +269,14 @@ def run(
     seconds: float,
     dtype: torch.dtype = torch.bfloat16,
     threads: Sequence[int] = (1,),
+    names: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Every decoder x batch x step on one thread; then, for each count in ``threads`` above
     one, the GPU decoders' decode and decode+fused on that many threads at once."""
     pre = Preprocessor(Preprocessing(), 10**9)
     photos = [data for _, data in load_images(folder, count=10**6) if pre.probe(data).nvjpeg_ok]
     rows = []
-    found = decoders(device)
+    found = decoders(device, names)
     plan = [
         (n, b, s, then)
         for n in found
@@ -276,7 +294,7 @@ def run(
         for k in threads
         if k > 1
         for n in found
-        if n in GPU_OUTPUT
+        if on_gpu(n)
         for b in batches
         for s in steps(n, b, device, dtype)
         if s != "decode+crop"
@@ -290,7 +308,7 @@ def run(
 
         img_s = rate(both, jpegs, threads=k, seconds=seconds)
         rows.append({"decoder": name, "batch": batch, "step": step, "threads": k, "img_s": img_s})
-    fused = [name for name in found if name in GPU_OUTPUT and fused_runs(device)]
+    fused = [name for name in found if on_gpu(name) and fused_runs(device)]
     return {
         **environment(device),
         "photos": len(photos),
@@ -326,6 +344,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         default="bfloat16",
         help="the batch decode+fused writes (the model's input dtype; bfloat16 as served)",
     )
+    parser.add_argument(
+        "--decoders", nargs="+", help="only these decoders (default: every one that runs here)"
+    )
     parser.add_argument("--out-dir", type=Path, default=Path("bench/results/decode"))
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -337,6 +358,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         seconds=args.seconds,
         dtype=dtype,
         threads=args.threads,
+        names=args.decoders,
     )
     print(f"{'decoder':20} {'threads':>7} {'batch':>5} {'step':12} {'img/s':>9}")
     for row in result["rows"]:

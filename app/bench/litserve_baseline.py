@@ -28,9 +28,9 @@ import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import httpx
 import litserve as ls
@@ -38,10 +38,13 @@ import torch
 from PIL import Image
 from timm.data import create_transform
 
+from app.bench.load_client import Client, Load
 from app.bench.server import REPO, ServerURL, free_port
+from app.bench.service_levels import Level, measure_level
 from app.devices import resolve_dtype
 from app.serving.labels import class_names
 from app.store import ModelStore
+from app.timing import timing_device
 
 
 class DeiTClassifierAPI(ls.LitAPI):
@@ -211,3 +214,35 @@ def _stop_group(proc: subprocess.Popen) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def run_litserve(
+    args: argparse.Namespace, settings: Any, client: Client, load: Load, levels: list[Level]
+) -> str:
+    """``vitserve bench service --litserve``: the reference model behind LitServe at the
+    same levels, driven by the same client; returns its row name."""
+    name = f"litserve:{args.models[0]}"
+    baseline = Baseline(
+        args.store,
+        args.models[0],
+        device="cuda" if timing_device(args.device).type == "cuda" else "cpu",
+        max_batch_size=args.litserve_max_batch_size or settings.max_batch_size,
+        batch_timeout=(args.litserve_timeout_ms or settings.max_delay_ms) / 1000,
+        workers_per_device=args.litserve_workers,
+        api_servers=args.litserve_api_servers,
+    )
+    with running_litserve(baseline, timeout_s=args.start_timeout) as base:
+        for concurrency in args.concurrency:
+            level = measure_level(
+                client,
+                base,
+                args.models[0],
+                load,
+                concurrency,
+                args.seconds,
+                args.warmup,
+                baseline=True,
+            )
+            levels.append(replace(level, model=name))
+            print(f"  {name} c={concurrency}: {level.img_s:.1f} img/s", flush=True)
+    return name

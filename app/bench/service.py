@@ -27,99 +27,23 @@ import json
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 from unittest import mock
 
 import httpx
 import numpy as np
-from prometheus_client.parser import text_string_to_metric_families
 
 from app.bench.decode_ceiling import decode_ceiling, stage_times
 from app.bench.images import load_images
 from app.bench.load_client import Client, Load
 from app.bench.server import running_server
-from app.bench.service_levels import Level, format_steps, format_table, plot
-from app.bench.utilisation import Utilisation
+from app.bench.service_levels import Level, format_steps, format_table, measure_level, plot
 from app.environment import environment, server_settings
 from app.timing import timing_device
 
 DEFAULT_CONCURRENCY = (1, 4, 16, 64)
-
-
-def batch_totals(metrics_text: str, model: str) -> tuple[float, float]:
-    """(sum, count) of ``vitserve_batch_size`` for ``model``: images and batches so far."""
-    values = {"vitserve_batch_size_sum": 0.0, "vitserve_batch_size_count": 0.0}
-    for family in text_string_to_metric_families(metrics_text):
-        for s in family.samples:
-            if s.name in values and s.labels.get("model") == model:
-                values[s.name] += s.value
-    return values["vitserve_batch_size_sum"], values["vitserve_batch_size_count"]
-
-
-def _pct(values: Sequence[float], q: float) -> float | None:
-    return float(np.percentile(values, q)) if values else None
-
-
-def measure_level(
-    client: Client,
-    base: str,
-    model: str,
-    load: Load,
-    concurrency: int,
-    seconds: float,
-    warmup: float,
-    *,
-    baseline: bool = False,
-    offered_img_s: float | None = None,
-) -> Level:
-    """Warm up (not measured: connections open, batcher fills), then measure; closed loop,
-    or open loop at ``offered_img_s``. A ``baseline`` server (LitServe) serves one model
-    at its root and has no /metrics."""
-    route_model = None if baseline else model
-    rate = None if offered_img_s is None else offered_img_s / load.per_request
-    if warmup > 0:
-        client.drive(base, route_model, load, concurrency, warmup, rate)
-    before = after = (0.0, 0.0)
-    if not baseline:
-        before = batch_totals(httpx.get(f"{base}/metrics", timeout=30).text, model)
-    with Utilisation(getattr(base, "pid", None)) as busy:
-        samples, elapsed = client.drive(base, route_model, load, concurrency, seconds, rate)
-    if not baseline:
-        after = batch_totals(httpx.get(f"{base}/metrics", timeout=30).text, model)
-    batches = after[1] - before[1]
-    splits = np.asarray(samples.splits, dtype=np.float64).reshape(-1, 5)
-    means: list[float | None] = [None] * 5
-    device_us = other_ms = None
-    if len(splits):
-        means = splits.mean(axis=0).tolist()
-        device_us = float((splits[:, 2] / splits[:, 3]).mean() * 1e3)
-        other_ms = float((splits[:, 4] - splits[:, :3].sum(axis=1)).mean())
-    decoded = sum(samples.decoders.values())
-    return Level(
-        model=model,
-        concurrency=concurrency,
-        seconds=elapsed,
-        requests=len(samples.latencies_ms),
-        errors=dict(samples.errors),
-        img_s=samples.images / elapsed,
-        p50_ms=_pct(samples.latencies_ms, 50),
-        p95_ms=_pct(samples.latencies_ms, 95),
-        p99_ms=_pct(samples.latencies_ms, 99),
-        mean_batch=(after[0] - before[0]) / batches if batches else None,
-        decode_ms=means[0],
-        queue_ms=means[1],
-        inference_ms=means[2],
-        device_us_per_image=device_us,
-        other_ms=other_ms,
-        nvjpeg_share=samples.decoders["nvjpeg"] / decoded if decoded else None,
-        hardware_share=samples.decoders["hardware"] / decoded if decoded else None,
-        offered_img_s=offered_img_s,
-        cpu_busy=busy.cpu_busy,
-        gpu_busy=busy.gpu_busy,
-        cores=busy.cores,
-    )
 
 
 def speedups(best: dict[str, float], reference: str) -> dict[str, float | None]:
@@ -241,6 +165,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 levels.append(level)
                 print(f"  {model} open loop at {best / 2:.0f} img/s: p99 {level.p99_ms} ms")
         if args.litserve:  # after ours has stopped: nothing else on the device
+            from app.bench.litserve_baseline import run_litserve  # litserve is optional
+
             names.append(run_litserve(args, settings, client, Load(load.images), levels))
     levels.sort(
         key=lambda lv: (names.index(lv.model), lv.offered_img_s is not None, lv.concurrency)
@@ -292,39 +218,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "ours_over_litserve": best[args.models[0]] / best[litserve] if best[litserve] else None,
         }
     return result
-
-
-def run_litserve(
-    args: argparse.Namespace, settings: Any, client: Client, load: Load, levels: list[Level]
-) -> str:
-    """The reference model behind LitServe at the same levels; returns its row name."""
-    from app.bench.litserve_baseline import Baseline, running_litserve
-
-    name = f"litserve:{args.models[0]}"
-    baseline = Baseline(
-        args.store,
-        args.models[0],
-        device="cuda" if timing_device(args.device).type == "cuda" else "cpu",
-        max_batch_size=args.litserve_max_batch_size or settings.max_batch_size,
-        batch_timeout=(args.litserve_timeout_ms or settings.max_delay_ms) / 1000,
-        workers_per_device=args.litserve_workers,
-        api_servers=args.litserve_api_servers,
-    )
-    with running_litserve(baseline, timeout_s=args.start_timeout) as base:
-        for concurrency in args.concurrency:
-            level = measure_level(
-                client,
-                base,
-                args.models[0],
-                load,
-                concurrency,
-                args.seconds,
-                args.warmup,
-                baseline=True,
-            )
-            levels.append(replace(level, model=name))
-            print(f"  {name} c={concurrency}: {level.img_s:.1f} img/s", flush=True)
-    return name
 
 
 def build_parser() -> argparse.ArgumentParser:

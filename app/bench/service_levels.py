@@ -1,13 +1,21 @@
-"""One concurrency level of ``vitserve bench service`` (:class:`Level`) and how the run
+"""One concurrency level of ``vitserve bench service``: measuring it (:func:`measure_level`,
+the client's figures with the server's ``/metrics`` deltas, :class:`Level`) and how the run
 shows its levels: the console table, the decode stage's steps, a latency/throughput plot."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
+import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
+
 from app.bench.arch import fmt
+from app.bench.load_client import Client, Load
+from app.bench.utilisation import Utilisation
 
 
 @dataclass
@@ -29,7 +37,7 @@ class Level:
     inference_ms: float | None  # the forward pass of an image's batch
     device_us_per_image: float | None  # forward time / batch size
     other_ms: float | None  # latency not spent in the stages above: HTTP, parsing, client
-    nvjpeg_share: float | None  # images nvjpeg (CUDA) decoded
+    nvjpeg_share: float | None  # images nvjpeg's CUDA decode took (torchvision's or nvImageCodec's)
     hardware_share: float | None = None  # images the GPU's JPEG engines decoded
     offered_img_s: float | None = None  # open loop: the arrival rate (concurrency: its cap)
     cpu_busy: float | None = None  # share of all host cores busy (server and client)
@@ -117,3 +125,79 @@ def plot(levels: list[Level], model: str, ceiling: float | None, path: Path) -> 
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def batch_totals(metrics_text: str, model: str) -> tuple[float, float]:
+    """(sum, count) of ``vitserve_batch_size`` for ``model``: images and batches so far."""
+    values = {"vitserve_batch_size_sum": 0.0, "vitserve_batch_size_count": 0.0}
+    for family in text_string_to_metric_families(metrics_text):
+        for s in family.samples:
+            if s.name in values and s.labels.get("model") == model:
+                values[s.name] += s.value
+    return values["vitserve_batch_size_sum"], values["vitserve_batch_size_count"]
+
+
+def _pct(values: Sequence[float], q: float) -> float | None:
+    return float(np.percentile(values, q)) if values else None
+
+
+def measure_level(
+    client: Client,
+    base: str,
+    model: str,
+    load: Load,
+    concurrency: int,
+    seconds: float,
+    warmup: float,
+    *,
+    baseline: bool = False,
+    offered_img_s: float | None = None,
+) -> Level:
+    """Warm up (not measured: connections open, batcher fills), then measure; closed loop,
+    or open loop at ``offered_img_s``. A ``baseline`` server (LitServe) serves one model
+    at its root and has no /metrics."""
+    route_model = None if baseline else model
+    rate = None if offered_img_s is None else offered_img_s / load.per_request
+    if warmup > 0:
+        client.drive(base, route_model, load, concurrency, warmup, rate)
+    before = after = (0.0, 0.0)
+    if not baseline:
+        before = batch_totals(httpx.get(f"{base}/metrics", timeout=30).text, model)
+    with Utilisation(getattr(base, "pid", None)) as busy:
+        samples, elapsed = client.drive(base, route_model, load, concurrency, seconds, rate)
+    if not baseline:
+        after = batch_totals(httpx.get(f"{base}/metrics", timeout=30).text, model)
+    batches = after[1] - before[1]
+    splits = np.asarray(samples.splits, dtype=np.float64).reshape(-1, 5)
+    means: list[float | None] = [None] * 5
+    device_us = other_ms = None
+    if len(splits):
+        means = splits.mean(axis=0).tolist()
+        device_us = float((splits[:, 2] / splits[:, 3]).mean() * 1e3)
+        other_ms = float((splits[:, 4] - splits[:, :3].sum(axis=1)).mean())
+    decoded = sum(samples.decoders.values())
+    # nvjpeg's CUDA decode, by torchvision or by nvImageCodec
+    nvjpeg = samples.decoders["nvjpeg"] + samples.decoders["nvimgcodec"]
+    return Level(
+        model=model,
+        concurrency=concurrency,
+        seconds=elapsed,
+        requests=len(samples.latencies_ms),
+        errors=dict(samples.errors),
+        img_s=samples.images / elapsed,
+        p50_ms=_pct(samples.latencies_ms, 50),
+        p95_ms=_pct(samples.latencies_ms, 95),
+        p99_ms=_pct(samples.latencies_ms, 99),
+        mean_batch=(after[0] - before[0]) / batches if batches else None,
+        decode_ms=means[0],
+        queue_ms=means[1],
+        inference_ms=means[2],
+        device_us_per_image=device_us,
+        other_ms=other_ms,
+        nvjpeg_share=nvjpeg / decoded if decoded else None,
+        hardware_share=samples.decoders["hardware"] / decoded if decoded else None,
+        offered_img_s=offered_img_s,
+        cpu_busy=busy.cpu_busy,
+        gpu_busy=busy.gpu_busy,
+        cores=busy.cores,
+    )

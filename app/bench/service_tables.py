@@ -244,6 +244,9 @@ def set_up_label(server: dict[str, str]) -> str:
     elif "VITSERVE_HARDWARE_DECODE" in server:
         on = server["VITSERVE_HARDWARE_DECODE"] != "false"
         said.append(f"JPEG engines {'on' if on else 'off'}")
+    if server.get("VITSERVE_GPU_JPEG_DECODER") == "nvimgcodec":
+        threads = server.get("VITSERVE_NVIMGCODEC_THREADS", "8")
+        said.append(f"nvImageCodec CUDA decode on {threads} threads")
     if server.get("VITSERVE_HTTP_SERVER", "uvicorn") != "uvicorn":
         said.append(server["VITSERVE_HTTP_SERVER"])
     return "".join(f", {s}" for s in said)

@@ -60,8 +60,9 @@ class Prediction:
     decode_s: float  # the decode stage of its batch
     inference_s: float
     batch_size: int
-    # "nvjpeg", "hardware" (the NVJPG engines), "pillow" (the CPU path: simplejpeg or
-    # Pillow), or None for a payload decoded beforehand
+    # "nvjpeg" (torchvision's), "nvimgcodec" (its CUDA decoder), "hardware" (the NVJPG
+    # engines), "pillow" (the CPU path: simplejpeg or Pillow), or None for a payload decoded
+    # beforehand
     decoder: str | None
 
 

@@ -14,10 +14,11 @@ through the CPU path in the decode thread pool (``Preprocessor.decode_crop``: si
 upright RGB and grey JPEGs, Pillow for the rest, both at draft scale for large JPEGs; reported as
 decoder "pillow"), to uint8 crops normalised together on the model's device.
 
-Where nvImageCodec is installed and the GPU has JPEG engines (NVJPG), a share of those JPEGs
-goes to the engines on a thread of their own while nvjpeg decodes the rest, the share
-following what each measured (:mod:`app.serving.hardware_jpeg`); reported as decoder
-"hardware".
+Where nvImageCodec is installed (:mod:`app.serving.nvimgcodec_jpeg`), its CUDA decoder may
+take torchvision's place (``VITSERVE_GPU_JPEG_DECODER``; reported as decoder "nvimgcodec"),
+and where the GPU has JPEG engines (NVJPG) a share of those JPEGs may go to the engines on a
+thread of their own while nvjpeg decodes the rest, the share following what each measured
+(``VITSERVE_HARDWARE_DECODE``; reported as decoder "hardware").
 
 On a GPU each decode thread runs on its own CUDA stream, so the next batches decode while
 the current one computes.
@@ -36,7 +37,7 @@ from dataclasses import dataclass, field
 import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from app.serving.hardware_jpeg import HardwareJpeg, Split, small_jpeg
+from app.serving.nvimgcodec_jpeg import NvImageCodecJpeg, Split, small_jpeg
 from app.serving.preprocess import Preprocessor, Probe, TensorResizeCrop
 
 try:
@@ -86,7 +87,8 @@ class DecodedBatch:
     rows: list[int]  # payload index of each row of ``inputs``
     errors: dict[int, Exception] = field(default_factory=dict)  # payload index -> error
     seconds: float = 0.0
-    # payload index -> "nvjpeg", "hardware" (the NVJPG engines) or "pillow"
+    # payload index -> "nvjpeg" (torchvision's), "nvimgcodec" (its CUDA decoder), "hardware"
+    # (the NVJPG engines) or "pillow"
     decoders: dict[int, str] = field(default_factory=dict)
 
 
@@ -120,12 +122,17 @@ class BatchDecoder:
         dtype: torch.dtype,
         pool: Executor,
         nvjpeg: bool,
-        hardware: HardwareJpeg | None = None,
+        hardware: NvImageCodecJpeg | None = None,
+        cuda_jpeg: NvImageCodecJpeg | None = None,
     ) -> None:
         """``hardware``: the NVJPG engines' decoder, which takes a share of each batch's
-        nvjpeg JPEGs on a thread of its own (see :mod:`app.serving.hardware_jpeg`)."""
+        nvjpeg JPEGs on a thread of its own; ``cuda_jpeg``: nvImageCodec's CUDA decoder, in
+        place of torchvision's for those JPEGs (see :mod:`app.serving.nvimgcodec_jpeg`)."""
         self.preprocessor, self.device, self.dtype, self.pool = preprocessor, device, dtype, pool
         self.nvjpeg = nvjpeg and device.type == "cuda"
+        self.cuda_jpeg = cuda_jpeg if self.nvjpeg else None
+        # what the metrics call the decoder of the GPU's CUDA path
+        self.gpu_decoder = "nvimgcodec" if self.cuda_jpeg else "nvjpeg"
         self.hardware = hardware if self.nvjpeg else None
         self.split = Split()
         self._hardware_pool = (
@@ -256,16 +263,39 @@ class BatchDecoder:
                 decoded = self._timed(
                     "nvjpeg", self.nvjpeg_decode, [encoded[i].data for i in on_gpu]
                 )
-                self._place(dict(zip(on_gpu, decoded, strict=True)), crops, images)
-                decoders.update(dict.fromkeys(on_gpu, "nvjpeg"))
             except Exception as exc:  # noqa: BLE001 - one bad image fails nvjpeg's whole batch
                 log.warning(
-                    "nvjpeg failed on %d images (%s); Pillow decodes them", len(on_gpu), exc
+                    "%s failed on %d images (%s); Pillow decodes them",
+                    self.gpu_decoder,
+                    len(on_gpu),
+                    exc,
                 )
-                on_cpu |= {i: self.pool.submit(self._pillow, encoded[i].data) for i in on_gpu}
+                decoded = [None] * len(on_gpu)
+            on_cpu |= self._place_decoded(
+                dict(zip(on_gpu, decoded, strict=True)),
+                self.gpu_decoder,
+                encoded,
+                crops,
+                images,
+                decoders,
+            )
         if hardware is not None:
-            on_cpu |= self._hardware_results(
-                hardware, on_hardware, encoded, crops, images, decoders
+            try:
+                decoded = hardware.result()
+            except Exception as exc:  # noqa: BLE001 - as nvjpeg's: the CPU path takes them
+                log.warning(
+                    "hardware decode failed on %d images (%s); Pillow decodes them",
+                    len(on_hardware),
+                    exc,
+                )
+                decoded = [None] * len(on_hardware)
+            on_cpu |= self._place_decoded(
+                dict(zip(on_hardware, decoded, strict=True)),
+                "hardware",
+                encoded,
+                crops,
+                images,
+                decoders,
             )
         errors: dict[int, Exception] = {}
         for i, future in on_cpu.items():
@@ -296,30 +326,28 @@ class BatchDecoder:
         self.split.observe(backend, len(jpegs), time.perf_counter() - started)
         return decoded
 
-    def _hardware_results(
+    def _place_decoded(
         self,
-        hardware: Future,
-        rows: list[int],
+        decoded: dict[int, torch.Tensor | None],
+        decoder: str,
         encoded: dict[int, Encoded],
         crops: dict[int, torch.Tensor],
         images: dict[int, torch.Tensor],
         decoders: dict[int, str],
     ) -> dict[int, Future]:
-        """Place the hardware decoder's images; what it refused goes to the CPU path."""
-        try:
-            decoded = dict(zip(rows, hardware.result(), strict=True))
-        except Exception as exc:  # noqa: BLE001 - as nvjpeg's: the CPU path takes them
-            log.warning(
-                "hardware decode failed on %d images (%s); Pillow decodes them", len(rows), exc
-            )
-            decoded = dict.fromkeys(rows)
+        """Place a GPU decoder's images; what it refused (None) goes to the CPU path."""
         done = {i: image for i, image in decoded.items() if image is not None}
         self._place(done, crops, images)
-        decoders.update(dict.fromkeys(done, "hardware"))
-        return {i: self.pool.submit(self._pillow, encoded[i].data) for i in rows if i not in done}
+        decoders.update(dict.fromkeys(done, decoder))
+        return {
+            i: self.pool.submit(self._pillow, encoded[i].data) for i in decoded if i not in done
+        }
 
-    def nvjpeg_decode(self, jpegs: Sequence[bytes | bytearray]) -> list[torch.Tensor]:
-        """JPEGs → full-size uint8 images [3, H, W] on the device, decoded as one batch."""
+    def nvjpeg_decode(self, jpegs: Sequence[bytes | bytearray]) -> list[torch.Tensor | None]:
+        """JPEGs → full-size uint8 images [3, H, W] on the device, decoded as one batch by
+        nvImageCodec's CUDA decoder (None where it refused one) or torchvision's."""
+        if self.cuda_jpeg is not None:
+            return self.cuda_jpeg(jpegs)
         encoded = [  # frombuffer needs a writable buffer: bytes are copied once, into one
             torch.frombuffer(
                 data if isinstance(data, bytearray) else bytearray(data), dtype=torch.uint8

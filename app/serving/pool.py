@@ -23,9 +23,9 @@ from app.heap import freeze_heap, thaw_heap
 from app.serving.batcher import DynamicBatcher
 from app.serving.cuda_graphs import bucket_sizes
 from app.serving.decode import BatchDecoder
-from app.serving.hardware_jpeg import HardwareJpeg
 from app.serving.labels import class_names
 from app.serving.metrics import Metrics
+from app.serving.nvimgcodec_jpeg import NvImageCodecJpeg
 from app.serving.preprocess import Preprocessor
 from app.serving.runner import ModelRunner
 from app.store import Manifest, ModelStore
@@ -80,7 +80,8 @@ class ModelPool:
         self._reloading = asyncio.Lock()
         # Pillow's share of every model's decode stage, and compare mode's decodes.
         self.decode_pool = ThreadPoolExecutor(settings.decode_workers, thread_name_prefix="pillow")
-        self._hardware: dict[torch.device, HardwareJpeg | None] = {}  # per device, found once
+        # nvImageCodec decoders per (device, backend), found once
+        self._nvimgcodec: dict[tuple[torch.device, str], NvImageCodecJpeg | None] = {}
 
     # ---- lifecycle ---------------------------------------------------------------------
     async def start(self) -> None:
@@ -233,13 +234,20 @@ class ModelPool:
 
         return predict
 
-    def hardware_jpeg(self, device: torch.device) -> HardwareJpeg | None:
-        """The JPEG engines of ``device`` where the settings allow them and they run."""
-        if not self.settings.gpu_decode or not self.settings.hardware_decode:
+    def nvimgcodec_jpeg(self, device: torch.device, backend: str) -> NvImageCodecJpeg | None:
+        """nvImageCodec's ``backend`` decoder ("hardware": the JPEG engines; "cuda": its nvjpeg
+        decoder) of ``device`` where the settings ask for it and it runs."""
+        s = self.settings
+        wanted = s.hardware_decode if backend == "hardware" else s.gpu_jpeg_decoder == "nvimgcodec"
+        if not s.gpu_decode or not wanted:
             return None
-        if device not in self._hardware:
-            self._hardware[device] = HardwareJpeg.load(device)
-        return self._hardware[device]
+        if (device, backend) not in self._nvimgcodec:
+            threads = s.nvimgcodec_threads if backend == "cuda" else 1
+            found = NvImageCodecJpeg.load(device, backend, threads)
+            if found is None:  # asked for, so worth more than load's info line
+                log.warning("nvImageCodec's %s JPEG decoder does not run on %s", backend, device)
+            self._nvimgcodec[device, backend] = found
+        return self._nvimgcodec[device, backend]
 
     def _prepare(self, model: ServedModel) -> None:
         """Blocking part of a load: (pull,) verify, build, move to device, warm up."""
@@ -285,7 +293,8 @@ class ModelPool:
                 dtype=runner.dtype,
                 pool=self.decode_pool,
                 nvjpeg=self.settings.gpu_decode,
-                hardware=self.hardware_jpeg(runner.device),
+                hardware=self.nvimgcodec_jpeg(runner.device, "hardware"),
+                cuda_jpeg=self.nvimgcodec_jpeg(runner.device, "cuda"),
             )
             for runner in model.runners
         ]

@@ -10,7 +10,8 @@
 # GPU, REPLICAS='["cuda:0","cuda:1"]' with one per listed device; DENSE_ONLY=1 times part s on
 # dense DeiT-S alone, no half load).
 # Carry: .whl (fastapi, uvicorn, pydantic, litserve, ... for python3.12) and
-# .carry/images/imagenet-dev.
+# .carry/images/imagenet-dev (or IMAGES=another folder); with .carry/nvimg.tgz nvImageCodec is
+# there for VITSERVE_GPU_JPEG_DECODER=nvimgcodec or VITSERVE_HARDWARE_DECODE=true.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 source bench/scripts/device_site.sh || exit 1
@@ -22,7 +23,7 @@ for arch in small base; do  # kept between runs of one call
     python3 -m app store random deit_${arch}_patch16_224 --name deit_$arch-$cfg --config $cfg \
       --store $store
 done
-common=(--store $store --images .carry/images/imagenet-dev --device cuda --seconds 5
+common=(--store $store --images "${IMAGES:-.carry/images/imagenet-dev}" --device cuda --seconds 5
   --warmup 1.5 --client-processes 4 --max-batch-size 256 --queue-size 4096
   --start-timeout 240 --out "$out" ${ENGINES:+--engines-per-device "$ENGINES"}
   ${REPLICAS:+--replica-devices "$REPLICAS"})
@@ -34,7 +35,7 @@ s16_models=(--models deit_small "deit_small-$cfg")
 for part in ${PARTS:-tests s litserve}; do
   case $part in
     tests) timeout 150 python3 -m pytest -q -m gpu --tb=short -p no:cacheprovider \
-        tests/unit/test_decode.py tests/unit/test_hardware_jpeg.py tests/unit/test_cuda_graphs.py \
+        tests/unit/test_decode.py tests/unit/test_nvimgcodec_jpeg.py tests/unit/test_cuda_graphs.py \
         tests/service/test_gpu_metrics.py \
         2>&1 | grep -v "Warning\|warn\|^$\|^  " ;;
     s) python3 -m app bench service "${common[@]}" "${one[@]}" --engine process --workers "${WORKERS:-12}" \

@@ -13,32 +13,19 @@
 # THREADS='1 4' also times the GPU decoders on 4 threads at once; PARTS=none stops after the
 # decoders.
 # Carry: .whl (device_wheels.sh), .carry/nvimg.tgz (device_nvimgcodec.sh) and
-# .carry/images/imagenet-dev.
+# ${IMAGES:-.carry/images/imagenet-dev}.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
-mkdir -p /tmp/nv && tar xzf .carry/nvimg.tgz -C /tmp/nv || exit 1
-source bench/scripts/device_site.sh || exit 1
-cat > /tmp/site/sitecustomize.py <<'PY'
-import sys
-
-sys.path.append("/tmp/nv")  # a namespace nvidia package merges it
-try:
-    import nvidia
-
-    if isinstance(nvidia.__path__, list) and "/tmp/nv/nvidia" not in nvidia.__path__:
-        nvidia.__path__.append("/tmp/nv/nvidia")  # a regular one needs it in its __path__
-except ImportError:
-    pass
-PY
-export LD_LIBRARY_PATH=/tmp/nv/nvidia/cu13/lib:${LD_LIBRARY_PATH:-}
+source bench/scripts/device_site.sh || exit 1  # with .carry/nvimg.tgz: nvImageCodec too
+[ -f .carry/nvimg.tgz ] || { echo "no .carry/nvimg.tgz"; exit 1; }
 decoders() {
-  timeout 300 python3 -m app.bench.jpeg_decoders --images .carry/images/imagenet-dev \
+  timeout 300 python3 -m app.bench.jpeg_decoders --images ${IMAGES:-.carry/images/imagenet-dev} \
     --batches 64 256 --seconds ${DECODE_SECONDS:-1.5} --threads ${THREADS:-1} \
     --out-dir "${OUT:-bench/results}/decode"
 }
 gpu_tests() {
   timeout 120 python3 -m pytest -q -m gpu --tb=short -p no:cacheprovider \
-    tests/unit/test_hardware_jpeg.py tests/unit/test_decode.py 2>&1 | tail -8
+    tests/unit/test_nvimgcodec_jpeg.py tests/unit/test_decode.py 2>&1 | tail -8
 }
 # Part s once per set-up named in $AB (each: name:hardware_decode:decode threads[:http
 # server]), the same call, results under $OUT/<name>.
@@ -61,8 +48,8 @@ if [ -n "${AB:-}" ]; then
     timeout ${T:-240} bash bench/scripts/gpu_engine.sh  # REPLICAS: then that many engines
   exit
 fi
-python3 -c "import torch; from app.serving.hardware_jpeg import HardwareJpeg
-print('JPEG engines:', HardwareJpeg.load(torch.device('cuda')))"
+python3 -c "import torch; from app.serving.nvimgcodec_jpeg import NvImageCodecJpeg
+print('JPEG engines:', NvImageCodecJpeg.load(torch.device('cuda')))"
 gpu_tests
 decoders
 [ "${PARTS:-s}" = none ] ||

@@ -8,15 +8,8 @@ import pytest
 
 from app.bench.decode_ceiling import decode_ceiling, stage_times
 from app.bench.images import load_images, photo_like_jpeg
-from app.bench.service import (
-    batch_totals,
-    build_parser,
-    main,
-    median_speedups,
-    server_env,
-    speedups,
-)
-from app.bench.service_levels import Level
+from app.bench.service import build_parser, main, median_speedups, server_env, speedups
+from app.bench.service_levels import Level, batch_totals
 from app.config import Settings
 from app.store import ModelStore
 from app.vit.builder import compress

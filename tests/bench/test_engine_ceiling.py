@@ -31,10 +31,12 @@ def test_each_model_input_and_batch_gets_a_row_and_the_second_model_a_ratio(
     for row in rows.values():
         assert row["img_s"] > 0 and 1 <= row["mean_batch"] <= 4
         assert row["forward_ms_per_batch"] > 0 and row["model_alone_ms"] > 0
+        # who decoded: Pillow on a CPU, no one for pixels the client decoded
+        assert row.get("pillow_share") == (1.0 if row["kind"] == "jpeg" else None)
     assert set(result["speedup"]) == {"jpeg b4 t2", "pixels b4 t2"}
     assert result["device_type"] == "cpu" and result["batch"] == [4]
     assert result["server"]["VITSERVE_DECODE_WORKERS"] == "1"  # recorded with the figures
-    assert "| a | jpeg | 4 | 2 |" in capsys.readouterr().out
+    assert "| a | jpeg (pillow 100%) | 4 | 2 |" in capsys.readouterr().out
 
 
 def test_the_ratio_pairs_rows_of_the_same_input_batch_and_threads():

@@ -209,6 +209,9 @@ def test_service_rows_say_the_set_up_a_run_recorded_and_nothing_for_older_runs()
         == ", JPEG engines on, granian"
     )
     assert set_up_label({"VITSERVE_HTTP_SERVER": "uvicorn"}) == ""  # the default says nothing
+    nvimgcodec = {"VITSERVE_GPU_JPEG_DECODER": "nvimgcodec", "VITSERVE_NVIMGCODEC_THREADS": "12"}
+    assert set_up_label(nvimgcodec) == ", nvImageCodec CUDA decode on 12 threads"
+    assert set_up_label({"VITSERVE_GPU_JPEG_DECODER": "torchvision"}) == ""
 
 
 def test_the_worker_cpu_table_gives_each_commits_median_cpu_a_request() -> None:

@@ -1,9 +1,10 @@
-"""The hardware JPEG decoder beside nvjpeg: each batch is split between them so both finish
-together, what the hardware refuses goes to the CPU path, and its crops stay within the
-eval transform's tolerance."""
+"""nvImageCodec's JPEG decoders. The hardware one beside nvjpeg: each batch is split between
+them so both finish together. Its CUDA one in place of torchvision's. What either refuses goes
+to the CPU path, and their crops stay within the eval transform's tolerance."""
 
 from __future__ import annotations
 
+import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -11,9 +12,13 @@ import pytest
 import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 
+from app.config import Settings
 from app.serving.decode import BatchDecoder, Encoded
-from app.serving.hardware_jpeg import HardwareJpeg, Split
+from app.serving.metrics import Metrics
+from app.serving.nvimgcodec_jpeg import NvImageCodecJpeg, Split
+from app.serving.pool import ModelPool
 from app.serving.preprocess import Preprocessor
+from app.store import ModelStore
 from app.store.manifest import Preprocessing
 from tests.unit.test_decode import photo
 
@@ -51,8 +56,9 @@ def test_one_image_is_never_split_and_recent_batches_weigh_most():
     assert split.share == pytest.approx(2 / 3)
 
 
-def test_no_hardware_decoder_on_a_cpu():
-    assert HardwareJpeg.load(torch.device("cpu")) is None
+def test_no_nvimgcodec_decoder_on_a_cpu():
+    assert NvImageCodecJpeg.load(torch.device("cpu")) is None
+    assert NvImageCodecJpeg.load(torch.device("cpu"), "cuda", 8) is None
 
 
 class NvjpegAsHardware:
@@ -100,7 +106,7 @@ def test_a_batch_splits_between_backends_and_refused_images_fall_back_to_the_cpu
 @pytest.mark.gpu
 @needs_cuda
 def test_the_jpeg_engines_decode_within_the_eval_transforms_tolerance():
-    hardware = HardwareJpeg.load(torch.device("cuda"))
+    hardware = NvImageCodecJpeg.load(torch.device("cuda"))
     if hardware is None:
         pytest.skip("no nvImageCodec, or this GPU has no JPEG engines")
     pre = Preprocessor(DEIT, max_pixels=40_000_000)
@@ -116,3 +122,55 @@ def test_the_jpeg_engines_decode_within_the_eval_transforms_tolerance():
     expected = torch.stack([pre(d) for d in plain]).to(cuda)
     grey_levels = ((batch.inputs - expected) * pre.std.to(cuda)[:, None, None] * 255).abs()
     assert grey_levels.mean() < 3, f"mean {grey_levels.mean():.2f} grey levels"
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_a_cuda_decoder_in_place_of_torchvisions_leaves_what_it_refuses_to_the_cpu_path():
+    pre = Preprocessor(DEIT, max_pixels=40_000_000)
+    cuda = torch.device("cuda")
+    plain = [photo((500 - 20 * s, 375), seed=s) for s in range(4)]
+    stand_in = NvjpegAsHardware(refused=len(plain[2]))
+    with ThreadPoolExecutor(2) as pool:
+        decoder = BatchDecoder(
+            pre, device=cuda, dtype=torch.float32, pool=pool, nvjpeg=True, cuda_jpeg=stand_in
+        )
+        batch = decoder([Encoded(d, pre.probe(d)) for d in plain])
+    assert not batch.errors and batch.rows == list(range(4))
+    assert [batch.decoders[i] for i in range(4)] == ["nvimgcodec"] * 2 + ["pillow", "nvimgcodec"]
+    expected = torch.stack([pre(d) for d in plain]).to(cuda)
+    grey_levels = ((batch.inputs - expected) * pre.std.to(cuda)[:, None, None] * 255).abs()
+    assert grey_levels.mean() < 3, f"mean {grey_levels.mean():.2f} grey levels"
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_nvimgcodecs_cuda_decoder_decodes_within_the_eval_transforms_tolerance():
+    cuda = torch.device("cuda")
+    cuda_jpeg = NvImageCodecJpeg.load(cuda, "cuda", cpu_threads=4)
+    if cuda_jpeg is None:
+        pytest.skip("no nvImageCodec here")
+    pre = Preprocessor(DEIT, max_pixels=40_000_000)
+    plain = [photo((500 - 20 * s, 375), seed=s) for s in range(6)]
+    with ThreadPoolExecutor(2) as pool:
+        decoder = BatchDecoder(
+            pre, device=cuda, dtype=torch.float32, pool=pool, nvjpeg=True, cuda_jpeg=cuda_jpeg
+        )
+        batch = decoder([Encoded(d, pre.probe(d)) for d in plain])
+    assert [batch.decoders[i] for i in range(6)] == ["nvimgcodec"] * 6
+    expected = torch.stack([pre(d) for d in plain]).to(cuda)
+    grey_levels = ((batch.inputs - expected) * pre.std.to(cuda)[:, None, None] * 255).abs()
+    assert grey_levels.mean() < 3, f"mean {grey_levels.mean():.2f} grey levels"
+
+
+@pytest.mark.parametrize("asked", [False, True])
+def test_the_pool_looks_for_nvimgcodec_only_when_asked_and_says_when_it_is_missing(
+    tmp_path, caplog, asked
+):
+    settings = Settings(
+        store_dir=tmp_path, device="cpu", gpu_jpeg_decoder="nvimgcodec" if asked else "torchvision"
+    )
+    pool = ModelPool(settings, ModelStore(tmp_path), Metrics(), reports_worker_ready=False)
+    with caplog.at_level(logging.WARNING):
+        assert pool.nvimgcodec_jpeg(torch.device("cpu"), "cuda") is None  # torchvision decodes
+    assert ("cuda JPEG decoder does not run" in caplog.text) is asked

@@ -1,4 +1,5 @@
-"""The GPU's hardware JPEG decoder (NVJPG engines, through nvImageCodec) beside nvjpeg.
+"""nvImageCodec's GPU JPEG decoders: the hardware one (NVJPG engines) beside nvjpeg, and its
+CUDA one (nvjpeg with nvImageCodec's own host threads) in place of torchvision's.
 
 nvjpeg's CUDA decode (torchvision's) runs its Huffman pass on a host thread, behind one
 process-wide lock: more decode threads do not decode more, and that pass caps the engine's
@@ -12,8 +13,8 @@ second with the split than with nvjpeg alone (docs/performance.md). The engines 
 about half as fast as nvjpeg there, and their thread competes with the engine's for the GIL.
 
 nvImageCodec (pip ``nvidia-nvimgcodec-cu13`` with ``nvidia-nvjpeg``) is optional: without
-it, or on a GPU without NVJPG engines, :meth:`HardwareJpeg.load` gives None and nvjpeg
-decodes everything.
+it, or on a GPU without NVJPG engines, :meth:`NvImageCodecJpeg.load` gives None and torchvision's
+nvjpeg decodes everything.
 """
 
 from __future__ import annotations
@@ -36,50 +37,70 @@ def small_jpeg() -> bytes:
     return buffer.getvalue()
 
 
-class HardwareJpeg:
-    """Baseline JPEGs → full-size uint8 [3, H, W] views on ``device``, from the NVJPG engines.
-    One nvImageCodec decoder and CUDA stream per calling thread."""
+class NvImageCodecJpeg:
+    """Baseline JPEGs → full-size uint8 [3, H, W] views on ``device``, from one nvImageCodec
+    backend: ``"hardware"`` (the NVJPG engines) or ``"cuda"`` (nvjpeg's CUDA decoder, its
+    Huffman pass on ``cpu_threads`` host threads of nvImageCodec's own, outside the GIL and
+    torchvision's lock). One decoder per calling thread."""
 
-    def __init__(self, nvimgcodec, device: torch.device) -> None:  # noqa: ANN001 - the module
+    BACKENDS = {"hardware": "HW_GPU_ONLY", "cuda": "GPU_ONLY"}
+
+    def __init__(
+        self,
+        nvimgcodec,  # noqa: ANN001 - the module
+        device: torch.device,
+        backend: str = "hardware",
+        cpu_threads: int = 1,
+    ) -> None:
         self._codec, self.device = nvimgcodec, device
+        self.backend, self.cpu_threads = backend, cpu_threads
         self._local = threading.local()
 
     @classmethod
-    def load(cls, device: torch.device) -> HardwareJpeg | None:
-        """The hardware decoder of ``device`` if nvImageCodec is installed and the GPU has
-        NVJPG engines (it decodes a test image), else None."""
+    def load(
+        cls, device: torch.device, backend: str = "hardware", cpu_threads: int = 1
+    ) -> NvImageCodecJpeg | None:
+        """The ``backend`` decoder of ``device`` if nvImageCodec is installed and runs it
+        here (it decodes a test image; the hardware backend needs NVJPG engines), else None."""
         if device.type != "cuda":
             return None
         try:
             from nvidia import nvimgcodec
         except ImportError:
             return None
-        decoder = cls(nvimgcodec, device)
+        decoder = cls(nvimgcodec, device, backend, cpu_threads)
         try:
             images = decoder([small_jpeg()])
         except Exception as exc:  # noqa: BLE001 - no NVJPG, no nvjpeg library, ...
-            log.info("no hardware JPEG decode on %s: %s", device, exc)
+            log.info("no nvImageCodec %s JPEG decode on %s: %s", backend, device, exc)
             return None
         if images[0] is None:
-            log.info("no hardware JPEG decode on %s: it did not decode a test image", device)
+            log.info("no nvImageCodec %s JPEG decode on %s: a test image failed", backend, device)
             return None
-        log.info("hardware JPEG decode (nvImageCodec %s) on %s", nvimgcodec.__version__, device)
+        log.info(
+            "nvImageCodec %s JPEG decode (%s, %d host threads) on %s",
+            backend,
+            nvimgcodec.__version__,
+            cpu_threads,
+            device,
+        )
         return decoder
 
     def _thread_state(self) -> tuple[object, torch.cuda.Stream]:
         local = self._local
         if not hasattr(local, "decoder"):
             codec = self._codec
+            kind = getattr(codec.BackendKind, self.BACKENDS[self.backend])
             local.decoder = codec.Decoder(
                 device_id=self.device.index or 0,
-                backends=[codec.Backend(codec.BackendKind.HW_GPU_ONLY)],
-                max_num_cpu_threads=1,
+                backends=[codec.Backend(kind)],
+                max_num_cpu_threads=self.cpu_threads,
             )
             local.stream = torch.cuda.Stream(self.device)
         return local.decoder, local.stream
 
     def __call__(self, jpegs: Sequence[bytes | bytearray]) -> list[torch.Tensor | None]:
-        """Each JPEG's image (None where the hardware refused it), complete on return: the
+        """Each JPEG's image (None where the backend refused it), complete on return: the
         caller's stream may read them without waiting on this thread's."""
         decoder, stream = self._thread_state()
         images = decoder.decode([bytes(j) for j in jpegs], cuda_stream=stream.cuda_stream)
