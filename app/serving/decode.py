@@ -79,6 +79,11 @@ class Pixels:
 Payload = Encoded | torch.Tensor | Pixels | Preprocessed
 
 
+# Who may decode an image, as each image's timings name it: torchvision's nvjpeg,
+# nvImageCodec's CUDA decoder, the NVJPG engines, or the CPU path (simplejpeg or Pillow).
+DECODER_NAMES = ("nvjpeg", "nvimgcodec", "hardware", "pillow")
+
+
 @dataclass
 class DecodedBatch:
     """The batch's images that decoded, as rows of ``inputs``, and why the others did not."""
@@ -87,8 +92,7 @@ class DecodedBatch:
     rows: list[int]  # payload index of each row of ``inputs``
     errors: dict[int, Exception] = field(default_factory=dict)  # payload index -> error
     seconds: float = 0.0
-    # payload index -> "nvjpeg" (torchvision's), "nvimgcodec" (its CUDA decoder), "hardware"
-    # (the NVJPG engines) or "pillow"
+    # payload index -> one of DECODER_NAMES
     decoders: dict[int, str] = field(default_factory=dict)
 
 

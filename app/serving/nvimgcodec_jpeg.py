@@ -103,7 +103,8 @@ class NvImageCodecJpeg:
         """Each JPEG's image (None where the backend refused it), complete on return: the
         caller's stream may read them without waiting on this thread's."""
         decoder, stream = self._thread_state()
-        images = decoder.decode([bytes(j) for j in jpegs], cuda_stream=stream.cuda_stream)
+        # bytes and bytearrays (the engine's copies out of the arena) go in as they are
+        images = decoder.decode(list(jpegs), cuda_stream=stream.cuda_stream)
         stream.synchronize()
         return [
             None if image is None else torch.from_dlpack(image).permute(2, 0, 1) for image in images

@@ -45,7 +45,7 @@ class ImageResult:
     queue_s: float
     inference_s: float
     batch_size: int
-    decoder: str | None  # "nvjpeg", "hardware", "pillow" (the CPU path), None if decoded before
+    decoder: str | None  # one of decode.DECODER_NAMES, None if decoded before
 
 
 class ClassifyPipeline:

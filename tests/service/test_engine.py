@@ -19,7 +19,7 @@ import torch
 
 from app.bench.server import running_server
 from app.serving.batcher import BatcherStopped, DeadlineExceeded, Prediction, QueueFull
-from app.serving.decode import Encoded, Pixels, Preprocessed
+from app.serving.decode import DECODER_NAMES, Encoded, Pixels, Preprocessed
 from app.serving.engine import client
 from app.serving.engine.arena import ShmArena, attach
 from app.serving.engine.client import EngineLink, payload_item
@@ -110,7 +110,7 @@ def prediction(k: int = 3, classes: int = 10, decoder: str | None = "nvjpeg") ->
     return Prediction(probs, scores.tolist(), indices.tolist(), 0.001, 0.002, 0.003, 100, decoder)
 
 
-@pytest.mark.parametrize("decoder", ["nvjpeg", "pillow", None])
+@pytest.mark.parametrize("decoder", [None, *DECODER_NAMES])
 def test_an_answer_is_packed_without_json_and_read_back_whole(decoder):
     sent = prediction(decoder=decoder)
     data = answer_frame(41, sent)

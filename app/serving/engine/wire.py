@@ -29,7 +29,8 @@ MAX_FRAME = 64 * 1024 * 1024
 READ_CHUNK = 1 << 20  # a reader takes what has arrived, up to this, and parses every frame in it
 # id, queue_s, decode_s, inference_s, batch size, decoder, k (scores and indices follow)
 ANSWER = struct.Struct("<qdddIBB")
-DECODERS = (None, "nvjpeg", "pillow", "hardware")
+# an answer's decoder, by index: new names go at the end (a worker and its engine may differ)
+DECODERS = (None, "nvjpeg", "pillow", "hardware", "nvimgcodec")
 
 
 class EngineUnavailable(Exception):
