@@ -30,7 +30,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -263,44 +263,16 @@ class BatchDecoder:
             else None
         )
         if on_gpu:
-            try:
-                decoded = self._timed(
-                    "nvjpeg", self.nvjpeg_decode, [encoded[i].data for i in on_gpu]
-                )
-            except Exception as exc:  # noqa: BLE001 - one bad image fails nvjpeg's whole batch
-                log.warning(
-                    "%s failed on %d images (%s); Pillow decodes them",
-                    self.gpu_decoder,
-                    len(on_gpu),
-                    exc,
-                )
-                decoded = [None] * len(on_gpu)
+            jpegs = [encoded[i].data for i in on_gpu]
+            decoded = self._guarded(
+                self.gpu_decoder, on_gpu, lambda: self._timed("nvjpeg", self.nvjpeg_decode, jpegs)
+            )
             on_cpu |= self._place_decoded(
-                dict(zip(on_gpu, decoded, strict=True)),
-                self.gpu_decoder,
-                encoded,
-                crops,
-                images,
-                decoders,
+                decoded, self.gpu_decoder, encoded, crops, images, decoders
             )
         if hardware is not None:
-            try:
-                decoded = hardware.result()
-            except Exception as exc:  # noqa: BLE001 - as nvjpeg's: the CPU path takes them
-                log.warning(
-                    "hardware decode failed on %d images (%s); Pillow decodes them",
-                    len(on_hardware),
-                    exc,
-                )
-                decoded = [None] * len(on_hardware)
-            on_cpu |= self._place_decoded(
-                dict(zip(on_hardware, decoded, strict=True)),
-                "hardware",
-                encoded,
-                crops,
-                images,
-                decoders,
-            )
+            decoded = self._guarded("hardware", on_hardware, hardware.result)
+            on_cpu |= self._place_decoded(decoded, "hardware", encoded, crops, images, decoders)
         errors: dict[int, Exception] = {}
         for i, future in on_cpu.items():
             result = future.result()
@@ -329,6 +301,18 @@ class BatchDecoder:
         decoded = decode(jpegs)
         self.split.observe(backend, len(jpegs), time.perf_counter() - started)
         return decoded
+
+    @staticmethod
+    def _guarded(
+        decoder: str, rows: list[int], decode: Callable[[], list[torch.Tensor | None]]
+    ) -> dict[int, torch.Tensor | None]:
+        """``decode()``'s images by row, or None for every row where it raised (one bad image
+        fails nvjpeg's whole batch): the CPU path then takes them one by one."""
+        try:
+            return dict(zip(rows, decode(), strict=True))
+        except Exception as exc:  # noqa: BLE001 - any failure: Pillow decodes them
+            log.warning("%s failed on %d images (%s); Pillow decodes them", decoder, len(rows), exc)
+            return dict.fromkeys(rows)
 
     def _place_decoded(
         self,
