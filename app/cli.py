@@ -12,12 +12,7 @@ from typing import NoReturn
 from pydantic import ValidationError
 
 from app.config import Settings
-
-
-def _store(args: argparse.Namespace):
-    from app.store import ModelStore
-
-    return ModelStore(args.store or Settings().store_dir)
+from app.store.cli import add_store_commands, store_from
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -28,133 +23,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
 
 
-def cmd_store_pull(args: argparse.Namespace) -> int:
-    from app.store.pull import pull
-
-    manifest = pull(_store(args), args.arch, name=args.name)
-    print(f"pulled {manifest.name}: sha256 {manifest.weights.sha256}")
-    return 0
-
-
-def cmd_store_import(args: argparse.Namespace) -> int:
-    from app.store.pull import import_checkpoint
-
-    manifest = import_checkpoint(_store(args), Path(args.file), args.arch, name=args.name)
-    print(f"imported {manifest.name}: sha256 {manifest.weights.sha256}")
-    return 0
-
-
-def cmd_store_random(args: argparse.Namespace) -> int:
-    from app.store.pull import random_entry
-
-    manifest = random_entry(
-        _store(args), args.arch, name=args.name, config=args.config, seed=args.seed
-    )
-    print(f"created {manifest.name} ({manifest.variant}, random weights)")
-    return 0
-
-
-def cmd_store_build(args: argparse.Namespace) -> int:
-    from app.store.build import build
-
-    build(
-        _store(args),
-        args.name,
-        device=args.device,
-        checkpoint_every=args.checkpoint_every,
-        dry_run=args.dry_run,
-    )
-    return 0
-
-
-def cmd_store_export(args: argparse.Namespace) -> int:
-    from app.store.share import export_archive
-
-    out = export_archive(_store(args), args.name, Path(args.output or f"{args.name}.tar"))
-    print(f"exported {args.name} to {out}")
-    return 0
-
-
-def cmd_store_import_archive(args: argparse.Namespace) -> int:
-    from app.store.share import import_archive
-
-    manifest = import_archive(_store(args), Path(args.file))
-    print(f"imported {manifest.name}: sha256 {manifest.weights.sha256}")
-    return 0
-
-
-def cmd_store_push(args: argparse.Namespace) -> int:
-    from app.store.share import push
-
-    print(f"pushed {args.name} to {args.repo}: {push(_store(args), args.name, args.repo)}")
-    return 0
-
-
-def cmd_store_pull_entry(args: argparse.Namespace) -> int:
-    from app.store.share import pull_entry
-
-    manifest = pull_entry(_store(args), args.name, args.repo, revision=args.revision)
-    print(f"pulled {manifest.name} from {args.repo}: sha256 {manifest.weights.sha256}")
-    return 0
-
-
-def cmd_store_list(args: argparse.Namespace) -> int:
-    from app.store import StoreError
-
-    store = _store(args)
-    rows = []
-    for name in store.names():
-        try:
-            m = store.manifest(name)
-            weights = "present" if store.has_weights(name) else "absent"
-            if m.teacher is not None:
-                weights += f" (derived from {m.teacher.name})"
-            rows.append((name, m.variant, m.architecture, str(m.compression or "-"), weights))
-        except StoreError as exc:
-            rows.append((name, "?", "?", "?", f"invalid: {exc}"))
-    if args.json:
-        print(
-            json.dumps(
-                [
-                    dict(zip(("name", "variant", "arch", "compression", "weights"), r, strict=True))
-                    for r in rows
-                ],
-                indent=2,
-            )
-        )
-        return 0
-    widths = [
-        max(
-            len(str(r[i]))
-            for r in rows + [("name", "variant", "architecture", "compression", "weights")]
-        )
-        for i in range(5)
-    ]
-    for r in [("name", "variant", "architecture", "compression", "weights"), *rows]:
-        print("  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)))
-    return 0
-
-
-def cmd_store_verify(args: argparse.Namespace) -> int:
-    from app.store import StoreError
-
-    store = _store(args)
-    failed = 0
-    for name in args.names or store.names():
-        try:
-            store.load(name)
-            print(f"ok       {name}")
-        except StoreError as exc:
-            failed += 1
-            print(f"FAILED   {name}: {exc}")
-    return 1 if failed else 0
-
-
 def cmd_analyze(args: argparse.Namespace) -> int:
     from app.train.analysis import analyze
     from app.train.data import list_images
 
-    loaded = _store(args).load(args.model)
+    loaded = store_from(args).load(args.model)
     report = analyze(
         loaded.module,
         list_images(args.images),
@@ -188,7 +61,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     out = args.out or f"{args.teacher}-{slug}"[:64]
     if args.images is None:
         manifest = run_training_free(
-            _store(args),
+            store_from(args),
             args.teacher,
             cfg,
             args.eval_images,
@@ -201,7 +74,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
         print(f"wrote store entry {manifest.name} (training-free)")
         return 0
     manifest = run_compress(
-        _store(args),
+        store_from(args),
         args.teacher,
         cfg,
         args.images,
@@ -273,55 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--http-server", dest="http_server", choices=["uvicorn", "granian"])
     serve.set_defaults(func=cmd_serve)
 
-    store = sub.add_parser("store", help="manage the model store").add_subparsers(
-        dest="store_command", required=True
-    )
-    for name, func, help_ in (
-        ("pull", cmd_store_pull, "create an entry from timm's pretrained weights (HF hub/cache)"),
-        ("import", cmd_store_import, "create an entry from a local .pth/.safetensors checkpoint"),
-        ("random", cmd_store_random, "create an entry with random weights (speed tests only)"),
-        ("list", cmd_store_list, "list entries"),
-        ("verify", cmd_store_verify, "check manifests, checksums and tensor shapes"),
-        ("build", cmd_store_build, "run a distilled entry's recorded recipe (resumable)"),
-        ("export", cmd_store_export, "write an entry (manifest + weights) to one .tar"),
-        ("import-archive", cmd_store_import_archive, "add an entry from an exported .tar"),
-        ("push", cmd_store_push, "upload an entry to a Hugging Face Hub repo (folder NAME/)"),
-        ("pull-entry", cmd_store_pull_entry, "fetch an entry pushed to a Hub repo"),
-    ):
-        p = store.add_parser(name, help=help_)
-        p.add_argument("--store", type=Path, help="store folder (default: VITSERVE_STORE_DIR)")
-        p.set_defaults(func=func)
-        if name == "pull":
-            p.add_argument("arch", help="timm model name, e.g. deit_tiny_patch16_224")
-            p.add_argument("--name", help="entry name (default: the timm name)")
-        elif name == "import":
-            p.add_argument("file", help="checkpoint (.safetensors, or .pth read weights-only)")
-            p.add_argument("--arch", required=True, help="timm model name of the checkpoint")
-            p.add_argument("--name", help="entry name (default: the timm name)")
-        elif name == "random":
-            p.add_argument("arch", help="timm model name, e.g. deit_small_patch16_224")
-            p.add_argument("--name", required=True, help="entry name")
-            p.add_argument("--config", help="compression preset or config text (else dense)")
-            p.add_argument("--seed", type=int, default=0)
-        elif name == "list":
-            p.add_argument("--json", action="store_true")
-        elif name == "build":
-            p.add_argument("name", help="entry whose manifest records a compress command")
-            p.add_argument("--device", help="override the recipe's device (e.g. cpu)")
-            p.add_argument("--checkpoint-every", dest="checkpoint_every", type=int, default=50)
-            p.add_argument("--dry-run", dest="dry_run", action="store_true", help="print it")
-        elif name == "export":
-            p.add_argument("name")
-            p.add_argument("-o", "--output", help="archive path (default: NAME.tar)")
-        elif name == "import-archive":
-            p.add_argument("file", help="a .tar written by `vitserve store export`")
-        elif name in ("push", "pull-entry"):
-            p.add_argument("name")
-            p.add_argument("--repo", required=True, help="Hub repo id, e.g. org/vitserve-models")
-            if name == "pull-entry":
-                p.add_argument("--revision", help="branch, tag or commit (default: main)")
-        else:
-            p.add_argument("names", nargs="*", help="entries (default: all)")
+    add_store_commands(sub)
+
     analyze = sub.add_parser("analyze", help="attention similarity and rank per layer; a config")
     analyze.add_argument("--model", required=True, help="dense store entry")
     analyze.add_argument("--images", type=Path, required=True, help="folder of images")
