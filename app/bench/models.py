@@ -264,8 +264,6 @@ def run_models_bench(
     Returns the report as written to ``out_dir/models-<device>-<YYYYMMDD-HHMMSS>.json``,
     plus ``"path"``, the file written.
     """
-    # Here, not at the top: app.bench.layers builds on this module's helpers.
-
     if compile_mode not in COMPILE_MODES:
         raise ValueError(f"compile_mode must be one of {COMPILE_MODES}, not {compile_mode!r}")
     dev = timing_device(device)

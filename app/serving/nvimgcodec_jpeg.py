@@ -43,7 +43,9 @@ class NvImageCodecJpeg:
     Huffman pass on ``cpu_threads`` host threads of nvImageCodec's own, outside the GIL and
     torchvision's lock). One decoder per calling thread."""
 
-    BACKENDS = {"hardware": "HW_GPU_ONLY", "cuda": "GPU_ONLY"}
+    # nvImageCodec's backend kinds: its nvjpeg CUDA decoder registers as HYBRID_CPU_GPU (the
+    # Huffman pass on the host), so a decoder asked for GPU_ONLY has no JPEG decoder at all
+    BACKENDS = {"hardware": "HW_GPU_ONLY", "cuda": "HYBRID_CPU_GPU"}
 
     def __init__(
         self,

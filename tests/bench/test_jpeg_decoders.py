@@ -13,6 +13,7 @@ from app.bench.jpeg_decoders import (
     fused_runs,
     makers,
     rate,
+    run,
     steps,
 )
 from app.serving.preprocess import Preprocessor
@@ -89,3 +90,15 @@ def test_several_threads_decode_at_once_and_a_failing_one_fails_the_measure() ->
 
     with pytest.raises(RuntimeError, match="no decoder"):
         rate(lambda: (broken, None), jpegs(), threads=2, seconds=0.05)
+
+
+def test_a_decoder_asked_for_but_not_made_here_is_named_not_dropped(tmp_path) -> None:
+    """A decoder that cannot be made (no CUDA, no library, a backend kind with no JPEG
+    decoder) leaves no row: the result names it, so a missing row is not read as slow."""
+    for i, data in enumerate(jpegs(2)):
+        (tmp_path / f"{i}.jpg").write_bytes(data)
+    result = run(
+        tmp_path, device=CPU, batches=[2], seconds=0.02, names=["simplejpeg", "nvimgcodec-cuda"]
+    )
+    assert {row["decoder"] for row in result["rows"]} == {"simplejpeg"}
+    assert result["missing"] == ["nvimgcodec-cuda"]

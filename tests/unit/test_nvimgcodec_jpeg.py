@@ -146,10 +146,10 @@ def test_a_cuda_decoder_in_place_of_torchvisions_leaves_what_it_refuses_to_the_c
 @pytest.mark.gpu
 @needs_cuda
 def test_nvimgcodecs_cuda_decoder_decodes_within_the_eval_transforms_tolerance():
+    pytest.importorskip("nvidia.nvimgcodec", reason="nvImageCodec (the hwdecode extra)")
     cuda = torch.device("cuda")
     cuda_jpeg = NvImageCodecJpeg.load(cuda, "cuda", cpu_threads=4)
-    if cuda_jpeg is None:
-        pytest.skip("no nvImageCodec here")
+    assert cuda_jpeg is not None, "nvImageCodec is installed but its CUDA decoder did not load"
     pre = Preprocessor(DEIT, max_pixels=40_000_000)
     plain = [photo((500 - 20 * s, 375), seed=s) for s in range(6)]
     with ThreadPoolExecutor(2) as pool:
