@@ -12,6 +12,11 @@ Off by default (``VITSERVE_HARDWARE_DECODE``): on the H200 the service served fe
 second with the split than with nvjpeg alone (docs/performance.md). The engines alone decode
 about half as fast as nvjpeg there, and their thread competes with the engine's for the GIL.
 
+nvImageCodec's CUDA decoder (``VITSERVE_GPU_JPEG_DECODER=nvimgcodec``) is the same nvjpeg
+decode in place of torchvision's, its Huffman pass spread over host threads of its own that
+run outside the GIL: one engine's decode stage is then no longer one host thread's.
+Unmeasured on a GPU so far, so off by default.
+
 nvImageCodec (pip ``nvidia-nvimgcodec-cu13`` with ``nvidia-nvjpeg``) is optional: without
 it, or on a GPU without NVJPG engines, :meth:`NvImageCodecJpeg.load` gives None and torchvision's
 nvjpeg decodes everything.
