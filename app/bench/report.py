@@ -28,6 +28,7 @@ from app.bench.compression_tables import (
     variants_table,
 )
 from app.bench.engine_ceiling import ceiling_table
+from app.bench.engine_loop import loop_table
 from app.bench.service_tables import (
     baseline_table,
     decode_table,
@@ -77,6 +78,7 @@ RENDERERS: dict[str, Callable[[Table, Path], list[str]]] = {
     "levels": levels_table,
     "perf_analyzer": perf_analyzer_table,
     "engine_ceiling": ceiling_table,
+    "engine_loop": loop_table,
     "front": front_table,
     "variants": variants_table,
     "settings": settings_table,

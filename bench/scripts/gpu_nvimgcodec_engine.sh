@@ -6,7 +6,8 @@
 #   2. each GPU decoder's ceiling (torchvision; nvImageCodec CUDA on 1, 4 and 8 host threads,
 #      with GPU Huffman, and the JPEG engines + CUDA on 8), on 1 and 2 Python threads;
 #   3. the engine alone (app.bench.engine_ceiling), DeiT-S dense and merge-t5, batch 64:
-#      torchvision (JPEG and client pixels), then nvImageCodec (JPEG, 1 and 2 decode threads);
+#      torchvision (JPEG and client pixels), its Python per image (app.bench.engine_loop),
+#      then nvImageCodec (JPEG, 1 and 2 decode threads);
 #   4. in the time left, part s of gpu_engine.sh (dense DeiT-S, end to end) with nvImageCodec.
 # Reproduces: the decoders and engine-ceiling tables of docs/performance.md. ~9.5 min.
 #   OUT=$OUT bash bench/scripts/gpu_nvimgcodec_engine.sh
@@ -33,6 +34,9 @@ ec=(--store $store --images "$images" --count 96 --device cuda --seconds 2.5 --w
   --in-flight 2048 --models deit_small deit_small-merge-t5 --batches 64 --out "$out/engine")
 timeout 80 python3 -m app.bench.engine_ceiling "${ec[@]}" --kinds pixels jpeg --decode-threads 2 \
   2>&1 | grep "^| deit\|speedup\|Error"
+# the engine's own CPU per image (no decode) on this host's cores
+timeout 60 python3 -m app.bench.engine_loop --store $store --model deit_small --device cuda \
+  --concurrency 256 --seconds 5 --out "$out/engine" 2>&1 | grep "^| pre\|Error"
 export VITSERVE_GPU_JPEG_DECODER=nvimgcodec VITSERVE_NVIMGCODEC_THREADS=${NVIMGCODEC_THREADS:-8}
 timeout 100 python3 -m app.bench.engine_ceiling "${ec[@]}" --kinds jpeg --decode-threads 1 2 \
   2>&1 | grep "^| deit\|speedup\|Error\|nvImageCodec"
