@@ -50,20 +50,16 @@ def _batch_of(images: Images, batch_size: int) -> list[bytes]:
 def _warm_decoder(
     pre: Preprocessor, settings: Any, dev: torch.device, pool: Executor, *, nvjpeg: bool
 ) -> BatchDecoder:
-    """The decode stage as the server builds it (``settings``' dtype, the JPEG engines where
-    they run and are allowed), warmed up."""
-    hardware = nvjpeg and settings.hardware_decode
-    cuda_jpeg = nvjpeg and settings.gpu_jpeg_decoder == "nvimgcodec"
+    """The decode stage as the server builds it (``settings``' dtype, nvImageCodec's decoders
+    where they run and are asked for), warmed up."""
     decoder = BatchDecoder(
         pre,
         device=dev,
         dtype=resolve_dtype(settings.dtype, dev),
         pool=pool,
         nvjpeg=nvjpeg,
-        hardware=NvImageCodecJpeg.load(dev) if hardware else None,
-        cuda_jpeg=NvImageCodecJpeg.load(dev, "cuda", settings.nvimgcodec_threads)
-        if cuda_jpeg
-        else None,
+        hardware=NvImageCodecJpeg.asked(settings, dev, "hardware") if nvjpeg else None,
+        cuda_jpeg=NvImageCodecJpeg.asked(settings, dev, "cuda") if nvjpeg else None,
     )
     decoder.warm_up()
     return decoder

@@ -32,6 +32,8 @@ from collections.abc import Sequence
 import torch
 from PIL import Image
 
+from app.config import Settings
+
 log = logging.getLogger(__name__)
 
 
@@ -92,6 +94,26 @@ class NvImageCodecJpeg:
             device,
         )
         return decoder
+
+    @classmethod
+    def asked(
+        cls, settings: Settings, device: torch.device, backend: str
+    ) -> NvImageCodecJpeg | None:
+        """The ``backend`` decoder of ``device`` where ``settings`` ask for it
+        (``VITSERVE_HARDWARE_DECODE``, ``VITSERVE_GPU_JPEG_DECODER``) and it runs, else None;
+        asked for and not running is worth a warning, not only :meth:`load`'s info line."""
+        wanted = (
+            settings.hardware_decode
+            if backend == "hardware"
+            else settings.gpu_jpeg_decoder == "nvimgcodec"
+        )
+        if not settings.gpu_decode or not wanted:
+            return None
+        threads = settings.nvimgcodec_threads if backend == "cuda" else 1
+        found = cls.load(device, backend, threads)
+        if found is None:
+            log.warning("nvImageCodec's %s JPEG decoder does not run on %s", backend, device)
+        return found
 
     def _thread_state(self) -> tuple[object, torch.cuda.Stream]:
         local = self._local

@@ -236,16 +236,9 @@ class ModelPool:
 
     def nvimgcodec_jpeg(self, device: torch.device, backend: str) -> NvImageCodecJpeg | None:
         """nvImageCodec's ``backend`` decoder ("hardware": the JPEG engines; "cuda": its nvjpeg
-        decoder) of ``device`` where the settings ask for it and it runs."""
-        s = self.settings
-        wanted = s.hardware_decode if backend == "hardware" else s.gpu_jpeg_decoder == "nvimgcodec"
-        if not s.gpu_decode or not wanted:
-            return None
+        decoder) of ``device`` where the settings ask for it and it runs; found once."""
         if (device, backend) not in self._nvimgcodec:
-            threads = s.nvimgcodec_threads if backend == "cuda" else 1
-            found = NvImageCodecJpeg.load(device, backend, threads)
-            if found is None:  # asked for, so worth more than load's info line
-                log.warning("nvImageCodec's %s JPEG decoder does not run on %s", backend, device)
+            found = NvImageCodecJpeg.asked(self.settings, device, backend)
             self._nvimgcodec[device, backend] = found
         return self._nvimgcodec[device, backend]
 

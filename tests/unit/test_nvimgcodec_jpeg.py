@@ -26,6 +26,13 @@ DEIT = Preprocessing(input_size=(3, 224, 224), crop_pct=0.9, interpolation="bicu
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (nvjpeg)")
 
 
+def assert_within_eval_tolerance(inputs: torch.Tensor, photos: list[bytes], pre) -> None:
+    """The batch's rows lie within 3 grey levels on average of the eval transform's crops."""
+    expected = torch.stack([pre(d) for d in photos]).to(inputs.device)
+    grey_levels = ((inputs - expected) * pre.std.to(inputs.device)[:, None, None] * 255).abs()
+    assert grey_levels.mean() < 3, f"mean {grey_levels.mean():.2f} grey levels"
+
+
 def test_the_share_balances_the_backends_so_both_finish_together():
     split = Split(smoothing=1.0)
     assert split.count(64) == 32  # no measurement yet: half each
@@ -97,9 +104,7 @@ def test_a_batch_splits_between_backends_and_refused_images_fall_back_to_the_cpu
         "hardware",
     ] + ["nvjpeg"] * 4
     assert threading.get_ident() not in hardware.threads  # beside nvjpeg, not after
-    expected = torch.stack([pre(d) for d in plain]).to(cuda)
-    grey_levels = ((batch.inputs - expected) * pre.std.to(cuda)[:, None, None] * 255).abs()
-    assert grey_levels.mean() < 3, f"mean {grey_levels.mean():.2f} grey levels"
+    assert_within_eval_tolerance(batch.inputs, plain, pre)
     assert set(decoder.split._per_image) == {"hardware", "nvjpeg"}  # both measured
 
 
@@ -119,9 +124,7 @@ def test_the_jpeg_engines_decode_within_the_eval_transforms_tolerance():
         decoder.split.share = 5 / 6  # all but the last to the engines (0.95 rounds to all 6)
         batch = decoder([Encoded(d, pre.probe(d)) for d in plain])
     assert [batch.decoders[i] for i in range(6)] == ["hardware"] * 5 + ["nvjpeg"]
-    expected = torch.stack([pre(d) for d in plain]).to(cuda)
-    grey_levels = ((batch.inputs - expected) * pre.std.to(cuda)[:, None, None] * 255).abs()
-    assert grey_levels.mean() < 3, f"mean {grey_levels.mean():.2f} grey levels"
+    assert_within_eval_tolerance(batch.inputs, plain, pre)
 
 
 @pytest.mark.gpu
@@ -138,9 +141,7 @@ def test_a_cuda_decoder_in_place_of_torchvisions_leaves_what_it_refuses_to_the_c
         batch = decoder([Encoded(d, pre.probe(d)) for d in plain])
     assert not batch.errors and batch.rows == list(range(4))
     assert [batch.decoders[i] for i in range(4)] == ["nvimgcodec"] * 2 + ["pillow", "nvimgcodec"]
-    expected = torch.stack([pre(d) for d in plain]).to(cuda)
-    grey_levels = ((batch.inputs - expected) * pre.std.to(cuda)[:, None, None] * 255).abs()
-    assert grey_levels.mean() < 3, f"mean {grey_levels.mean():.2f} grey levels"
+    assert_within_eval_tolerance(batch.inputs, plain, pre)
 
 
 @pytest.mark.gpu
@@ -158,9 +159,7 @@ def test_nvimgcodecs_cuda_decoder_decodes_within_the_eval_transforms_tolerance()
         )
         batch = decoder([Encoded(d, pre.probe(d)) for d in plain])
     assert [batch.decoders[i] for i in range(6)] == ["nvimgcodec"] * 6
-    expected = torch.stack([pre(d) for d in plain]).to(cuda)
-    grey_levels = ((batch.inputs - expected) * pre.std.to(cuda)[:, None, None] * 255).abs()
-    assert grey_levels.mean() < 3, f"mean {grey_levels.mean():.2f} grey levels"
+    assert_within_eval_tolerance(batch.inputs, plain, pre)
 
 
 @pytest.mark.parametrize("asked", [False, True])
