@@ -5,9 +5,12 @@ engine link an HTTP worker uses (shared-memory arena, frames on a Unix socket), 
 ``--concurrency`` images in flight. The inputs need no decoding: ``preprocessed`` (the v2
 FP32 input, at the model's size) or ``pixels`` (the v2 UINT8 input, 224×224), so what the
 engine spends per image is its event loop, the frames, the batcher, the metrics and the
-forward -- the part every image pays whatever decodes it. Its figure per row: images/s, the
-engine's CPU µs per image and cores busy (an engine near one core is bound by its GIL: its
-Python per image sets its ceiling), and the feeder's µs per image.
+forward -- the part every image pays whatever decodes it. Its figures per row: images/s,
+the engine's CPU µs per image and cores busy, the forward's time and its inference thread's
+CPU per image and the mean batch (the engine's own counters), and the feeder's µs per image.
+On a CPU the forward computes on the engine's cores, mostly outside the GIL: the engine's CPU
+per image less the forward's ("the rest") is what its frames, loop, batcher and answers
+cost, the part that holds its GIL.
 
     python -m app.bench.engine_loop --store /tmp/store --model tiny --device cpu
 """
@@ -51,9 +54,11 @@ def cpu_s(pid: int) -> float:
 
 async def drive(
     link: EngineLink, model: str, item: Payload, concurrency: int, warmup: float, seconds: float
-) -> tuple[int, float, float, float]:
-    """Keep ``concurrency`` images in flight; over the last ``seconds``: (images answered,
-    elapsed, the engine's CPU seconds, this process's CPU seconds)."""
+) -> dict[str, float]:
+    """Keep ``concurrency`` images in flight; over the last ``seconds``: images answered,
+    elapsed, the engine's CPU seconds, this process's CPU seconds, and from the engine's own
+    counters (its status frames, up to half a second old at either end, so only their ratios
+    are used) the forward's seconds per image and the mean batch."""
     done, stop = 0, False
 
     async def one_at_a_time() -> None:
@@ -62,15 +67,27 @@ async def drive(
             await link.infer(model, item, time.monotonic() + 60)
             done += 1
 
+    def computed() -> dict[str, float]:
+        return link.status["models"][model]["computed"]
+
     tasks = [asyncio.create_task(one_at_a_time()) for _ in range(concurrency)]
     await asyncio.sleep(warmup)
     pid = link.status["pid"]
-    d0, e0, f0, t0 = done, cpu_s(pid), time.process_time(), time.monotonic()
+    d0, e0, f0, t0, c0 = done, cpu_s(pid), time.process_time(), time.monotonic(), computed()
     await asyncio.sleep(seconds)
-    d1, e1, f1, t1 = done, cpu_s(pid), time.process_time(), time.monotonic()
+    d1, e1, f1, t1, c1 = done, cpu_s(pid), time.process_time(), time.monotonic(), computed()
     stop = True
     await asyncio.gather(*tasks, return_exceptions=True)
-    return d1 - d0, t1 - t0, e1 - e0, f1 - f0
+    images = c1["images"] - c0["images"]
+    return {
+        "images": d1 - d0,
+        "elapsed": t1 - t0,
+        "engine_s": e1 - e0,
+        "feeder_s": f1 - f0,
+        "forward_s_per_image": (c1["forward_s"] - c0["forward_s"]) / images,
+        "forward_cpu_s_per_image": (c1["forward_cpu_s"] - c0["forward_cpu_s"]) / images,
+        "mean_batch": images / (c1["batches"] - c0["batches"]),
+    }
 
 
 async def measure(args: argparse.Namespace, settings: Settings) -> list[dict[str, Any]]:
@@ -91,16 +108,17 @@ async def measure(args: argparse.Namespace, settings: Settings) -> list[dict[str
             for kind in args.inputs:
                 for concurrency in args.concurrency:
                     item = payload(kind, input_size)
-                    images, elapsed, engine_s, feeder_s = await drive(
-                        link, args.model, item, concurrency, args.warmup, args.seconds
-                    )
+                    m = await drive(link, args.model, item, concurrency, args.warmup, args.seconds)
                     row = {
                         "input": kind,
                         "concurrency": concurrency,
-                        "img_s": images / elapsed,
-                        "engine_us_per_image": 1e6 * engine_s / images,
-                        "engine_cores": engine_s / elapsed,
-                        "feeder_us_per_image": 1e6 * feeder_s / images,
+                        "img_s": m["images"] / m["elapsed"],
+                        "engine_us_per_image": 1e6 * m["engine_s"] / m["images"],
+                        "engine_cores": m["engine_s"] / m["elapsed"],
+                        "forward_us_per_image": 1e6 * m["forward_s_per_image"],
+                        "forward_cpu_us_per_image": 1e6 * m["forward_cpu_s_per_image"],
+                        "mean_batch": m["mean_batch"],
+                        "feeder_us_per_image": 1e6 * m["feeder_s"] / m["images"],
                     }
                     print(format_rows([row]).splitlines()[-1], flush=True)
                     rows.append(row)
@@ -112,17 +130,37 @@ async def measure(args: argparse.Namespace, settings: Settings) -> list[dict[str
     return rows
 
 
-ROW_HEADER = ["input", "in flight", "img/s", "engine µs CPU/img", "engine cores"]
+ROW_HEADER = [
+    "input",
+    "in flight",
+    "img/s",
+    "engine µs CPU/img",
+    "engine cores",
+    "forward µs/img: wall / CPU",
+    "the rest µs CPU/img",
+    "mean batch",
+]
 
 
 def row_cells(r: dict[str, Any]) -> list[str]:
-    """A row's input, level, rate and the engine's CPU, as the console and the docs show them."""
-    return [
+    """A row's input, level, rate, the engine's CPU, its forward, the rest (the engine's CPU
+    less the forward's) and the batch, as the console and the docs show them (runs from
+    before the engine counted its forwards: –)."""
+    cells = [
         r["input"],
         str(r["concurrency"]),
         f"{r['img_s']:,.0f}",
         f"{r['engine_us_per_image']:.0f}",
         f"{r['engine_cores']:.2f}",
+    ]
+    if "forward_cpu_us_per_image" not in r:
+        return [*cells, "–", "–", "–"]
+    forward_cpu = r["forward_cpu_us_per_image"]
+    return [
+        *cells,
+        f"{r['forward_us_per_image']:.0f} / {forward_cpu:.0f}",
+        f"{r['engine_us_per_image'] - forward_cpu:.0f}",
+        f"{r['mean_batch']:.1f}",
     ]
 
 

@@ -66,6 +66,17 @@ class Prediction:
     decoder: str | None
 
 
+@dataclass
+class Computed:
+    """What a batcher has computed since it started. An engine's status frames carry it, so
+    a bench can tell the forward's share of the engine's time per image from the rest."""
+
+    images: int = 0
+    batches: int = 0
+    forward_s: float = 0.0  # on the inference thread, per batch as timed for the metrics
+    forward_cpu_s: float = 0.0  # the inference thread's own CPU in them (not its OpenMP pool)
+
+
 Predict = Callable[[torch.Tensor], torch.Tensor]
 Decode = Callable[[Sequence[Any]], DecodedBatch]
 
@@ -130,6 +141,7 @@ class DynamicBatcher:
         self._task: asyncio.Task[None] | None = None
         self._accepting = False
         self._last_batch_s = 0.05
+        self.computed = Computed()
         # this model's children of the metrics, looked up once (they are touched per image)
         self._queue_depth = metrics.queue_depth.labels(name)
         self._queue_wait = metrics.queue_wait.labels(name)
@@ -248,7 +260,9 @@ class DynamicBatcher:
         if computing is None:
             return
         try:
-            started, finished, keep, probs, (scores, indices) = await asyncio.wrap_future(computing)
+            started, finished, cpu_s, keep, probs, (scores, indices) = await asyncio.wrap_future(
+                computing
+            )
         except Exception as exc:  # noqa: BLE001 - a failing batch fails only its own requests
             self._fail(rows, exc, "inference")
             return
@@ -264,6 +278,10 @@ class DynamicBatcher:
         if not keep:
             return
         self._last_batch_s = elapsed
+        self.computed.images += len(keep)
+        self.computed.batches += 1
+        self.computed.forward_s += elapsed
+        self.computed.forward_cpu_s += cpu_s
         self._metrics.inference.labels(self.name).observe(elapsed)
         self._metrics.batch_size.labels(self.name).observe(len(keep))
         self._metrics.images.labels(self.name).inc(len(keep))
@@ -304,20 +322,21 @@ class DynamicBatcher:
     @staticmethod
     def _compute(
         predict: Predict, inputs: torch.Tensor, deadlines: list[float], top_k: int
-    ) -> tuple[float, float, list[int], Sequence[torch.Tensor], tuple[list, list]]:
+    ) -> tuple[float, float, float, list[int], Sequence[torch.Tensor], tuple[list, list]]:
         """On the inference thread: drop rows whose deadline passed while the batch waited
         for it (decoded, behind the batch computing), compute the rest, rank their top-k,
         and split the probabilities into rows (the event loop only hands them out). Timed
         here, so the forward's time does not include the loop's delay in reading it."""
-        started = time.monotonic()
+        started, cpu_started = time.monotonic(), time.thread_time()
         keep = [k for k, deadline in enumerate(deadlines) if deadline > started]
         if not keep:
-            return started, started, keep, (), ([], [])
+            return started, started, 0.0, keep, (), ([], [])
         if len(keep) < len(deadlines):
             inputs = inputs[keep]
         probs = predict(inputs)
         scores, indices = probs.topk(min(top_k, probs.shape[-1]), dim=-1)
-        return started, time.monotonic(), keep, probs.unbind(0), (scores.tolist(), indices.tolist())
+        rows, top = probs.unbind(0), (scores.tolist(), indices.tolist())
+        return started, time.monotonic(), time.thread_time() - cpu_started, keep, rows, top
 
     def _fail(self, items: list[_Item], exc: Exception, stage: str) -> None:
         log.error("model %s: %s of %d images failed", self.name, stage, len(items), exc_info=exc)

@@ -22,17 +22,25 @@ from app.serving.batcher import BatcherStopped, DeadlineExceeded, Prediction, Qu
 from app.serving.decode import DECODER_NAMES, Encoded, Pixels, Preprocessed
 from app.serving.engine import client
 from app.serving.engine.arena import ShmArena, attach
-from app.serving.engine.client import EngineLink, payload_item
+from app.serving.engine.client import EngineLink
 from app.serving.engine.server import read_payload
 from app.serving.engine.wire import (
+    ANSWER,
+    CONTROL,
+    REQUEST,
     EngineUnavailable,
     FrameReader,
     answer_frame,
+    control,
     decode_error,
+    describe,
     encode_error,
-    frame,
     read_answer,
+    read_control,
     read_frame,
+    read_request,
+    rebuild,
+    request_frame,
 )
 from app.serving.pipeline import ModelUnavailable
 from app.serving.preprocess import ImageTooLarge, InputError, Probe
@@ -114,8 +122,9 @@ def prediction(k: int = 3, classes: int = 10, decoder: str | None = "nvjpeg") ->
 def test_an_answer_is_packed_without_json_and_read_back_whole(decoder):
     sent = prediction(decoder=decoder)
     data = answer_frame(41, sent)
-    assert struct.unpack_from("<I", data, 4) == (0,)  # no JSON header: an answer
-    rid, got = read_answer(data[8:])
+    size, kind = struct.unpack_from("<IB", data)
+    assert kind == ANSWER and size == len(data) - 5  # packed, no JSON
+    rid, got = read_answer(data[5:])
     assert rid == 41
     assert got.top_indices == sent.top_indices and got.decoder == decoder
     assert got.top_scores == pytest.approx(sent.top_scores)  # float32 on the wire
@@ -129,7 +138,7 @@ def test_an_answer_is_packed_without_json_and_read_back_whole(decoder):
 
 
 async def test_the_reader_parses_every_frame_that_arrived_however_the_bytes_were_cut():
-    frames = [frame({"op": "status", "n": i}, b"x" * i) for i in range(3)]
+    frames = [control({"op": "status", "n": "x" * i}) for i in range(3)]
     frames.append(answer_frame(5, prediction()))
     stream = b"".join(frames)
     reader = asyncio.StreamReader()
@@ -137,20 +146,32 @@ async def test_the_reader_parses_every_frame_that_arrived_however_the_bytes_were
     reader.feed_data(stream[:3])  # not even one frame's sizes yet
     reader.feed_data(stream[3:-10])  # all but the end of the answer
     first = await frames_reader.frames()
-    assert [(h["n"], b) for h, b in first] == [(0, b""), (1, b"x"), (2, b"xx")]
+    assert [(kind, read_control(body)["n"]) for kind, body in first] == [
+        (CONTROL, ""),
+        (CONTROL, "x"),
+        (CONTROL, "xx"),
+    ]
     reader.feed_data(stream[-10:])
-    ((head, blob),) = await frames_reader.frames()
-    assert head is None and read_answer(blob)[0] == 5
+    ((kind, body),) = await frames_reader.frames()
+    assert kind == ANSWER and read_answer(body)[0] == 5
     reader.feed_eof()
     with pytest.raises(asyncio.IncompleteReadError):
         await frames_reader.frames()
 
 
-async def test_a_malformed_frame_ends_the_connection():
+@pytest.mark.parametrize(
+    "sizes", [struct.pack("<IB", 10, 9), struct.pack("<IB", 1 << 30, REQUEST)], ids=["kind", "size"]
+)
+async def test_a_malformed_frame_ends_the_connection(sizes):
     reader = asyncio.StreamReader()
-    reader.feed_data((10).to_bytes(4, "little") + (11).to_bytes(4, "little") + b"0" * 10)
+    reader.feed_data(sizes + b"0" * 10)
     with pytest.raises(ConnectionError, match="malformed"):
         await FrameReader(reader).frames()
+
+
+def test_a_request_frame_reads_back_as_sent():
+    body = request_frame(7, "deit_small-merge-t5", 123.25, 4096, 110_000, b"form")[5:]
+    assert read_request(body) == (7, "deit_small-merge-t5", 123.25, 4096, 110_000, b"form")
 
 
 def test_an_input_error_keeps_its_status_and_code_and_a_full_queue_its_retry_time():
@@ -186,16 +207,18 @@ async def test_a_request_frame_carries_where_the_image_is_not_the_image(tmp_path
     seen: list[int] = []
 
     async def engine(reader, writer):
-        hello, _ = await read_frame(reader)
-        shm = attach(hello["arena"])
+        _, hello = await read_frame(reader)
+        shm = attach(read_control(hello)["arena"])
         status = {"op": "status", "pid": 1, "models": {"m": {"state": "ready"}}}
-        writer.write(frame(status))
-        head, blob = await read_frame(reader)
-        seen.append(len(frame(head, blob)))
-        assert bytes(shm.buf[head["off"] : head["off"] + head["len"]]) == data
-        assert head["probe"] == ["JPEG", 640, 480, True]
+        writer.write(control(status))
+        kind, body = await read_frame(reader)
+        seen.append(len(body))
+        rid, model, _, offset, size, form = read_request(body)
+        assert (kind, model) == (REQUEST, "m")
+        assert bytes(shm.buf[offset : offset + size]) == data
+        assert read_payload(form, offset, size, shm).probe == payload.probe
         probs = torch.from_numpy(np.full(10, 0.1, np.float32))
-        writer.write(answer_frame(head["id"], Prediction(probs, [0.9], [7], 0, 0, 0, 1, "pillow")))
+        writer.write(answer_frame(rid, Prediction(probs, [0.9], [7], 0, 0, 0, 1, "pillow")))
         await writer.drain()
         shm.close()
 
@@ -217,11 +240,13 @@ async def test_an_engine_that_never_answers_fails_the_request_after_deadline_and
 
     async def engine(reader, writer):
         await read_frame(reader)  # hello
-        writer.write(frame({"op": "status", "pid": 1, "models": {"m": {"state": "ready"}}}))
-        head, _ = await read_frame(reader)
+        writer.write(control({"op": "status", "pid": 1, "models": {"m": {"state": "ready"}}}))
+        _, body = await read_frame(reader)
         await answer_now.wait()
         probs = torch.from_numpy(np.full(10, 0.1, np.float32))
-        writer.write(answer_frame(head["id"], Prediction(probs, [0.9], [7], 0, 0, 0, 1, None)))
+        writer.write(
+            answer_frame(read_request(body)[0], Prediction(probs, [0.9], [7], 0, 0, 0, 1, None))
+        )
         await writer.drain()
 
     async with link_to(engine, tmp_path) as (link, arena):
@@ -246,9 +271,9 @@ async def test_a_frame_the_link_cannot_take_drops_the_connection_not_the_link(tm
         nonlocal connections
         connections += 1
         await read_frame(reader)  # hello
-        writer.write(frame({"op": "status", "pid": 1, "models": {"m": {"state": "ready"}}}))
+        writer.write(control({"op": "status", "pid": 1, "models": {"m": {"state": "ready"}}}))
         if connections == 1:
-            writer.write(frame({"error": {"type": "EngineError", "message": "no id"}}))
+            writer.write(control({"error": {"type": "EngineError", "message": "no id"}}))
         await writer.drain()
         await reader.read()  # until the link closes this connection
 
@@ -264,17 +289,23 @@ def test_decoded_crops_pixels_and_preprocessed_inputs_travel_as_raw_tensors(aren
     crop = torch.arange(3 * 4 * 5, dtype=torch.uint8).reshape(3, 4, 5)
     pixels = Pixels(torch.arange(6 * 5 * 3, dtype=torch.uint8).reshape(6, 5, 3).permute(2, 0, 1))
     ready = Preprocessed(torch.randn(3, 4, 5))
-    for payload, kind in ((crop, "tensor"), (pixels, "pixels"), (ready, "preprocessed")):
-        data, item = payload_item(payload)
+    for payload in (crop, pixels, ready):
+        data, form = describe(payload)
         region = arena.allocate(len(data))
         arena.shm.buf[region : region + len(data)] = data
-        rebuilt = read_payload(item | {"off": region, "len": len(data)}, arena.shm)
-        assert item["kind"] == kind
-        if kind == "tensor":
-            assert torch.equal(rebuilt, crop)
+        rebuilt = read_payload(form, region, len(data), arena.shm)
+        if payload is crop:
+            assert type(rebuilt) is torch.Tensor and torch.equal(rebuilt, crop)
         else:
             assert type(rebuilt) is type(payload) and torch.equal(rebuilt.tensor, payload.tensor)
         arena.free(region)
+
+
+@pytest.mark.parametrize("probe", [Probe("JPEG", 640, 480, True), Probe("PNG", 7, 70_000, False)])
+def test_an_encoded_image_keeps_its_probe_through_the_wire(probe):
+    data, form = describe(Encoded(b"bytes", probe))
+    rebuilt = rebuild(form, bytearray(data))
+    assert rebuilt.probe == probe and rebuilt.data == bytearray(b"bytes")
 
 
 # ---- a real server ------------------------------------------------------------------

@@ -105,6 +105,20 @@ async def test_expired_requests_are_not_computed():
     assert 7.0 not in model.computed
 
 
+async def test_it_counts_the_images_batches_and_forward_time_it_computed():
+    """An engine's status carries these counts: the expired image is not among them."""
+    model = RecordingModel(delay_s=0.01)
+    batcher = make(model, max_batch_size=8)
+    batcher.start()
+    await asyncio.gather(*(batcher.submit(image(i), far()) for i in range(20)))
+    with pytest.raises(DeadlineExceeded):
+        await batcher.submit(image(99), time.monotonic() - 1)
+    await batcher.stop()
+    computed = batcher.computed
+    assert computed.images == 20 and computed.batches == len(model.batches)
+    assert 0.01 * computed.batches <= computed.forward_s < 5
+
+
 async def test_a_failing_batch_fails_only_its_own_requests():
     model = RecordingModel(fail_when=lambda x: bool((x == 13).any()))
     batcher = make(model, max_batch_size=4, max_delay_s=0.05)

@@ -16,18 +16,21 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from app.serving.batcher import Prediction
-from app.serving.decode import Encoded, Payload, Pixels, Preprocessed
+from app.serving.decode import Payload
 from app.serving.engine.arena import ShmArena
 from app.serving.engine.wire import (
+    ANSWER,
+    CONTROL,
     EngineUnavailable,
     FrameReader,
     FrameWriter,
+    control,
     decode_error,
-    frame,
+    describe,
     read_answer,
+    read_control,
+    request_frame,
 )
 
 log = logging.getLogger(__name__)
@@ -35,23 +38,6 @@ log = logging.getLogger(__name__)
 RECONNECT_S = 0.2
 # Past its deadline the engine answers 504 itself; this is only for an engine that hangs.
 ANSWER_GRACE_S = 5.0
-
-
-def payload_item(payload: Payload) -> tuple[memoryview | bytes, dict[str, Any]]:
-    """What of ``payload`` goes into the arena, and what the engine needs to rebuild it."""
-    if isinstance(payload, Encoded):
-        p = payload.probe
-        return payload.data, {
-            "kind": "encoded",
-            "probe": [p.format, p.width, p.height, p.nvjpeg_ok],
-        }
-    kinds = {Preprocessed: "preprocessed", Pixels: "pixels"}
-    kind = kinds.get(type(payload), "tensor")
-    tensor = payload if isinstance(payload, torch.Tensor) else payload.tensor
-    array = tensor.detach().contiguous().cpu().numpy()
-    dtype = str(tensor.dtype).removeprefix("torch.")
-    item = {"kind": kind, "dtype": dtype, "shape": list(array.shape)}
-    return memoryview(array).cast("B"), item
 
 
 class EngineLink:
@@ -94,16 +80,18 @@ class EngineLink:
                 await asyncio.sleep(RECONNECT_S)
                 continue
             out = FrameWriter(writer)
-            out.send(frame({"op": "hello", "arena": self.arena.name, "pid": os.getpid()}))
+            out.send(control({"op": "hello", "arena": self.arena.name, "pid": os.getpid()}))
             self._out = out
             self.restarts += 1
             frames = FrameReader(reader)
             try:
                 while True:
-                    for head, blob in await frames.frames():
-                        if head is None:
-                            self._answer(*read_answer(blob))
-                        elif head.get("op") == "status":
+                    for kind, body in await frames.frames():
+                        if kind == ANSWER:
+                            self._answer(*read_answer(body))
+                        elif kind != CONTROL:
+                            raise ConnectionError(f"the engine sent a frame of kind {kind}")
+                        elif (head := read_control(body)).get("op") == "status":
                             self.status = head
                             self.on_status()
                         else:
@@ -148,7 +136,7 @@ class EngineLink:
     async def infer(self, model: str, payload: Payload, deadline: float) -> Prediction:
         if not self.up:
             raise EngineUnavailable("the engine is down (being restarted)")
-        data, item = payload_item(payload)
+        data, form = describe(payload)
         region = await self.arena.put(data, deadline)
         if self._out is None:  # went down while waiting for arena space
             self.arena.free(region)
@@ -156,8 +144,7 @@ class EngineLink:
         rid = next(self._ids)
         future = asyncio.get_running_loop().create_future()
         self._pending[rid] = (future, region)
-        head = {"id": rid, "model": model, "deadline": deadline, "off": region}
-        self._out.send(frame(head | item | {"len": len(data)}))
+        self._out.send(request_frame(rid, model, deadline, region, len(data), form))
         timeout = max(0.0, deadline - time.monotonic()) + ANSWER_GRACE_S
         # A timer rather than asyncio.wait_for, whose waiter and callbacks cost the worker
         # more per image; the region stays the engine's until it answers after all.

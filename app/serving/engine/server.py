@@ -22,29 +22,32 @@ import os
 import signal
 import sys
 import time
+from dataclasses import asdict
 from functools import partial
 from multiprocessing.shared_memory import SharedMemory
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from app.config import Settings
 from app.serving.batcher import Prediction
-from app.serving.decode import Encoded, Payload, Pixels, Preprocessed
+from app.serving.decode import Payload
 from app.serving.engine.arena import attach
 from app.serving.engine.wire import (
+    CONTROL,
+    REQUEST,
     FrameReader,
     FrameWriter,
     answer_frame,
+    control,
     encode_error,
-    frame,
+    read_control,
     read_frame,
+    read_request,
+    rebuild,
 )
 from app.serving.metrics import Metrics
 from app.serving.pipeline import ModelUnavailable
 from app.serving.pool import ModelPool, ModelState
-from app.serving.preprocess import Probe
 from app.store import ModelStore
 
 log = logging.getLogger(__name__)
@@ -55,17 +58,11 @@ STATUS_EVERY_S = 0.5  # how stale a worker's view of model states and queue dept
 SWITCH_INTERVAL_S = 0.0005
 
 
-def read_payload(item: dict[str, Any], shm: SharedMemory) -> Payload:
-    """The payload an infer frame points at, copied out of the worker's arena (the region
-    is reused once the image is answered, and a batch may outlive that)."""
-    start, stop = item["off"], item["off"] + item["len"]
+def read_payload(form: bytes, offset: int, size: int, shm: SharedMemory) -> Payload:
+    """The payload a request points at, copied out of the worker's arena (the region is
+    the worker's again once the image is answered, and a batch may outlive that)."""
     # a bytearray: writable, so nvjpeg and torch.frombuffer take it without another copy
-    data = bytearray(shm.buf[start:stop])
-    if item["kind"] == "encoded":
-        return Encoded(data, Probe(*item["probe"]))
-    tensor = torch.frombuffer(data, dtype=getattr(torch, item["dtype"])).reshape(item["shape"])
-    wrap = {"preprocessed": Preprocessed, "pixels": Pixels}.get(item["kind"])
-    return wrap(tensor) if wrap else tensor
+    return rebuild(form, bytearray(shm.buf[offset : offset + size]))
 
 
 class EngineServer:
@@ -86,6 +83,7 @@ class EngineServer:
                 "devices": m.devices,
                 "dtype": m.dtype,
                 "depth": m.batcher.depth if m.batcher else 0,
+                "computed": asdict(m.batcher.computed) if m.batcher else None,
             }
             for m in self.pool.models.values()
         }
@@ -116,7 +114,7 @@ class EngineServer:
 
     async def _broadcast_status(self) -> None:
         while True:
-            data = frame(self.status())
+            data = control(self.status())
             for writer in self._writers:
                 writer.send(data)
             await asyncio.sleep(STATUS_EVERY_S)
@@ -125,14 +123,18 @@ class EngineServer:
         out = FrameWriter(writer)
         shm: SharedMemory | None = None
         try:
-            hello, _ = await read_frame(reader)
-            shm = attach(hello["arena"])
+            kind, body = await read_frame(reader)
+            if kind != CONTROL:
+                raise ConnectionError(f"a worker's first frame must be its hello, not {kind}")
+            shm = attach(read_control(body)["arena"])
             self._writers.add(out)
-            out.send(frame(self.status()))
+            out.send(control(self.status()))
             frames = FrameReader(reader)
             while True:
-                for head, _ in await frames.frames():
-                    self._submit(head, shm, out)
+                for kind, body in await frames.frames():
+                    if kind != REQUEST:
+                        raise ConnectionError(f"a worker sent a frame of kind {kind}")
+                    self._submit(body, shm, out)
         except (asyncio.IncompleteReadError, ConnectionError):
             pass  # the worker went away; its queued images still run, their answers are lost
         finally:
@@ -140,17 +142,17 @@ class EngineServer:
             if shm is not None:
                 shm.close()
 
-    def _submit(self, head: dict[str, Any], shm: SharedMemory, out: FrameWriter) -> None:
+    def _submit(self, body: bytes, shm: SharedMemory, out: FrameWriter) -> None:
         """Queue one image; its answer (or error) goes back from its future's callback."""
-        rid = head.get("id")
+        rid, name, deadline, offset, size, form = read_request(body)
         try:
-            payload = read_payload(head, shm)
-            model = self.pool.get(head["model"])
+            payload = read_payload(form, offset, size, shm)
+            model = self.pool.get(name)
             if model.state is not ModelState.READY:
                 raise ModelUnavailable(f"model {model.name!r} is {model.state}")
-            future = model.batcher.enqueue(payload, head["deadline"])
+            future = model.batcher.enqueue(payload, deadline)
         except Exception as exc:  # noqa: BLE001 - every failure goes back to its request
-            out.send(frame({"id": rid, "error": encode_error(exc)}))
+            out.send(control({"id": rid, "error": encode_error(exc)}))
             return
         self._pending.add(future)
         future.add_done_callback(partial(self._answer, rid, out))
@@ -160,7 +162,7 @@ class EngineServer:
         if future.cancelled():
             return
         if (exc := future.exception()) is not None:
-            out.send(frame({"id": rid, "error": encode_error(exc)}))
+            out.send(control({"id": rid, "error": encode_error(exc)}))
         else:
             out.send(answer_frame(rid, future.result()))
 
