@@ -11,15 +11,19 @@ processes, each with torch limited to its share of the cores (torch's default, e
 in every process, oversubscribes them); as many uvicorn API processes as inference workers
 (LitServe's default);
 ZeroMQ responses (``fast_queue``, which its docs advise above ~100 requests/s); uvicorn
-access logs off, like ``running_server``'s servers. ``POST /classify`` takes one image as
-the multipart field ``file`` and answers top-1 in our JSON shape; ``GET /health`` is 200
-once every worker has loaded and warmed up the model.
+access logs off, like ``running_server``'s servers. Each request's image is decoded in
+``decode_request``, one after another in the inference worker (LitServe's default path), or
+with ``decode_threads`` set, ``decode_request`` only reads the bytes and ``batch`` decodes the
+whole batch on that many threads (Pillow and torch release the GIL while they work).
+``POST /classify`` takes one image as the multipart field ``file`` and answers top-1 in our
+JSON shape; ``GET /health`` is 200 once every worker has loaded and warmed up the model.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import os
 import signal
 import subprocess
@@ -27,6 +31,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -54,9 +59,12 @@ class DeiTClassifierAPI(ls.LitAPI):
     return annotation as the endpoint's FastAPI types, so those two stay unannotated.
     """
 
-    def __init__(self, store: Path, model: str, threads: int, **config: object) -> None:
+    def __init__(
+        self, store: Path, model: str, threads: int, decode_threads: int, **config: object
+    ) -> None:
         super().__init__(api_path="/classify", **config)
         self.store, self.model_name, self.threads = Path(store), model, threads
+        self.decode_threads = decode_threads
 
     def setup(self, device: str) -> None:
         # Each worker process decodes and transforms on the CPU with torch: left at torch's
@@ -69,13 +77,25 @@ class DeiTClassifierAPI(ls.LitAPI):
         self.model = loaded.module.eval().to(device=device, dtype=self.dtype)
         self.transform = create_transform(**manifest.preprocessing.timm_data_config())
         self.labels = class_names(manifest.labels)
+        if self.decode_threads:
+            self.decode_pool = ThreadPoolExecutor(self.decode_threads, thread_name_prefix="decode")
         # Warm up like our service (batch 1 and the largest batch) before /health says ok.
         for size in {1, self.max_batch_size}:
             self.predict(torch.randn(size, *manifest.preprocessing.input_size))
 
-    def decode_request(self, request) -> torch.Tensor:
+    def decode_request(self, request) -> torch.Tensor | bytes:
         # LitServe hands a multipart body over as Starlette FormData: "file" is an UploadFile.
-        return self.transform(Image.open(request["file"].file).convert("RGB"))
+        upload = request["file"].file
+        return upload.read() if self.decode_threads else self.decode(upload)
+
+    def decode(self, image: IO[bytes]) -> torch.Tensor:
+        return self.transform(Image.open(image).convert("RGB"))
+
+    def batch(self, inputs: list[torch.Tensor | bytes]) -> torch.Tensor:
+        """The batch's images stacked; with ``decode_threads``, decoded here first, on them."""
+        if self.decode_threads:
+            inputs = list(self.decode_pool.map(lambda data: self.decode(io.BytesIO(data)), inputs))
+        return torch.stack(inputs)
 
     @torch.inference_mode()
     def predict(self, x: torch.Tensor) -> list[tuple[int, float]] | tuple[int, float]:
@@ -105,6 +125,12 @@ class Baseline:
     batch_timeout: float = 0.005  # seconds
     workers_per_device: int = 1
     api_servers: int = 1  # LitServe's HTTP processes, in front of its inference workers
+    decode_threads: int = 0  # 0: decode_request decodes; N: batch() decodes on N threads
+
+    def __post_init__(self) -> None:
+        if self.decode_threads and self.max_batch_size < 2:
+            # at batch 1 LitServe skips batch() and hands decode_request's bytes to predict
+            raise ValueError("decode_threads needs max_batch_size >= 2 (batch() decodes)")
 
     def flags(self) -> list[str]:
         """The CLI flags that rebuild this object in ``main``."""
@@ -121,6 +147,7 @@ def build_server(baseline: Baseline) -> ls.LitServer:
         baseline.store,
         baseline.model,
         threads=max(1, (os.cpu_count() or 1) // baseline.workers_per_device),
+        decode_threads=baseline.decode_threads,
         max_batch_size=baseline.max_batch_size,
         batch_timeout=baseline.batch_timeout,
     )
@@ -144,6 +171,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--batch-timeout", type=float, default=0.005, help="Seconds.")
     parser.add_argument("--workers-per-device", type=int, default=1)
     parser.add_argument("--api-servers", type=int, default=1)
+    parser.add_argument("--decode-threads", type=int, default=0)
     parser.add_argument(
         "--log-level", default="warning", help="warning: no per-request access log."
     )
@@ -230,6 +258,7 @@ def run_litserve(
         batch_timeout=(args.litserve_timeout_ms or settings.max_delay_ms) / 1000,
         workers_per_device=args.litserve_workers,
         api_servers=args.litserve_api_servers,
+        decode_threads=args.litserve_decode_threads,
     )
     with running_litserve(baseline, timeout_s=args.start_timeout) as base:
         for concurrency in args.concurrency:

@@ -212,6 +212,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "model": litserve,
             "workers_per_device": args.litserve_workers,
             "api_servers": args.litserve_api_servers,
+            "decode_threads": args.litserve_decode_threads,
             "max_batch_size": args.litserve_max_batch_size or settings.max_batch_size,
             "batch_timeout_s": (args.litserve_timeout_ms or settings.max_delay_ms) / 1000,
             "images_per_request": 1,
@@ -277,6 +278,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--litserve-workers", dest="litserve_workers", type=int, default=1)
     p.add_argument("--litserve-api-servers", dest="litserve_api_servers", type=int, default=1)
+    p.add_argument(
+        "--litserve-decode-threads",
+        dest="litserve_decode_threads",
+        type=int,
+        default=0,
+        help="0: LitServe decodes each request in decode_request; N: in batch(), on N threads",
+    )
     p.add_argument(
         "--litserve-max-batch-size",
         dest="litserve_max_batch_size",

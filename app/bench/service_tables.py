@@ -97,6 +97,8 @@ def baseline_table(table: Table, repo: Path) -> list[str]:
         litserve = f"LitServe, {lit['workers_per_device']} workers"
         if lit.get("api_servers", 1) > 1:
             litserve += f" × 1 thread, {lit['api_servers']} API servers"
+        if lit.get("decode_threads"):
+            litserve += f", decode in batch() on {lit['decode_threads']} threads"
         batches = {True: result["batch"], False: lit["max_batch_size"]}
         for level in result["levels"]:
             ours = not level["model"].startswith("litserve:")

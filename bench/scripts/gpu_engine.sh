@@ -6,7 +6,9 @@
 # servers, batch 64, 10 ms) in the same run, same client and images.
 # Reproduces: the service table of docs/performance.md. Takes ~6 min; PARTS picks the runs
 # (default "tests s litserve"; "b" adds DeiT-B, "s16" DeiT-S with 16 images a request,
-# "inline" the per-worker design of before; ENGINES=3 runs every part with 3 engines on the
+# "litserve-batch" LitServe again with each batch decoded in its batch() on
+# LITSERVE_DECODE_THREADS (4) threads, "inline" the per-worker design of before;
+# ENGINES=3 runs every part with 3 engines on the
 # GPU, REPLICAS='["cuda:0","cuda:1"]' with one per listed device; DENSE_ONLY=1 times part s on
 # dense DeiT-S alone, no half load).
 # Carry: .whl (fastapi, uvicorn, pydantic, litserve, ... for python3.12) and
@@ -48,10 +50,11 @@ for part in ${PARTS:-tests s litserve}; do
         "${s16_models[@]}" --no-half-load ;;
     inline) python3 -m app bench service "${common[@]}" "${one[@]}" --engine inline --workers 6 \
         --models deit_small "deit_small-$cfg" --no-half-load ;;
-    litserve) python3 -m app bench service "${common[@]}" "${one[@]}" --engine process --workers "${WORKERS:-12}" \
-        --decode-threads "${DECODE_THREADS:-2}" --models deit_small --no-half-load \
-        --litserve --litserve-workers 12 --litserve-api-servers 4 \
-        --litserve-max-batch-size 64 --litserve-timeout-ms 10 ;;
+    litserve|litserve-batch) python3 -m app bench service "${common[@]}" "${one[@]}" --engine process \
+        --workers "${WORKERS:-12}" --decode-threads "${DECODE_THREADS:-2}" --models deit_small \
+        --no-half-load --litserve --litserve-workers 12 --litserve-api-servers 4 \
+        --litserve-max-batch-size 64 --litserve-timeout-ms 10 \
+        --litserve-decode-threads "$([ $part = litserve ] && echo 0 || echo "${LITSERVE_DECODE_THREADS:-4}")" ;;
   esac
 done
 (cd "$out" && ls ./*.png > /dev/null 2>&1 && tar czf service-plots.tgz ./*.png && rm ./*.png)

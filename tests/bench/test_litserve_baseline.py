@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import pytest
@@ -50,12 +51,17 @@ def group_alive(pgid: int) -> bool:
 
 
 @pytest.mark.timeout(120)
-def test_litserve_baseline_serves_our_model(tmp_path):
+@pytest.mark.parametrize("decode_threads", [0, 2], ids=["decode-per-request", "decode-in-batch"])
+def test_litserve_baseline_serves_our_model(tmp_path, decode_threads):
+    """Decoded one request at a time (LitServe's default path) or a batch at a time on
+    threads in ``batch()``: the same answers as our own decode and runner."""
     store = ModelStore(tmp_path / "store")
     add_tiny_entry(store, "tiny")
     expected = our_top1(store, "tiny")
 
-    baseline = Baseline(store.root, "tiny", max_batch_size=8, batch_timeout=0.05)
+    baseline = Baseline(
+        store.root, "tiny", max_batch_size=8, batch_timeout=0.05, decode_threads=decode_threads
+    )
     with running_litserve(baseline, timeout_s=90) as base:
         first = classify(base, IMAGES[0])
         with ThreadPoolExecutor(len(IMAGES)) as pool:
@@ -78,3 +84,9 @@ def test_litserve_baseline_serves_our_model(tmp_path):
     while group_alive(pgid) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not group_alive(pgid)
+
+
+def test_decoding_in_batch_needs_batches():
+    """At batch 1 LitServe never calls ``batch()``: the bytes would reach the model."""
+    with pytest.raises(ValueError, match="max_batch_size"):
+        Baseline(Path("store"), "tiny", max_batch_size=1, decode_threads=2)

@@ -18,6 +18,7 @@ from app.bench.compression_tables import (
 from app.bench.fidelity import pooled
 from app.bench.report import INDEX, settings_table, write_docs
 from app.bench.service_tables import (
+    baseline_table,
     decoders_table,
     levels_table,
     set_up_label,
@@ -285,3 +286,16 @@ def test_a_settings_table_shows_the_settings_it_names_in_that_order() -> None:
     assert len(settings_table({"id": "all"}, REPO)) > 20  # none named: every setting
     with pytest.raises(KeyError, match="'nope'"):
         settings_table({"id": "settings", "settings": ["port", "nope"]}, REPO)
+
+
+@pytest.mark.parametrize("decode_threads", [0, 4])
+def test_the_litserve_rows_name_its_set_up_down_to_where_it_decodes(tmp_path, decode_threads):
+    name = "service/service-cuda-20261206-181834.json"
+    result = json.loads((REPO / "bench/results" / name).read_text())
+    result["litserve"]["decode_threads"] = decode_threads
+    (tmp_path / "bench/results/service").mkdir(parents=True)
+    (tmp_path / "bench/results" / name).write_text(json.dumps(result))
+    rows = [row for row in baseline_table({"files": [name]}, tmp_path) if "LitServe" in row]
+    assert rows and all("12 workers × 1 thread, 4 API servers" in row for row in rows)
+    in_batch = ", decode in batch() on 4 threads" in rows[0]
+    assert in_batch == (decode_threads == 4)
