@@ -10,7 +10,8 @@
 #      then nvImageCodec (JPEG, 1 and 2 decode threads);
 #   4. in the time left, part s of gpu_engine.sh (dense DeiT-S, end to end) with nvImageCodec.
 # Reproduces: the decoders and engine-ceiling tables of docs/performance.md. ~9.5 min.
-#   OUT=$OUT bash bench/scripts/gpu_nvimgcodec_engine.sh
+#   OUT=$OUT bash bench/scripts/gpu_nvimgcodec_engine.sh   (BUDGET=<s>: a shorter call; its
+#   end-to-end part runs only with more than 150 s of it left)
 # Carry: .whl (device_wheels.sh), .carry/nvimg.tgz (device_nvimgcodec.sh) and photos in
 # ${IMAGES:-.carry/dev96/imagenet-dev}.
 set -u
@@ -40,6 +41,6 @@ timeout 60 python3 -m app.bench.engine_loop --store $store --model deit_small --
 export VITSERVE_GPU_JPEG_DECODER=nvimgcodec VITSERVE_NVIMGCODEC_THREADS=${NVIMGCODEC_THREADS:-8}
 timeout 100 python3 -m app.bench.engine_ceiling "${ec[@]}" --kinds jpeg --decode-threads 1 2 \
   2>&1 | grep "^| deit\|speedup\|Error\|nvImageCodec"
-left=$((575 - SECONDS)); echo "left: $left s"
+left=$((${BUDGET:-575} - SECONDS)); echo "left: $left s"
 [ $left -gt 150 ] && DENSE_ONLY=1 PARTS=s IMAGES=$images OUT=$out timeout $left \
   bash bench/scripts/gpu_engine.sh 2>&1 | grep -v "[Ww]arn" | tail -25
