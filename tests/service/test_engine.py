@@ -169,9 +169,11 @@ async def test_a_malformed_frame_ends_the_connection(sizes):
         await FrameReader(reader).frames()
 
 
-def test_a_request_frame_reads_back_as_sent():
+def test_a_request_frame_reads_back_as_sent_and_a_cut_one_ends_the_connection():
     body = request_frame(7, "deit_small-merge-t5", 123.25, 4096, 110_000, b"form")[5:]
     assert read_request(body) == (7, "deit_small-merge-t5", 123.25, 4096, 110_000, b"form")
+    with pytest.raises(ConnectionError, match="malformed"):
+        read_request(body[:10])
 
 
 def test_an_input_error_keeps_its_status_and_code_and_a_full_queue_its_retry_time():

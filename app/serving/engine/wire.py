@@ -104,10 +104,15 @@ def request_frame(
 
 
 def read_request(body: bytes) -> tuple[int, str, float, int, int, bytes]:
-    """A request's id, model, deadline, arena offset and size, and its payload's form."""
-    rid, deadline, offset, size, name_size = REQUEST_HEAD.unpack_from(body)
-    name_end = REQUEST_HEAD.size + name_size
-    return rid, body[REQUEST_HEAD.size : name_end].decode(), deadline, offset, size, body[name_end:]
+    """A request's id, model, deadline, arena offset and size, and its payload's form;
+    ``ConnectionError`` for a body that is none (a worker that sends one is broken)."""
+    try:
+        rid, deadline, offset, size, name_size = REQUEST_HEAD.unpack_from(body)
+        name_end = REQUEST_HEAD.size + name_size
+        model = body[REQUEST_HEAD.size : name_end].decode()
+    except (struct.error, UnicodeDecodeError) as exc:
+        raise ConnectionError(f"malformed request frame: {exc}") from exc
+    return rid, model, deadline, offset, size, body[name_end:]
 
 
 # ---- answers ----------------------------------------------------------------------------
