@@ -79,6 +79,8 @@ async def drive(
     stop = True
     await asyncio.gather(*tasks, return_exceptions=True)
     images = c1["images"] - c0["images"]
+    if not images:
+        raise RuntimeError("the engine sent no status while the level ran: measure longer")
     return {
         "images": d1 - d0,
         "elapsed": t1 - t0,

@@ -43,7 +43,7 @@ TENSOR = struct.Struct("<BB")  # dtype (an index of DTYPES), dimensions
 DTYPES = (torch.uint8, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32)
 # id, queue_s, decode_s, inference_s, batch size, decoder, k (scores and indices follow)
 ANSWER_HEAD = struct.Struct("<qdddIBB")
-# an answer's decoder, by index: new names go at the end
+# an answer's decoder, by its index here
 DECODERS = (None, "nvjpeg", "pillow", "hardware", "nvimgcodec")
 
 
