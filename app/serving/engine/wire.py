@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from app.serving.batcher import BatcherStopped, DeadlineExceeded, Prediction, QueueFull
-from app.serving.decode import Encoded, Payload, Pixels, Preprocessed
+from app.serving.decode import DECODER_NAMES, Encoded, Payload, Pixels, Preprocessed
 from app.serving.pipeline import ModelUnavailable
 from app.serving.preprocess import InputError, Probe
 from app.store.errors import UnknownModel
@@ -43,8 +43,8 @@ TENSOR = struct.Struct("<BB")  # dtype (an index of DTYPES), dimensions
 DTYPES = (torch.uint8, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32)
 # id, queue_s, decode_s, inference_s, batch size, decoder, k (scores and indices follow)
 ANSWER_HEAD = struct.Struct("<qdddIBB")
-# an answer's decoder, by its index here
-DECODERS = (None, "nvjpeg", "pillow", "hardware", "nvimgcodec")
+# an answer's decoder, by its index here (None: decoded before it queued)
+DECODERS = (None, *DECODER_NAMES)
 
 
 class EngineUnavailable(Exception):
